@@ -1,0 +1,224 @@
+"""How a stream's points become Redis stream entries, and back.
+
+One entry holds a batch of consecutive points. Its ID is ``<index of first point>-1`` and its
+fields are: ``n`` number of points, ``d`` payload, plus per encoding:
+
+- ``numeric`` fixed shape: ``d`` = the points' bytes, C order, the declared dtype.
+- ``numeric`` with -1 dims: ``s`` = JSON list of each point's shape; ``d`` = concatenated bytes.
+- ``bslz4``: ``z`` = JSON list of each chunk's byte length; ``d`` = concatenated chunks in the
+  HDF5 Bitshuffle+LZ4 chunk format (one chunk = one point).
+- ``json``: ``d`` = JSON list of the points.
+- ``references`` (frames in a detector's own files): like ``json``, each point a
+  ``{"file", "dataset", "index"}`` dict.
+
+The seal is the entry ``<number of points>-1`` with one field ``end`` = number of points.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .exceptions import EventTooLargeError
+
+ENCODINGS = ("numeric", "bslz4", "json", "references")
+
+
+@dataclass(frozen=True)
+class StreamDefinition:
+    name: str
+    encoding: str = "numeric"
+    dtype: str | None = None
+    shape: tuple = ()
+    info: dict = field(default_factory=dict)
+
+    @property
+    def varying(self) -> bool:
+        return any(d == -1 for d in self.shape)
+
+    @property
+    def is_array(self) -> bool:
+        return self.encoding in ("numeric", "bslz4")
+
+    @property
+    def point_nbytes(self) -> int | None:
+        if not self.is_array or self.varying:
+            return None
+        return int(np.dtype(self.dtype).itemsize * int(np.prod(self.shape, dtype=np.int64)))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "encoding": self.encoding, "dtype": self.dtype,
+                "shape": list(self.shape), "info": self.info}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "StreamDefinition":
+        return cls(name=d["name"], encoding=d["encoding"], dtype=d.get("dtype"),
+                   shape=tuple(d.get("shape") or ()), info=d.get("info") or {})
+
+
+def make_definition(name, dtype=None, shape=(), encoding="numeric", info=None) -> StreamDefinition:
+    """Check a stream declaration and normalise it; ValueError names the stream."""
+    if not isinstance(name, str) or not name or any(c in name for c in "{}"):
+        raise ValueError(f"stream name {name!r}: must be a non-empty string without braces")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"stream {name!r}: encoding {encoding!r} is not one of {ENCODINGS}")
+    if encoding in ("numeric", "bslz4"):
+        if dtype is None:
+            raise ValueError(f"stream {name!r}: a {encoding} stream needs a dtype")
+        try:
+            dt = np.dtype(dtype)
+        except TypeError as exc:
+            raise ValueError(f"stream {name!r}: dtype {dtype!r} is not a numpy dtype") from exc
+        if dt.kind not in "biufc":
+            raise ValueError(f"stream {name!r}: dtype {dt} is not numeric")
+        shape = tuple(int(d) for d in shape)
+        if any(d < -1 or d == 0 for d in shape):
+            raise ValueError(f"stream {name!r}: shape {shape} has a dimension < 1 other than -1")
+        if encoding == "bslz4" and (not shape or -1 in shape):
+            raise ValueError(f"stream {name!r}: bslz4 frames need a fixed shape of >= 1 dimension")
+        dtype = dt.str
+    else:
+        dtype, shape = None, ()
+    return StreamDefinition(name, encoding, dtype, shape, dict(info or {}))
+
+
+def _cast(defn: StreamDefinition, arr: np.ndarray) -> np.ndarray:
+    """`arr` in the stream's dtype: a safe or same-kind cast, or integers that fit."""
+    dt = np.dtype(defn.dtype)
+    if arr.dtype == dt:
+        return arr
+    fits = arr.dtype.kind != "O" and np.can_cast(arr.dtype, dt, casting="same_kind")
+    if arr.dtype.kind in "biu" and dt.kind in "iu":
+        info = np.iinfo(dt)
+        fits = not arr.size or (arr.min() >= info.min and arr.max() <= info.max)
+        if not fits:
+            raise ValueError(f"stream {defn.name!r}: values [{arr.min()}, {arr.max()}] do "
+                             f"not fit dtype {dt}")
+    if not fits:
+        raise ValueError(f"stream {defn.name!r}: expected dtype {dt}, got {arr.dtype}")
+    return arr.astype(dt)
+
+
+def as_points(defn: StreamDefinition, data) -> np.ndarray:
+    """One point or a batch -> array of shape (n, *point_shape); ValueError if it does not fit."""
+    arr = _cast(defn, np.asarray(data))
+    nd = len(defn.shape)
+    if arr.ndim == nd:
+        arr = arr[np.newaxis]
+    elif arr.ndim != nd + 1:
+        raise ValueError(
+            f"stream {defn.name!r}: expected a point of shape {defn.shape} or a batch "
+            f"(n, {', '.join(map(str, defn.shape))}), got shape {arr.shape}")
+    if arr.shape[1:] != defn.shape:
+        raise ValueError(f"stream {defn.name!r}: expected point shape {defn.shape}, "
+                         f"got {arr.shape[1:]}")
+    return np.ascontiguousarray(arr)
+
+
+def _check_varying_point(defn, point) -> np.ndarray:
+    arr = _cast(defn, np.asarray(point))
+    if arr.ndim != len(defn.shape) or any(
+            d != -1 and d != g for d, g in zip(defn.shape, arr.shape)):
+        raise ValueError(f"stream {defn.name!r}: expected point shape {defn.shape} "
+                         f"(-1 = any), got {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def encode(defn: StreamDefinition, data, max_event_bytes: int) -> list[tuple[int, dict]]:
+    """Points -> list of (number of points, entry fields), each entry <= max_event_bytes."""
+    if defn.encoding in ("json", "references"):
+        points = data if isinstance(data, list) else [data]
+        if defn.encoding == "references":
+            points = [_check_reference(defn, p) for p in points]
+        encoded = [json.dumps(p, separators=(",", ":")) for p in points]
+        return _pack(defn, encoded, [len(e) for e in encoded], max_event_bytes,
+                     lambda part: {"d": "[" + ",".join(part) + "]"})
+    if defn.encoding == "bslz4":
+        chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+        chunks = [bytes(c) for c in chunks]
+        return _pack(defn, chunks, [len(c) for c in chunks], max_event_bytes,
+                     lambda part: {"z": json.dumps([len(c) for c in part]),
+                                   "d": b"".join(part)})
+    if defn.varying:
+        points = data if isinstance(data, list) else [data]
+        points = [_check_varying_point(defn, p) for p in points]
+        return _pack(defn, points, [p.nbytes for p in points], max_event_bytes,
+                     lambda part: {"s": json.dumps([list(p.shape) for p in part]),
+                                   "d": b"".join(p.tobytes() for p in part)})
+    arr = as_points(defn, data)
+    point_nbytes = defn.point_nbytes
+    if point_nbytes > max_event_bytes:
+        raise EventTooLargeError(
+            f"stream {defn.name!r}: one point is {point_nbytes} bytes, over the event limit "
+            f"of {max_event_bytes} bytes")
+    per_entry = max(1, max_event_bytes // max(point_nbytes, 1))
+    out = []
+    for start in range(0, len(arr), per_entry):
+        part = arr[start:start + per_entry]
+        out.append((len(part), {"d": memoryview(part).cast("B") if part.size else b""}))
+    return out
+
+
+def _pack(defn, items, sizes, max_event_bytes, fields_of) -> list[tuple[int, dict]]:
+    out, part, part_bytes = [], [], 0
+    for item, size in zip(items, sizes):
+        if size > max_event_bytes:
+            raise EventTooLargeError(
+                f"stream {defn.name!r}: one point is {size} bytes, over the event limit "
+                f"of {max_event_bytes} bytes")
+        if part and part_bytes + size > max_event_bytes:
+            out.append((len(part), fields_of(part)))
+            part, part_bytes = [], 0
+        part.append(item)
+        part_bytes += size
+    if part:
+        out.append((len(part), fields_of(part)))
+    return out
+
+
+def _check_reference(defn, point) -> dict:
+    if not (isinstance(point, dict) and isinstance(point.get("file"), str)
+            and isinstance(point.get("dataset"), str) and isinstance(point.get("index"), int)):
+        raise ValueError(f"stream {defn.name!r}: a reference point must be "
+                         f"{{'file': str, 'dataset': str, 'index': int}}, got {point!r}")
+    return point
+
+
+def decode(defn: StreamDefinition, fields: dict):
+    """Entry fields -> points: an array (n, *shape), or a list for json/varying streams."""
+    n = int(fields[b"n"])
+    payload = fields.get(b"d", b"")
+    if defn.encoding in ("json", "references"):
+        return json.loads(payload)
+    dt = np.dtype(defn.dtype)
+    if defn.encoding == "bslz4":
+        from . import bslz4
+
+        sizes = json.loads(fields[b"z"])
+        out = np.empty((n, *defn.shape), dt)
+        pos = 0
+        for i, size in enumerate(sizes):
+            out[i] = bslz4.decompress(payload[pos:pos + size], dt, defn.shape)
+            pos += size
+        return out
+    if defn.varying:
+        shapes = json.loads(fields[b"s"])
+        points, pos = [], 0
+        for shape in shapes:
+            count = int(np.prod(shape, dtype=np.int64))
+            points.append(np.frombuffer(payload, dt, count, pos).reshape(shape))
+            pos += count * dt.itemsize
+        return points
+    return np.frombuffer(payload, dt).reshape((n, *defn.shape))
+
+
+def raw_chunks(fields: dict) -> list[bytes]:
+    """The compressed chunks of a bslz4 entry, untouched (for the writer)."""
+    payload = fields[b"d"]
+    chunks, pos = [], 0
+    for size in json.loads(fields[b"z"]):
+        chunks.append(payload[pos:pos + size])
+        pos += size
+    return chunks

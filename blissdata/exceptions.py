@@ -1,0 +1,56 @@
+"""Errors users of blissdata can catch. Each message says what was wrong and where."""
+
+
+class BlissdataError(Exception):
+    """Base class of every blissdata error."""
+
+
+class ScanNotFoundError(BlissdataError, KeyError):
+    """No scan under that key (never created, deleted or expired)."""
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class NoScanAvailable(BlissdataError):
+    """get_next_scan()/get_last_scan() found no scan (timeout or empty session)."""
+
+
+class ScanStateError(BlissdataError):
+    """A state transition out of order (e.g. start() before prepare())."""
+
+
+class StreamError(BlissdataError):
+    """Misuse of a stream (unknown stream, send after seal, second seal...)."""
+
+
+class StreamSealedError(StreamError):
+    """The stream is sealed: nothing can be sent to it any more."""
+
+
+class SchemaError(BlissdataError, ValueError):
+    """scan.info (or a mapping) does not validate; the message names the JSON path."""
+
+
+class ProtocolVersionError(BlissdataError):
+    """The Redis database speaks another blissdata protocol version."""
+
+
+class EventTooLargeError(BlissdataError, ValueError):
+    """One point is larger than the configured event size limit."""
+
+
+class IndexNotYetThereError(BlissdataError, IndexError):
+    """The index is not published yet (the stream is still open)."""
+
+
+class IndexNoMoreThereError(BlissdataError, IndexError):
+    """The index was trimmed from Redis and no file holds it."""
+
+
+class IndexWontBeThereError(BlissdataError, IndexError):
+    """The stream was sealed before reaching that index."""
+
+
+class EndOfStream(BlissdataError):
+    """A cursor reached the end of a sealed stream."""

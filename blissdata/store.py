@@ -1,0 +1,185 @@
+"""DataStore: the entry point. Connects to Redis, creates, finds, follows and deletes scans."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import redis
+
+from . import keys
+from .exceptions import (NoScanAvailable, ProtocolVersionError, ScanNotFoundError,
+                         ScanStateError)
+from .scan import EndReason, Scan, ScanState
+
+DEFAULT_MAX_EVENT_BYTES = 64 * 2**20
+_IDENTITY_FIELDS = ("session", "name", "number", "path")
+
+
+def connect(url: str, **kwargs) -> redis.Redis:
+    """A redis-py client for `url`; a ConnectionError that names the URL if it is down."""
+    try:
+        client = redis.Redis.from_url(url, **kwargs)
+        client.ping()
+    except redis.AuthenticationError as exc:
+        raise ConnectionError(f"Redis at {url}: authentication failed: {exc}") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise ConnectionError(f"cannot reach Redis at {url}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"not a Redis URL: {url!r} ({exc})") from None
+    return client
+
+
+class DataStore:
+    """``DataStore("redis://host:6379")``; also ``rediss://``, ``unix:///path.sock``,
+    ``redis://user:password@host``.
+
+    `max_event_bytes` bounds one Redis entry: batches are split below it and a single point
+    above it is refused.
+    """
+
+    def __init__(self, url: str, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+                 **redis_kwargs):
+        self.url = url
+        self.max_event_bytes = int(max_event_bytes)
+        self._redis = connect(url, **redis_kwargs)
+        self._check_protocol()
+
+    def _check_protocol(self) -> None:
+        self._redis.set(keys.PROTOCOL_KEY, keys.PROTOCOL_VERSION, nx=True)
+        found = self._redis.get(keys.PROTOCOL_KEY)
+        if int(found) != keys.PROTOCOL_VERSION:
+            raise ProtocolVersionError(
+                f"Redis at {self.url} holds blissdata protocol version {found.decode()}, "
+                f"this library speaks version {keys.PROTOCOL_VERSION}")
+
+    @property
+    def redis(self) -> redis.Redis:
+        """The underlying redis-py client (for tools; the protocol is in docs/protocol.md)."""
+        return self._redis
+
+    def close(self) -> None:
+        self._redis.close()
+
+    # ---- producer ----------------------------------------------------------------------
+    def create_scan(self, identity: dict, info: dict | None = None) -> Scan:
+        """A new scan in state CREATED. `identity`: session, name, number, path."""
+        missing = [f for f in _IDENTITY_FIELDS if f not in identity]
+        if missing:
+            raise ValueError(f"scan identity misses {missing} (needs {list(_IDENTITY_FIELDS)})")
+        if not isinstance(identity["number"], int) or identity["number"] < 0:
+            raise ValueError(f"scan identity: number must be an integer >= 0, "
+                             f"got {identity['number']!r}")
+        for f in ("session", "name", "path"):
+            if not isinstance(identity[f], str) or not identity[f]:
+                raise ValueError(f"scan identity: {f} must be a non-empty string, "
+                                 f"got {identity[f]!r}")
+        key = keys.scan_key(uuid.uuid4().hex)
+        now = time.time()
+        fields = {"identity": json.dumps(identity), "info": json.dumps(info or {}),
+                  "state": ScanState.CREATED.name, "streams": "{}", "created": now}
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(key, mapping=fields)
+        pipe.xadd(keys.state_key(key), {"state": ScanState.CREATED.name})
+        pipe.zadd(keys.INDEX_ALL, {key: now})
+        pipe.zadd(keys.session_index_key(identity["session"]), {key: now})
+        pipe.xadd(keys.SCANS_STREAM, {"key": key, "session": identity["session"]})
+        pipe.execute()
+        scan = Scan(self, key, {k.encode(): str(v).encode() for k, v in fields.items()})
+        scan.info = dict(info or {})
+        return scan
+
+    # ---- readers -----------------------------------------------------------------------
+    def load_scan(self, key: str) -> Scan:
+        """The scan under `key`; ScanNotFoundError if there is none."""
+        if isinstance(key, bytes):
+            key = key.decode()
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(key)
+        pipe.xrevrange(keys.state_key(key), "+", "-", count=1)
+        fields, last_state = pipe.execute()
+        if not fields or b"identity" not in fields:
+            raise ScanNotFoundError(f"no scan {key!r} in Redis at {self.url}")
+        return Scan(self, key, fields, state_id=last_state[0][0] if last_state else "0-0")
+
+    def get_next_scan(self, since: str | None = None, block: bool = True,
+                      timeout: float | None = None, session: str | None = None):
+        """Wait for a scan created after `since` -> (since, key).
+
+        Pass the returned `since` to the next call to miss no scan between calls.
+        `since=None` means "from now"; `since="0-0"` replays every scan still listed.
+        NoScanAvailable when `timeout` (seconds) passes, or at once if not `block`.
+        """
+        if since is None:
+            last = self._redis.xrevrange(keys.SCANS_STREAM, "+", "-", count=1)
+            since = last[0][0].decode() if last else "0-0"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if block:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise NoScanAvailable(f"no new scan{self._in(session)} within {timeout} s")
+                block_ms = 0 if left is None else max(1, int(left * 1000))
+            else:
+                block_ms = None
+            reply = self._redis.xread({keys.SCANS_STREAM: since}, block=block_ms, count=100)
+            if not reply:
+                if not block:
+                    raise NoScanAvailable(f"no new scan{self._in(session)}")
+                continue
+            for eid, fields in reply[0][1]:
+                since = eid.decode()
+                if session is None or fields[b"session"].decode() == session:
+                    return since, fields[b"key"].decode()
+
+    @staticmethod
+    def _in(session):
+        return f" in session {session!r}" if session else ""
+
+    def get_last_scan(self, session: str | None = None) -> str:
+        """Key of the most recently created scan (of `session`)."""
+        index = keys.session_index_key(session) if session else keys.INDEX_ALL
+        got = self._redis.zrevrange(index, 0, 0)
+        if not got:
+            raise NoScanAvailable(f"no scan{self._in(session)}")
+        return got[0].decode()
+
+    def search_scans(self, session: str | None = None, name: str | None = None,
+                     number: int | None = None) -> list[str]:
+        """Keys of the scans matching every given field, oldest first."""
+        index = keys.session_index_key(session) if session else keys.INDEX_ALL
+        scan_keys = [k.decode() for k in self._redis.zrange(index, 0, -1)]
+        if name is None and number is None:
+            return scan_keys
+        pipe = self._redis.pipeline(transaction=False)
+        for key in scan_keys:
+            pipe.hget(key, "identity")
+        found = []
+        for key, raw in zip(scan_keys, pipe.execute()):
+            if raw is None:
+                continue
+            identity = json.loads(raw)
+            if name is not None and identity["name"] != name:
+                continue
+            if number is not None and identity["number"] != number:
+                continue
+            found.append(key)
+        return found
+
+    def delete_scan(self, key: str) -> None:
+        """Close the scan (end_reason DELETION) if it is still open, then remove its keys."""
+        scan = self.load_scan(key)
+        if scan.state != ScanState.CLOSED:
+            try:
+                scan.info["end_reason"] = EndReason.DELETION.value
+                scan._transition(ScanState.CLOSED, info=json.dumps(scan.info))
+            except ScanStateError:
+                pass  # closed meanwhile by its producer
+        doomed = [key, keys.state_key(key), keys.durable_key(key), keys.lost_key(key),
+                  keys.writer_key(key)] + [s.key for s in scan.streams.values()]
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.delete(*doomed)
+        pipe.zrem(keys.INDEX_ALL, key)
+        pipe.zrem(keys.session_index_key(scan.session), key)
+        pipe.execute()

@@ -1,0 +1,348 @@
+"""A typed, append-only stream of points in Redis, and cursors reading many at once."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+
+from . import keys
+from .encoding import StreamDefinition, decode, encode, raw_chunks
+from .exceptions import (EndOfStream, IndexNoMoreThereError, IndexNotYetThereError,
+                         IndexWontBeThereError, StreamError, StreamSealedError)
+
+# Raise the durable watermark of a stream, never lower it. KEYS[1] durable hash;
+# ARGV: stream name, JSON {"file", "dataset", "points"}.
+_MARK_FILE_BACKED = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+local new = cjson.decode(ARGV[2])
+if old then
+  local prev = cjson.decode(old)
+  if prev['points'] >= new['points'] and prev['file'] == new['file'] then return prev['points'] end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return new['points']
+"""
+
+
+class Stream:
+    """One stream of a scan. Producers `send()` and `seal()`; readers index and slice.
+
+    Indexing follows numpy/h5py: ``stream[i]`` one point, ``stream[a:b]`` an array of
+    points (a list for json streams and streams whose point shape varies).
+    """
+
+    def __init__(self, scan, definition: StreamDefinition):
+        self._scan = scan
+        self.definition = definition
+        self.key = keys.data_key(scan.key, definition.name)
+        self._next_index = 0  # producer side
+        self._sealed_here = False
+
+    # ---- description -----------------------------------------------------------------
+    name = property(lambda self: self.definition.name)
+    encoding = property(lambda self: self.definition.encoding)
+    shape = property(lambda self: self.definition.shape)
+    info = property(lambda self: self.definition.info)
+
+    @property
+    def dtype(self):
+        return np.dtype(self.definition.dtype) if self.definition.dtype else None
+
+    @property
+    def _redis(self) -> redis.Redis:
+        return self._scan._store._redis
+
+    def __repr__(self):
+        return f"<Stream {self.name!r} {self.encoding} {self.definition.dtype} {self.shape}>"
+
+    # ---- producer --------------------------------------------------------------------
+    def send(self, data) -> None:
+        """Publish one point or a batch (first axis = points). Nothing is written on error."""
+        self._send_pipelined({self: data})
+
+    def send_chunks(self, chunks) -> None:
+        """Publish frames already compressed in the HDF5 bslz4 chunk format (bslz4 streams)."""
+        if self.encoding != "bslz4":
+            raise StreamError(f"stream {self.name!r}: send_chunks() needs a bslz4 stream, "
+                              f"this one is {self.encoding}")
+        self.send(chunks)
+
+    def _prepare_send(self, data) -> list[tuple[str, dict]]:
+        """Encode and check `data`; returns (entry id, fields) to XADD. Raises on bad input."""
+        if self._sealed_here:
+            raise StreamSealedError(f"stream {self.name!r} of scan {self._scan.key} is sealed")
+        self._scan._check_can_send(self)
+        if self.encoding == "bslz4" and not isinstance(data, (bytes, bytearray, memoryview, list, tuple)):
+            from . import bslz4
+
+            arrays = np.asarray(data, dtype=self.dtype)
+            if arrays.shape == self.shape:
+                arrays = arrays[np.newaxis]
+            if arrays.shape[1:] != self.shape:
+                raise ValueError(f"stream {self.name!r}: expected point shape {self.shape}, "
+                                 f"got {arrays.shape[1:]}")
+            data = [bslz4.compress(a) for a in arrays]
+        elif self.encoding == "bslz4":
+            data = self._check_chunks(data)
+        entries, index = [], self._next_index
+        for count, fields in encode(self.definition, data, self._scan._store.max_event_bytes):
+            fields["n"] = count
+            entries.append((keys.entry_id(index), fields))
+            index += count
+        return entries
+
+    def _check_chunks(self, chunks):
+        from . import bslz4
+
+        chunks = [chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else list(chunks)
+        for i, chunk in enumerate(chunks):
+            try:
+                size = bslz4.uncompressed_nbytes(chunk)
+            except ValueError as exc:
+                raise ValueError(f"stream {self.name!r}: chunk {i}: {exc}") from None
+            if size != self.definition.point_nbytes:
+                raise ValueError(
+                    f"stream {self.name!r}: chunk {i} holds {size} bytes once decompressed, "
+                    f"expected {self.definition.point_nbytes} ({self.definition.dtype} "
+                    f"{self.shape})")
+        return chunks
+
+    def _send_pipelined(self, batches: dict) -> None:
+        prepared = [(s, s._prepare_send(d)) for s, d in batches.items()]
+        pipe = self._redis.pipeline(transaction=False)
+        for stream, entries in prepared:
+            for entry_id, fields in entries:
+                pipe.xadd(stream.key, fields, id=entry_id)
+        try:
+            pipe.execute()
+        except redis.ResponseError as exc:
+            if "equal or smaller" in str(exc):
+                raise StreamSealedError(
+                    f"scan {self._scan.key}: another producer wrote or sealed one of "
+                    f"{[s.name for s, _ in prepared]}: {exc}") from exc
+            raise
+        for stream, entries in prepared:
+            stream._next_index += sum(int(f["n"]) for _, f in entries)
+
+    def seal(self) -> int:
+        """End the stream; returns its number of points. A second seal is an error."""
+        if self._sealed_here:
+            raise StreamSealedError(f"stream {self.name!r} of scan {self._scan.key} "
+                                    f"is already sealed")
+        try:
+            self._redis.xadd(self.key, {"end": self._next_index},
+                             id=keys.entry_id(self._next_index))
+        except redis.ResponseError as exc:
+            raise StreamSealedError(f"stream {self.name!r} of scan {self._scan.key} "
+                                    f"could not be sealed (sealed elsewhere?): {exc}") from exc
+        self._sealed_here = True
+        return self._next_index
+
+    # ---- reader ----------------------------------------------------------------------
+    def _last_entry(self):
+        got = self._redis.xrevrange(self.key, "+", "-", count=1)
+        return got[0] if got else None
+
+    def _length_and_sealed(self) -> tuple[int, bool]:
+        entry = self._last_entry()
+        if entry is None:
+            return 0, False
+        eid, fields = entry
+        if b"end" in fields:
+            return int(fields[b"end"]), True
+        return keys.first_index(eid) + int(fields[b"n"]), False
+
+    def __len__(self) -> int:
+        return self._length_and_sealed()[0]
+
+    @property
+    def sealed(self) -> bool:
+        return self._length_and_sealed()[1]
+
+    def __iter__(self):
+        """Iterate over points published so far, then wait for new ones until the seal."""
+        cursor = CursorGroup([self])
+        while True:
+            views = cursor.read(block=True, timeout=1.0)
+            for view in views.values():
+                yield from view.data
+            if cursor.ended:
+                return
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            length, sealed = self._length_and_sealed()
+            start, stop, step = item.indices(length)
+            if start >= stop:
+                return self._empty()
+            data = self._read(start, stop)
+            return data if step == 1 else data[::step]
+        index = int(item)
+        length, sealed = self._length_and_sealed()
+        if index < 0:
+            index += length
+            if index < 0:
+                raise IndexError(f"stream {self.name!r}: index {item} out of range "
+                                 f"({length} points)")
+        if index >= length:
+            if sealed:
+                raise IndexWontBeThereError(
+                    f"stream {self.name!r}: index {index} will never exist, the stream was "
+                    f"sealed at {length} points")
+            raise IndexNotYetThereError(
+                f"stream {self.name!r}: index {index} is not published yet "
+                f"({length} points so far)")
+        return self._read(index, index + 1)[0]
+
+    def _empty(self):
+        if self.definition.is_array and not self.definition.varying:
+            return np.empty((0, *self.shape), self.dtype)
+        return []
+
+    def _read(self, start: int, stop: int):
+        """Points [start, stop) from Redis, and from the file for what Redis no longer has."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xrevrange(self.key, keys.entry_id(start), "-", count=1)
+        pipe.xrange(self.key, "(" + keys.entry_id(start), keys.entry_id(stop - 1))
+        before, after = pipe.execute()
+        entries = [e for e in before + after if b"end" not in e[1]]
+        parts, have_from = [], None
+        for eid, fields in entries:
+            first = keys.first_index(eid)
+            n = int(fields[b"n"])
+            if first + n <= start:
+                continue
+            if have_from is None:
+                have_from = first
+            lo, hi = max(start, first) - first, min(stop, first + n) - first
+            parts.append(decode(self.definition, fields)[lo:hi])
+        first_in_redis = stop if have_from is None else max(have_from, start)
+        if first_in_redis > start:
+            parts.insert(0, self._read_trimmed(start, first_in_redis))
+        return self._concat(parts)
+
+    def _concat(self, parts):
+        if self.definition.is_array and not self.definition.varying:
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return [p for part in parts for p in part]
+
+    def _read_trimmed(self, start: int, stop: int):
+        """Points no more in Redis: from the file the writer marked, or an error."""
+        raise IndexNoMoreThereError(
+            f"stream {self.name!r}: points [{start}, {stop}) were trimmed from Redis and "
+            f"no file holds them")
+
+    # ---- file backing (published by the writer) ---------------------------------------
+    def mark_file_backed(self, file: str, dataset: str, points: int) -> int:
+        """Say that points [0, points) are durable in `file`:`dataset`. Never lowers."""
+        value = json.dumps({"file": file, "dataset": dataset, "points": int(points)})
+        return int(self._redis.eval(_MARK_FILE_BACKED, 1, keys.durable_key(self._scan.key),
+                                    self.name, value))
+
+    @property
+    def file_backing(self) -> dict | None:
+        """{"file", "dataset", "points"} once the writer marked this stream, else None."""
+        raw = self._redis.hget(keys.durable_key(self._scan.key), self.name)
+        return json.loads(raw) if raw else None
+
+
+@dataclass
+class StreamView:
+    """What a cursor read from one stream: points [index, index + len(data))."""
+    index: int
+    data: object
+
+    def __len__(self):
+        return len(self.data)
+
+
+class CursorGroup:
+    """Read any number of streams with one blocking call.
+
+    ``read()`` returns {stream name: StreamView} with the points that arrived since the
+    previous read; ``ended`` is the set of streams that are sealed and fully read.
+    A gap (points trimmed from Redis before this reader got them) is filled from the file
+    the writer marked, or raises IndexNoMoreThereError naming the range.
+    """
+
+    def __init__(self, streams, start: int = 0, raw_chunks: bool = False):
+        self.streams = {s.name: s for s in streams}
+        self._redis = next(iter(self.streams.values()))._redis if self.streams else None
+        self._next = {name: start for name in self.streams}
+        self._last_id = {name: self._id_before(s, start) for name, s in self.streams.items()}
+        self.ended: set[str] = set()
+        # bslz4 streams: give the compressed chunks as they are (list of bytes), for a
+        # consumer that stores them without recompressing (the writer).
+        self.raw_chunks = raw_chunks
+
+    @staticmethod
+    def _id_before(stream, start: int) -> str:
+        """An id just below the entry holding point `start`, for XREAD to begin there."""
+        first = start
+        if start > 0:
+            got = stream._redis.xrevrange(stream.key, keys.entry_id(start), "-", count=1)
+            if got and b"end" not in got[0][1]:
+                first = min(start, keys.first_index(got[0][0]))
+        return f"{first}-0"
+
+    def position(self, name: str) -> int:
+        """Index of the next point this cursor will return for that stream."""
+        return self._next[name]
+
+    def read(self, block: bool = True, timeout: float | None = None,
+             count: int | None = None) -> dict[str, StreamView]:
+        """New points of every open stream; {} after `timeout` seconds with nothing new.
+
+        `count` bounds the number of Redis entries read per stream in one call.
+        """
+        open_streams = {self.streams[n].key: n for n in self.streams if n not in self.ended}
+        if not open_streams:
+            raise EndOfStream(f"every stream of this cursor is sealed and read: "
+                              f"{sorted(self.streams)}")
+        block_ms = None
+        if block:
+            block_ms = 0 if timeout is None else max(1, int(timeout * 1000))
+        reply = self._redis.xread({k: self._last_id[n] for k, n in open_streams.items()},
+                                  count=count, block=block_ms)
+        views = {}
+        for key, entries in reply or []:
+            name = open_streams[key.decode() if isinstance(key, bytes) else key]
+            view = self._consume(name, entries)
+            if view is not None:
+                views[name] = view
+        return views
+
+    def _is_raw(self, stream) -> bool:
+        return self.raw_chunks and stream.encoding == "bslz4"
+
+    def _consume(self, name: str, entries) -> StreamView | None:
+        stream = self.streams[name]
+        start = self._next[name]
+        parts = []
+        for eid, fields in entries:
+            self._last_id[name] = eid
+            first = keys.first_index(eid)
+            if first > self._next[name]:  # trimmed from Redis before this reader got it
+                gap = stream._read(self._next[name], first)
+                if self._is_raw(stream):
+                    from . import bslz4
+                    gap = [bslz4.compress(point) for point in gap]
+                parts.append(gap)
+                self._next[name] = first
+            if b"end" in fields:
+                self.ended.add(name)
+                continue
+            n = int(fields[b"n"])
+            skip = self._next[name] - first  # the cursor started inside this entry
+            if skip >= n:
+                continue
+            points = raw_chunks(fields) if self._is_raw(stream) else decode(stream.definition, fields)
+            parts.append(points[skip:])
+            self._next[name] = first + n
+        if self._next[name] == start:
+            return None
+        data = [c for part in parts for c in part] if self._is_raw(stream) else stream._concat(parts)
+        return StreamView(start, data)
