@@ -1,0 +1,89 @@
+"""The writer's configuration: TOML file + command-line overrides, checked by a JSON Schema."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+
+from blissdata.schemas import json_path
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the file and the key."""
+
+
+@dataclass
+class WriterConfig:
+    redis_url: str = "redis://127.0.0.1:6379"
+    sessions: list[str] = field(default_factory=list)
+    data_roots: list[str] = field(default_factory=lambda: ["/tmp/blissdata"])
+    file_layout: str = "shared"
+    max_lag_s: float = 1.0
+    memory_budget_mb: float = 512
+    inactivity_timeout_s: float = 600
+    compression_threads: int = 2
+    fill_value_int: int = 0
+    compression: dict = field(default_factory=lambda: {"default": "bitshuffle-lz4"})
+    metrics: dict = field(default_factory=lambda: {"enabled": False, "port": 9118})
+    log_level: str = "INFO"
+    log_json: bool = False
+    source: str = "<defaults>"
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return int(self.memory_budget_mb * 2**20)
+
+    def compression_for(self, stream_name: str) -> dict:
+        """Compression setting of a stream: per-stream override (first match) or default."""
+        level = self.compression.get("level")
+        name = self.compression.get("default", "bitshuffle-lz4")
+        for pattern, override in (self.compression.get("streams") or {}).items():
+            if fnmatch.fnmatchcase(stream_name, pattern):
+                name = override
+                break
+        setting = {"name": name}
+        if level is not None and name in ("zstd", "gzip", "blosc2"):
+            setting["level"] = level
+        return setting
+
+
+def _schema() -> dict:
+    return json.loads(resources.files("writer").joinpath("config_schema.json").read_text())
+
+
+def load_config(path: str | Path | None = None, **overrides) -> WriterConfig:
+    """Read `path` (TOML), apply non-None `overrides`, validate. ConfigError on problems."""
+    values: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(values),
+                    key=lambda e: str(e.absolute_path))
+    if errors:
+        e = errors[0]
+        raise ConfigError(f"configuration {source}: {json_path(e.absolute_path)}: {e.message}")
+    config = WriterConfig(**values, source=source)
+    from .compression import compression_kwargs  # checks names and levels
+
+    for name in {config.compression.get("default", "bitshuffle-lz4"),
+                 *(config.compression.get("streams") or {}).values()}:
+        try:
+            compression_kwargs({"name": name, **({"level": config.compression["level"]}
+                                if "level" in config.compression and name in
+                                ("zstd", "gzip", "blosc2") else {})})
+        except ValueError as exc:
+            raise ConfigError(f"configuration {source}: compression: {exc}") from None
+    return config
