@@ -107,7 +107,7 @@ class Scan:
     def streams(self) -> dict[str, Stream]:
         return dict(self._streams)
 
-    def cursor(self, names=None, start: int = 0, raw_chunks: bool = False) -> CursorGroup:
+    def cursor(self, names=None, start: int | dict = 0, raw_chunks: bool = False) -> CursorGroup:
         names = list(self._streams) if names is None else names
         unknown = [n for n in names if n not in self._streams]
         if unknown:

@@ -268,11 +268,15 @@ class CursorGroup:
     the writer marked, or raises IndexNoMoreThereError naming the range.
     """
 
-    def __init__(self, streams, start: int = 0, raw_chunks: bool = False):
+    def __init__(self, streams, start: int | dict = 0, raw_chunks: bool = False):
+        """`start`: index to read from, for every stream or per stream name (default 0)."""
         self.streams = {s.name: s for s in streams}
         self._redis = next(iter(self.streams.values()))._redis if self.streams else None
-        self._next = {name: start for name in self.streams}
-        self._last_id = {name: self._id_before(s, start) for name, s in self.streams.items()}
+        starts = start if isinstance(start, dict) else {}
+        self._next = {name: int(starts.get(name, 0 if starts else start))
+                      for name in self.streams}
+        self._last_id = {name: self._id_before(s, self._next[name])
+                         for name, s in self.streams.items()}
         self.ended: set[str] = set()
         # bslz4 streams: give the compressed chunks as they are (list of bytes), for a
         # consumer that stores them without recompressing (the writer).
