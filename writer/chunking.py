@@ -1,0 +1,78 @@
+"""Where the chunk shape of every streamed dataset is decided: :func:`chunk_shape`.
+
+The writer's datasets have shape ``(npoints, *point_shape)``; the chunk's first axis counts
+points. The choice depends on the dtype and the point shape only (never on the scan's
+announced number of points, the compression or the machine), so the same stream always gets
+the same layout and readers can rely on it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["chunk_shape", "nominal_point_shape", "FRAME_BYTES", "TARGET_CHUNK_BYTES",
+           "MAX_CHUNK_BYTES", "varying_extent"]
+
+#: a point at least this big is a "frame": one point per chunk
+FRAME_BYTES = 256 * 1024
+#: small points are grouped so that a chunk is about this big (rounded down to 2**k points)
+TARGET_CHUNK_BYTES = 1024 * 1024
+#: a single point bigger than this is split along its own axes so a chunk stays <= this
+MAX_CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def varying_extent(n_varying: int) -> int:
+    """Nominal extent (and chunk extent) of each -1 dimension of a point shape: 1024 when
+    the point has one varying dimension, 256 when it has two, 64 when it has three or more
+    (so the nominal varying part stays at 1 Ki, 64 Ki or 256 Ki+ elements)."""
+    return {0: 0, 1: 1024, 2: 256}.get(n_varying, 64)
+
+
+def nominal_point_shape(point_shape) -> tuple:
+    """The point shape with every -1 replaced by :func:`varying_extent`."""
+    shape = tuple(int(d) for d in point_shape)
+    nominal = varying_extent(sum(1 for d in shape if d == -1))
+    return tuple(nominal if d == -1 else d for d in shape)
+
+
+def chunk_shape(dtype, point_shape) -> tuple:
+    """Chunk shape ``(points per chunk, *extent per point axis)`` for a dataset of points of
+    ``dtype`` and ``point_shape`` (``-1`` = a dimension that varies per point).
+
+    Rules (deterministic, from dtype and point shape alone):
+
+    1. Each ``-1`` dimension counts with its nominal extent (:func:`varying_extent`: 1024
+       for one varying dimension, 256 each for two, 64 each for more); the chunk's extent in
+       that dimension is that nominal extent, and the dataset is resizable there.
+    2. ``point_bytes = itemsize * prod(nominal point shape)``.
+    3. A frame (``point_bytes >= FRAME_BYTES`` = 256 KiB): one point per chunk. If the point
+       is bigger than ``MAX_CHUNK_BYTES`` (8 MiB) it is split along its first axis (then the
+       next ones if one slice is still too big) into equal-as-possible pieces, so one chunk
+       is <= 8 MiB (e.g. 4096x4096 uint32 = 64 MiB -> chunk (1, 512, 4096)).
+    4. A small point (scalars, spectra): ``2**k`` points per chunk, the largest power of two
+       with ``2**k * point_bytes <= TARGET_CHUNK_BYTES`` (1 MiB), at least 1 (e.g. float64
+       scalars -> 131072 points per chunk; 4096-channel uint32 spectra -> 64).
+    """
+    dt = np.dtype(dtype)
+    shape = tuple(int(d) for d in point_shape)
+    if any(d < -1 or d == 0 for d in shape):
+        raise ValueError(f"point shape {shape}: dimensions must be >= 1 or -1 (varying)")
+    itemsize = max(dt.itemsize, 1)
+    nominal = list(nominal_point_shape(shape))
+    point_bytes = itemsize * math.prod(nominal)
+    if point_bytes >= FRAME_BYTES:
+        for axis in range(len(nominal)):
+            total = itemsize * math.prod(nominal[axis:])
+            if total <= MAX_CHUNK_BYTES:
+                break
+            inner = itemsize * math.prod(nominal[axis + 1:])
+            max_extent = max(1, MAX_CHUNK_BYTES // inner)
+            pieces = -(-nominal[axis] // max_extent)
+            nominal[axis] = -(-nominal[axis] // pieces)
+            if itemsize * math.prod(nominal[axis:]) <= MAX_CHUNK_BYTES:
+                break
+        return (1, *nominal)
+    npoints = 1 << max(0, int(TARGET_CHUNK_BYTES // point_bytes).bit_length() - 1)
+    return (npoints, *nominal)

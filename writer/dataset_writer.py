@@ -1,0 +1,444 @@
+"""Appending streamed points into one chunked, compressed HDF5 dataset: :class:`DatasetAppender`.
+
+A dataset has shape ``(npoints, *point_shape)``; its chunk shape is decided in one place,
+:func:`writer.chunking.chunk_shape` (from dtype and point shape alone), and the compression
+by :mod:`writer.compression`.
+
+How points travel (all HDF5 calls happen on the caller's thread):
+
+* Points are gathered in memory per chunk (the *tail*: the points of the chunk being
+  filled). When a chunk is complete it is written as a whole:
+
+  - bslz4 setting: the chunk is compressed with :func:`blissdata.bslz4.compress` in a
+    ``ThreadPoolExecutor`` (bitshuffle releases the GIL: ~2x on 2 cores, see
+    :mod:`blissdata.bslz4`) and stored with ``write_direct_chunk``, in order, as the
+    compressions finish; at most ``2 * workers + 2`` chunks are in flight.
+  - other settings: ``dataset[a:b] = chunk`` (HDF5 runs the filter on this thread).
+
+* ``flush()`` waits for the chunks in flight, then writes the partial tail through h5py's
+  normal path; the tail stays in memory and its chunk is rewritten whole when it fills.
+* The dataset's length (``dataset.shape[0]``) only covers points actually written, so a
+  reader of the file never sees fill values in place of points still in memory.
+* ``append_compressed`` stores frames already in the bslz4 chunk format untouched (in order
+  with the other chunks) when the dataset is bslz4 with one frame per chunk; otherwise they
+  are decompressed and appended.
+
+Varying dimensions (``-1`` in the point shape): the dataset is resizable there and its extent
+is the largest extent seen so far; smaller points are padded with the fill value, and when a
+point is bigger the dataset grows (earlier points read as fill value in the new region).
+Fill value, unless given: NaN for float and complex dtypes, 0 for integers and booleans.
+
+A DatasetAppender is used from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import h5py
+import numpy as np
+
+from blissdata import bslz4
+
+from .chunking import chunk_shape
+from .compression import dataset_is_bslz4, parse_compression
+
+__all__ = ["DatasetAppender", "default_fill_value"]
+
+
+def default_fill_value(dtype):
+    """NaN for float/complex dtypes, 0 for the others."""
+    dt = np.dtype(dtype)
+    return np.nan if dt.kind in "fc" else 0
+
+
+def _immutable(arr: np.ndarray) -> bool:
+    """True if the array's memory belongs to an immutable ``bytes`` object (e.g. decoded
+    with np.frombuffer from a Redis reply): then no one can change it under us."""
+    base = arr
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return isinstance(base, bytes)
+
+
+class DatasetAppender:
+    """Append points to a chunked dataset of shape ``(npoints, *point_shape)``.
+
+    ``DatasetAppender(group, name, dtype, point_shape=(), compression=None, fill_value=None,
+    attrs=None, executor=None, workers=None)`` creates the dataset ``group[name]``;
+    ``DatasetAppender.open(dataset)`` resumes on an existing one (its length = the points
+    already stored).
+
+    ``compression``: a setting for :func:`writer.compression.parse_compression` (default
+    bitshuffle-lz4). ``executor``: a ThreadPoolExecutor to compress bslz4 chunks in (not shut
+    down by :meth:`close`); if None one of ``workers`` threads (default ``min(4, cpus)``) is
+    created when first needed; ``workers=0`` compresses on the caller's thread.
+    """
+
+    def __init__(self, group: h5py.Group, name: str, dtype, point_shape=(), compression=None,
+                 fill_value=None, attrs=None, *, executor=None, workers=None):
+        dtype = np.dtype(dtype)
+        if dtype.kind not in "biufc":
+            raise ValueError(f"dataset {name!r} in {group.file.filename}: dtype {dtype} is not "
+                             "numeric")
+        point_shape = tuple(int(d) for d in point_shape)
+        setting = parse_compression(compression)
+        if fill_value is None:
+            fill_value = default_fill_value(dtype)
+        # the chunk shape is decided here, by writer.chunking.chunk_shape (dtype, point shape)
+        chunks = chunk_shape(dtype, point_shape)
+        shape = (0, *(0 if d == -1 else d for d in point_shape))
+        maxshape = (None, *(None if d == -1 else d for d in point_shape))
+        dset = group.create_dataset(name, shape=shape, maxshape=maxshape, dtype=dtype,
+                                    chunks=chunks, fillvalue=fill_value,
+                                    **setting.h5py_kwargs())
+        if attrs:
+            dset.attrs.update(attrs)
+        self._setup(dset, point_shape, setting.is_bslz4, executor, workers)
+
+    @classmethod
+    def open(cls, dataset: h5py.Dataset, *, executor=None, workers=None) -> "DatasetAppender":
+        """Resume appending to an existing dataset (e.g. one made by a previous appender).
+        Dimensions of the point that are resizable (maxshape None) count as varying."""
+        if dataset.chunks is None or dataset.ndim < 1 or dataset.maxshape[0] is not None:
+            raise ValueError(f"dataset {dataset.name!r} in {dataset.file.filename}: cannot "
+                             "append to it: it must be chunked and resizable along axis 0 "
+                             f"(chunks={dataset.chunks}, maxshape={dataset.maxshape})")
+        point_shape = tuple(-1 if m is None else d
+                            for d, m in zip(dataset.shape[1:], dataset.maxshape[1:]))
+        self = cls.__new__(cls)
+        self._setup(dataset, point_shape, dataset_is_bslz4(dataset), executor, workers)
+        return self
+
+    def _setup(self, dset, point_shape, bslz4_setting, executor, workers):
+        self._dset = dset
+        self.dtype = dset.dtype
+        self.point_shape = point_shape
+        self._varying = tuple(i for i, d in enumerate(point_shape) if d == -1)
+        self._chunks = tuple(dset.chunks)
+        self._n = self._chunks[0]
+        self._bslz4 = bslz4_setting
+        fill = dset.fillvalue
+        self.fill_value = fill if fill is not None else default_fill_value(self.dtype)
+        self._cur = tuple(dset.shape[1:])  # current point extent (max so far in -1 dims)
+        self._executor = executor
+        self._own_executor = None
+        self._workers = min(4, os.cpu_count() or 1) if workers is None else int(workers)
+        self._queue: deque = deque()  # (end point, [(offset, Future | bytes)], nbytes)
+        self._queued_bytes = 0
+        self._max_inflight = 2 * max(self._workers, 1) + 2
+        # one frame per chunk, whole frame: precompressed frames can go in untouched
+        self._direct_frames = (self._bslz4 and not self._varying
+                               and self._chunks == (1, *point_shape))
+        stored = dset.shape[0]
+        self._tail_start = stored - stored % self._n
+        self._tail = self._new_tail()
+        self._k = stored - self._tail_start
+        if self._k:
+            self._tail[:self._k] = dset[self._tail_start:stored]
+        self._tail_flushed = self._k  # tail points already written through h5py
+        self._point_nbytes = self.dtype.itemsize * int(np.prod(self._cur, dtype=np.int64))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dataset(self) -> h5py.Dataset:
+        return self._dset
+
+    @property
+    def name(self) -> str:
+        return self._dset.name
+
+    @property
+    def chunks(self) -> tuple:
+        return self._chunks
+
+    @property
+    def npoints(self) -> int:
+        """Points appended so far (stored or not)."""
+        return self._tail_start + self._k
+
+    def __len__(self) -> int:
+        return self.npoints
+
+    @property
+    def stored(self) -> int:
+        """Points written into the HDF5 dataset (its length)."""
+        return self._dset.shape[0]
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of point data this appender holds in memory: the chunks queued for
+        compression/writing plus the tail (the points of the chunk being filled, including
+        those already flushed, kept to write the chunk whole once it fills)."""
+        return self._queued_bytes + self._k * self._point_nbytes
+
+    @property
+    def is_bslz4(self) -> bool:
+        return self._bslz4
+
+    # ------------------------------------------------------------------ appending
+    def _where(self) -> str:
+        return f"dataset {self._dset.name!r} in {self._dset.file.filename}"
+
+    def _check(self, points, what="points") -> tuple[np.ndarray, bool]:
+        """Return (points as an array of our dtype, whether we own its memory)."""
+        arr = points if isinstance(points, np.ndarray) else np.asarray(points)
+        expected = f"dtype {self.dtype} (or one that casts safely) and shape (n, " \
+                   f"*{self.point_shape})"
+        if arr.ndim != len(self.point_shape) + 1:
+            raise ValueError(f"{self._where()}: {what} of dtype {arr.dtype} shape {arr.shape} "
+                             f"given, expected {expected}")
+        for d, e in zip(arr.shape[1:], self.point_shape):
+            if e != -1 and d != e:
+                raise ValueError(f"{self._where()}: {what} of shape {arr.shape} given, "
+                                 f"expected {expected}")
+        owned = False
+        if arr.dtype != self.dtype:
+            if not np.can_cast(arr.dtype, self.dtype, "safe"):
+                raise ValueError(f"{self._where()}: {what} of dtype {arr.dtype} given, "
+                                 f"expected {expected}")
+            arr = arr.astype(self.dtype)
+            owned = True
+        return arr, owned
+
+    def append(self, points) -> None:
+        """Append points (first axis = points; shape ``(n, *point_shape)``). For -1 dims
+        the points may be smaller (padded) or bigger (the dataset grows)."""
+        arr, owned = self._check(points)
+        if self._varying and arr.shape[1:] != self._cur:
+            arr = self._fit(arr, [arr.shape[1:]])
+            owned = True
+        self._append(arr, owned)
+
+    def append_varying(self, points) -> None:
+        """Append a list of points of varying shape (dims -1 of the point shape may differ
+        between points); each is padded with the fill value to the dataset's current extent,
+        which grows to the largest point seen."""
+        arrays = []
+        for i, p in enumerate(points):
+            a = np.asarray(p)
+            arr, _ = self._check(a[np.newaxis], what=f"point {i}")
+            arrays.append(arr[0])
+        if not arrays:
+            return
+        shapes = [a.shape for a in arrays]
+        self._grow(shapes)
+        batch = np.full((len(arrays), *self._cur), self.fill_value, dtype=self.dtype)
+        for i, a in enumerate(arrays):
+            batch[(i, *(slice(0, s) for s in a.shape))] = a
+        self._append(batch, True)
+
+    def append_compressed(self, chunks, validate: bool = False) -> None:
+        """Append frames given as bslz4 chunks (one chunk = one point, the format of
+        :mod:`blissdata.bslz4`). Stored untouched with ``write_direct_chunk`` when the
+        dataset is bslz4 with one whole frame per chunk; else decompressed and appended.
+        A chunk whose header doesn't match the point's size raises ValueError (nothing of
+        that call is appended); ``validate=True`` also walks each chunk's block structure
+        (:func:`blissdata.bslz4.check_chunk`) before storing it untouched."""
+        if self._varying:
+            raise ValueError(f"{self._where()}: compressed frames need a fixed point shape, "
+                             f"this dataset's is {self.point_shape}")
+        chunks = list(chunks)
+        if not chunks:
+            return
+        if not self._direct_frames:
+            if self._executor is not None or self._workers > 0:
+                arrays = list(self._pool().map(self._decompress_one, chunks))
+            else:
+                arrays = [self._decompress_one(c) for c in chunks]
+            self._append(np.stack(arrays), True)
+            return
+        nbytes = self._point_nbytes
+        for i, c in enumerate(chunks):
+            try:
+                found = bslz4.uncompressed_nbytes(c)
+            except ValueError as exc:
+                raise ValueError(f"{self._where()}: compressed frame {i}: {exc}") from None
+            if found != nbytes:
+                raise ValueError(f"{self._where()}: compressed frame {i} holds {found} bytes, "
+                                 f"expected {nbytes} (dtype {self.dtype} shape "
+                                 f"{self.point_shape})")
+            if validate:
+                try:
+                    bslz4.check_chunk(c, self.dtype, self.point_shape)
+                except ValueError as exc:
+                    raise ValueError(f"{self._where()}: compressed frame {i}: {exc}") from None
+        zeros = (0,) * len(self.point_shape)
+        for c in chunks:
+            start = self._tail_start
+            data = bytes(c) if not isinstance(c, bytes) else c
+            self._queue.append((start + 1, [((start, *zeros), data)], len(data)))
+            self._queued_bytes += len(data)
+            self._tail_start += 1
+            self._drain(self._max_inflight // 2 if len(self._queue) > self._max_inflight
+                        else None)
+
+    def _decompress_one(self, chunk):
+        try:
+            return bslz4.decompress(chunk, self.dtype, self.point_shape)
+        except ValueError as exc:
+            raise ValueError(f"{self._where()}: compressed frame: {exc}") from None
+
+    # ------------------------------------------------------------------ internals
+    def _new_tail(self) -> np.ndarray:
+        if self._varying:
+            return np.full((self._n, *self._cur), self.fill_value, dtype=self.dtype)
+        return np.empty((self._n, *self._cur), dtype=self.dtype)
+
+    def _grow(self, shapes) -> None:
+        """Grow the -1 dims of the current extent to hold points of ``shapes``."""
+        new = list(self._cur)
+        for ax in self._varying:
+            new[ax] = max(new[ax], max(s[ax] for s in shapes))
+        new = tuple(new)
+        if new == self._cur:
+            return
+        self._dset.resize((self._dset.shape[0], *new))
+        tail = np.full((self._n, *new), self.fill_value, dtype=self.dtype)
+        tail[(slice(None), *(slice(0, s) for s in self._cur))] = self._tail
+        self._tail = tail
+        self._cur = new
+        self._point_nbytes = self.dtype.itemsize * int(np.prod(new, dtype=np.int64))
+
+    def _fit(self, arr, shapes) -> np.ndarray:
+        """Pad a batch of points to the current extent (growing it first if needed)."""
+        self._grow(shapes)
+        if arr.shape[1:] == self._cur:
+            return arr
+        out = np.full((arr.shape[0], *self._cur), self.fill_value, dtype=self.dtype)
+        out[(slice(None), *(slice(0, s) for s in arr.shape[1:]))] = arr
+        return out
+
+    def _append(self, arr: np.ndarray, owned: bool) -> None:
+        m = arr.shape[0]
+        n = self._n
+        i = 0
+        async_ok = owned or _immutable(arr)
+        while i < m:
+            if self._k == 0 and m - i >= n:
+                # whole chunks straight from the caller's array
+                j = i + (m - i) // n * n
+                copy = self._bslz4 and not async_ok  # the caller may reuse its array
+                for s in range(i, j, n):
+                    self._write_block(arr[s:s + n].copy() if copy else arr[s:s + n])
+                i = j
+                continue
+            take = min(n - self._k, m - i)
+            self._tail[self._k:self._k + take] = arr[i:i + take]
+            self._k += take
+            i += take
+            if self._k == n:
+                tail = self._tail
+                self._tail = self._new_tail()
+                self._k = 0
+                self._tail_flushed = 0
+                self._write_block(tail)
+
+    def _write_block(self, block: np.ndarray) -> None:
+        """A complete chunk row of points starting at self._tail_start: write (or queue)."""
+        start = self._tail_start
+        n = self._n
+        self._tail_start += n
+        if not self._bslz4:
+            self._set_length(start + n)
+            self._dset[(slice(start, start + n), *(slice(0, s) for s in block.shape[1:]))] \
+                = block
+            return
+        pieces = []
+        nbytes = block.nbytes
+        pool = self._pool() if (self._executor is not None or self._workers > 0) else None
+        for offset, part in self._split(block):
+            if pool is not None:
+                pieces.append(((start, *offset), pool.submit(bslz4.compress, part)))
+            else:
+                pieces.append(((start, *offset), bslz4.compress(part)))
+        self._queue.append((start + n, pieces, nbytes))
+        self._queued_bytes += nbytes
+        self._drain(self._max_inflight // 2 if len(self._queue) > self._max_inflight else None)
+
+    def _split(self, block: np.ndarray):
+        """(offset in the point axes, contiguous full-size chunk array) for each chunk of a
+        block of n points; edge chunks are padded with the fill value."""
+        ch = self._chunks[1:]
+        shape = block.shape[1:]
+        if shape == ch:
+            yield (), np.ascontiguousarray(block)
+            return
+        grids = [range(0, s, c) for s, c in zip(shape, ch)]
+        for offset in itertools.product(*grids):
+            sl = tuple(slice(o, min(o + c, s)) for o, c, s in zip(offset, ch, shape))
+            part = block[(slice(None), *sl)]
+            if part.shape[1:] != ch:
+                full = np.full(self._chunks, self.fill_value, dtype=self.dtype)
+                full[(slice(None), *(slice(0, e - 0) for e in part.shape[1:]))] = part
+                part = full
+            yield offset, np.ascontiguousarray(part)
+
+    def _pool(self):
+        if self._executor is not None:
+            return self._executor
+        if self._own_executor is None:
+            self._own_executor = ThreadPoolExecutor(max(self._workers, 1),
+                                                    thread_name_prefix="bslz4")
+        return self._own_executor
+
+    def _set_length(self, length: int) -> None:
+        if self._dset.shape[0] < length:
+            self._dset.resize(length, axis=0)
+
+    def _drain(self, keep=None) -> None:
+        """Write the queued chunks in order: every one whose compression is done, and, while
+        more than ``keep`` chunk rows are queued, wait for the oldest (keep=None: no wait)."""
+        q = self._queue
+        write = self._dset.id.write_direct_chunk
+        while q:
+            end, pieces, nbytes = q[0]
+            if (keep is None or len(q) <= keep) and not all(
+                    not isinstance(p, Future) or p.done() for _, p in pieces):
+                break
+            datas = [(offset, p.result() if isinstance(p, Future) else p)
+                     for offset, p in pieces]
+            self._set_length(end)
+            for offset, data in datas:
+                write(offset, data)
+            q.popleft()
+            self._queued_bytes -= nbytes
+
+    def flush(self) -> int:
+        """Write every appended point into the HDF5 dataset (the partial chunk too, through
+        h5py's normal path) and return the number of points stored (== npoints)."""
+        self._drain(keep=0)
+        end = self._tail_start + self._k
+        if self._tail_flushed < self._k:
+            self._set_length(end)
+            a, b = self._tail_start + self._tail_flushed, end
+            self._dset[(slice(a, b), *(slice(0, s) for s in self._cur))] = \
+                self._tail[self._tail_flushed:self._k]
+            self._tail_flushed = self._k
+        else:
+            self._set_length(end)
+        self._dset.flush()
+        return self._dset.shape[0]
+
+    def close(self) -> int:
+        """flush(), then stop the thread pool if this appender made it."""
+        try:
+            return self.flush()
+        finally:
+            if self._own_executor is not None:
+                self._own_executor.shutdown(wait=True)
+                self._own_executor = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return (f"DatasetAppender({self.name!r}, dtype={self.dtype}, "
+                f"point_shape={self.point_shape}, chunks={self._chunks}, "
+                f"npoints={self.npoints}, stored={self.stored})")
