@@ -78,8 +78,11 @@ class Scan:
         self.state = ScanState[fields[b"state"].decode()]
         definitions = json.loads(fields.get(b"streams", b"{}"))
         for name, d in definitions.items():
+            definition = StreamDefinition.from_json(d)
             if name not in self._streams:
-                self._streams[name] = Stream(self, StreamDefinition.from_json(d))
+                self._streams[name] = Stream(self, definition)
+            else:  # a reader sees a (bad) redefinition instead of misreading the data
+                self._streams[name].definition = definition
 
     def _reload(self) -> None:
         fields = self._store._redis.hgetall(self.key)

@@ -48,7 +48,7 @@ class WriterConfig:
                 name = override
                 break
         setting = {"name": name}
-        if level is not None and name in ("zstd", "gzip", "blosc2"):
+        if level is not None and name not in ("bitshuffle-lz4", "bslz4", "none"):
             setting["level"] = level
         return setting
 
@@ -76,14 +76,11 @@ def load_config(path: str | Path | None = None, **overrides) -> WriterConfig:
         e = errors[0]
         raise ConfigError(f"configuration {source}: {json_path(e.absolute_path)}: {e.message}")
     config = WriterConfig(**values, source=source)
-    from .compression import compression_kwargs  # checks names and levels
+    from .compression import parse_compression
 
-    for name in {config.compression.get("default", "bitshuffle-lz4"),
-                 *(config.compression.get("streams") or {}).values()}:
+    for pattern in ["*", *(config.compression.get("streams") or {})]:
         try:
-            compression_kwargs({"name": name, **({"level": config.compression["level"]}
-                                if "level" in config.compression and name in
-                                ("zstd", "gzip", "blosc2") else {})})
+            parse_compression(config.compression_for(pattern))
         except ValueError as exc:
             raise ConfigError(f"configuration {source}: compression: {exc}") from None
     return config

@@ -1,0 +1,80 @@
+"""Real writer processes killed (-9) mid-scan and restarted: no point lost, none doubled."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+
+from blissdata import EndReason
+from writer_helpers import durable_points, wait_status
+
+
+def start_writer_process(redis_url, data_root, log_path):
+    log = open(log_path, "ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "writer.cli", "run", "--redis", redis_url,
+         "--data-root", str(data_root), "--log-level", "DEBUG"],
+        stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_kill_9_mid_scan_then_restart(store, tmp_path):
+    data_root = tmp_path / "data"
+    data_root.mkdir()
+    log_path = tmp_path / "writer.log"
+    proc = start_writer_process(store.url, data_root, log_path)
+    try:
+        time.sleep(1.0)  # the service subscribes
+        path = data_root / "crash.h5"
+        scan = store.create_scan({"session": "s", "name": "ascan", "number": 1,
+                                  "path": str(path)},
+                                 info={"title": "crash test", "type": "ascan", "scan_nb": 1})
+        diode = scan.create_stream("diode", "float64")
+        cam = scan.create_stream("cam", "uint16", (32, 32))
+        scan.prepare()
+        scan.start()
+        values = np.arange(3000, dtype=np.float64)
+        frames = (np.arange(300 * 32 * 32) % 65521).astype(np.uint16).reshape(300, 32, 32)
+        for i in range(0, 1500, 100):
+            scan.send_many({diode: values[i:i + 100], cam: frames[i // 10:i // 10 + 10]})
+        deadline = time.monotonic() + 15
+        while durable_points(store, scan.key, "diode") < 1500:
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        # the producer goes on while no writer runs
+        for i in range(1500, 3000, 100):
+            scan.send_many({diode: values[i:i + 100], cam: frames[i // 10:i // 10 + 10]})
+        scan.stop()
+        scan.close(EndReason.SUCCESS)
+        # a scan created while the writer is down is written too
+        path2 = data_root / "while-down.h5"
+        scan2 = store.create_scan({"session": "s", "name": "ct", "number": 2,
+                                   "path": str(path2)},
+                                  info={"title": "ct", "type": "ct", "scan_nb": 2})
+        s2 = scan2.create_stream("diode", "float64")
+        scan2.prepare()
+        scan2.start()
+        s2.send(np.arange(5.0))
+        scan2.close()
+        proc = start_writer_process(store.url, data_root, log_path)
+        st = wait_status(store, scan.key, timeout=30)
+        assert st.state == "done", (st.error, log_path.read_text())
+        assert "resumed after a writer restart" in st.warnings
+        assert wait_status(store, scan2.key, timeout=30).state == "done"
+        with h5py.File(path, "r", locking=False) as f:
+            assert np.array_equal(f["1.1/measurement/diode"][()], values)
+            assert np.array_equal(f["1.1/measurement/cam"][()], frames)
+            assert f["1.1/end_reason"][()].decode() == "SUCCESS"
+        with h5py.File(path2, "r", locking=False) as f:
+            assert np.array_equal(f["2.1/measurement/diode"][()], np.arange(5.0))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

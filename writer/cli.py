@@ -1,0 +1,65 @@
+"""`blisswriter`: run the writer service, validate files, show status, rewrite files."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from .config import ConfigError, load_config
+from .logs import setup_logging
+
+
+def _run(args) -> int:
+    from .service import WriterService
+
+    try:
+        config = load_config(args.config, redis_url=args.redis or os.environ.get("REDIS_URL"),
+                             sessions=args.session or None, data_roots=args.data_root or None,
+                             log_level=args.log_level, log_json=args.log_json or None)
+    except ConfigError as exc:
+        print(f"blisswriter: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, config.log_json)
+    try:
+        service = WriterService(config)
+    except ConnectionError as exc:
+        print(f"blisswriter: {exc}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: service.stop())
+    signal.signal(signal.SIGINT, lambda *_: service.stop())
+    service.run()
+    return 0
+
+
+def _validate(args) -> int:
+    from .validate import main as validate_main
+
+    return validate_main(args.files)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="blisswriter", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="follow new scans and write them to NeXus/HDF5 files")
+    run.add_argument("--config", help="TOML configuration (default: built-in defaults)")
+    run.add_argument("--redis", help="Redis URL (default: config, then REDIS_URL)")
+    run.add_argument("--session", action="append", help="session to follow (repeatable)")
+    run.add_argument("--data-root", action="append", help="allowed data root (repeatable)")
+    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    run.set_defaults(func=_run)
+
+    validate = sub.add_parser("validate", help="validate files against the NeXus definitions")
+    validate.add_argument("files", nargs="+")
+    validate.set_defaults(func=_validate)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""Writes one scan: waits for PREPARED, builds the NeXus entry from the mapping, appends every
+stream as events arrive, flushes within max_lag_s, publishes durable watermarks, finalizes.
+
+One ScanWriter runs in its own thread. Any problem with the scan (bad mapping, refused path,
+disk full, scan deleted...) ends this scan as "failed" with a reason in Redis, in the logs and
+in the file when it can, without touching the other scans.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import redis
+import tenacity
+
+from blissdata import ScanNotFoundError, ScanState
+from blissdata.encoding import StreamDefinition
+
+from . import status as writer_status
+from .dataset_writer import DatasetAppender
+from .default_mapping import default_mapping
+from .mapping import MappingError, parse_mapping
+from .nexus_skeleton import (EntryExistsError, finalize_entry, stream_dataset_parent,
+                             write_entry)
+from .paths import PathRefused, check_link_target, resolve_scan_file
+from .text_appender import TextAppender
+
+log = logging.getLogger("blisswriter")
+
+
+class ScanFailed(Exception):
+    """This scan cannot be written; the message says why (shown to users as is)."""
+
+
+class WriterStopping(Exception):
+    """The service is stopping: flush, leave the scan "writing" so a restart resumes it."""
+
+
+class ScanWriter(threading.Thread):
+    def __init__(self, service, scan_key: str):
+        super().__init__(name=f"scan-{scan_key[-9:-1]}", daemon=True)
+        self.service = service
+        self.config = service.config
+        self.scan_key = scan_key
+        self.scan = None
+        self.status = writer_status.ScanStatus(scan_key, writer=service.identity)
+        self.appenders: dict[str, DatasetAppender] = {}  # stream name -> appender
+        self.definitions: dict[str, StreamDefinition] = {}  # as they were when writing began
+        self.dataset_paths: dict[str, str] = {}  # stream name -> dataset path in the file
+        self.file_path: Path | None = None
+        self.file = None
+        self.entry = None
+        self._last_event = time.monotonic()
+        self._stop_requested = threading.Event()
+
+    # ---- thread body -----------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            for attempt in self._redis_retrying():
+                with attempt:
+                    self._write_scan()
+        except WriterStopping:
+            self._pause()
+        except (ScanFailed, MappingError, PathRefused, EntryExistsError) as exc:
+            self._fail(str(exc))
+        except ScanNotFoundError as exc:
+            self._fail(f"scan deleted from Redis while being written: {exc}")
+        except OSError as exc:
+            self._fail(f"file {self.file_path}: {exc}")
+        except Exception as exc:  # a bug: keep the service alive, say it loudly
+            log.exception("scan %s: unexpected error", self.scan_key)
+            self._fail(f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self._release_file()
+            self.service.scan_finished(self)
+
+    def stop(self) -> None:
+        self._stop_requested.set()
+
+    def _redis_retrying(self):
+        """Retry the whole scan body on lost Redis connections, with backoff; the body resumes
+        from the file and the durable watermarks, so nothing is written twice."""
+
+        def before_sleep(state):
+            log.warning("scan %s: Redis connection lost (%s), retrying in %.1f s",
+                        self.scan_key, state.outcome.exception(), state.next_action.sleep)
+
+        return tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
+            wait=tenacity.wait_exponential(multiplier=0.2, max=5),
+            stop=tenacity.stop_when_event_set(self._stop_requested),
+            before_sleep=before_sleep, reraise=True)
+
+    # ---- the steps -------------------------------------------------------------------
+    def _write_scan(self) -> None:
+        self._release_file()  # a retry after a lost connection starts clean
+        self.scan = self.service.store.load_scan(self.scan_key)
+        ident = self.scan.identity
+        self.status.session, self.status.number, self.status.name = (
+            ident["session"], ident["number"], ident["name"])
+        previous = writer_status.read(self.service.redis, self.scan_key)
+        self._wait_for(ScanState.PREPARED)
+        self.status.expected_points = self.scan.info.get("npoints")
+        layout = self._plan()
+        self._open_entry(layout, previous)
+        self._stream_data()
+        self._finalize()
+
+    def _wait_for(self, state: ScanState) -> None:
+        while self.scan.state < state:
+            if self.scan.update(block=True, timeout=1.0):
+                self._last_event = time.monotonic()
+            self._check_alive()
+
+    def _check_alive(self) -> None:
+        if self._stop_requested.is_set():
+            raise WriterStopping()
+        idle = time.monotonic() - self._last_event
+        if idle > self.config.inactivity_timeout_s:
+            raise ScanFailed(f"no event from the scan for {idle:.0f} s "
+                             f"(inactivity_timeout_s = {self.config.inactivity_timeout_s})")
+
+    def _plan(self):
+        info = self.scan.info
+        mapping = info.get("mapping")
+        if mapping is None:
+            mapping = default_mapping(self.scan.streams)
+        layout = parse_mapping(mapping, stream_names=set(self.scan.streams))
+        self.file_path = self._file_path()
+        for link in getattr(layout, "external_links", []):
+            check_link_target(link.file, self.file_path, self.config.data_roots)
+        return layout
+
+    def _file_path(self) -> Path:
+        path = Path(self.scan.path)
+        if self.config.file_layout == "per_scan":
+            path = path.with_name(f"{path.stem}_{self.scan.number:04d}{path.suffix or '.h5'}")
+        return resolve_scan_file(str(path), self.config.data_roots)
+
+    @property
+    def entry_name(self) -> str:
+        return self.scan.info.get("entry_name") or f"{self.scan.number}.1"
+
+    def _open_entry(self, layout, previous) -> None:
+        self.status.file, self.status.entry = str(self.file_path), self.entry_name
+        resuming = (previous is not None and previous.state == "writing"
+                    and previous.file == str(self.file_path)
+                    and previous.entry == self.entry_name)
+        if not resuming:
+            self.status.state = "writing"
+            self.status.started = time.time()
+            writer_status.publish(self.service.redis, self.status)  # before the entry exists
+        else:
+            self.status.started = previous.started
+            self.status.state = "writing"
+            self.status.warnings = previous.warnings + ["resumed after a writer restart"]
+        self.file_path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = self.service.files.acquire(self.file_path)
+        with self.file.lock:
+            h5 = self.file.h5
+            if resuming and self.entry_name in h5:
+                self.entry = h5[self.entry_name]
+                self._check_entry_is_ours()
+            else:
+                self.entry = write_entry(h5, self.entry_name, layout, self.scan.info)
+                writer_status.write_note(self.entry, self.status)
+            self._create_appenders(layout, resume=resuming)
+            h5.flush()
+        log.info("scan %s %s:%s %s -> %s::/%s%s", self.scan_key, self.scan.session,
+                 self.scan.number, self.scan.name, self.file_path, self.entry_name,
+                 " (resumed)" if resuming else "")
+
+    def _check_entry_is_ours(self) -> None:
+        note = self.entry.get("writer_status/data")
+        if note is None:
+            raise ScanFailed(f"entry {self.entry_name} in {self.file_path} exists and was not "
+                             f"written by this writer for scan {self.scan_key}; not touched")
+        raw = note[()]
+        raw = raw.decode() if isinstance(raw, bytes) else raw
+        if writer_status.ScanStatus.from_json(raw).scan_key != self.scan_key:
+            raise ScanFailed(f"entry {self.entry_name} in {self.file_path} belongs to another "
+                             f"scan; not touched")
+
+    def _create_appenders(self, layout, resume: bool) -> None:
+        durable = self._durable_points() if resume else {}
+        for node in layout.streams:
+            definition: StreamDefinition = self.scan.streams[node.stream].definition
+            group, name = stream_dataset_parent(self.entry, node.path)
+            if node.stream in self.appenders:  # the same stream at a second place: hard link
+                if name not in group:
+                    group[name] = self.appenders[node.stream].dataset
+                continue
+            self.definitions[node.stream] = definition
+            if name in group and resume:
+                appender = self._reopen(group[name], definition, durable.get(node.stream, 0))
+            elif definition.encoding in ("json", "references"):
+                appender = TextAppender(group, name, attrs=node.attrs)
+            else:
+                appender = DatasetAppender(
+                    group, name, definition.dtype, definition.shape,
+                    compression=self.config.compression_for(node.stream),
+                    fill_value=self._fill_value(definition), attrs=node.attrs,
+                    executor=self.service.pool, workers=self.config.compression_threads)
+            self.appenders[node.stream] = appender
+            self.dataset_paths[node.stream] = appender.dataset.name
+
+    def _reopen(self, dataset, definition: StreamDefinition, durable: int):
+        """Resume on a dataset written before a crash: keep only the points published as
+        durable (what came after may be half-written); Redis still has the rest."""
+        keep = min(durable, dataset.shape[0])
+        if dataset.shape[0] != keep:
+            dataset.resize(keep, axis=0)
+        if definition.encoding in ("json", "references"):
+            return TextAppender.open(dataset)
+        return DatasetAppender.open(dataset, executor=self.service.pool,
+                                    workers=self.config.compression_threads)
+
+    def _fill_value(self, definition: StreamDefinition):
+        return np.nan if np.dtype(definition.dtype).kind in "fc" else self.config.fill_value_int
+
+    def _durable_points(self) -> dict[str, int]:
+        return {name: (s.file_backing or {}).get("points", 0)
+                for name, s in self.scan.streams.items()}
+
+    # ---- the data loop ---------------------------------------------------------------
+    def _stream_data(self) -> None:
+        names = list(self.appenders)
+        if not names:
+            self._wait_for(ScanState.CLOSED)
+            return
+        cursor = self.scan.cursor(names, start={n: a.npoints for n, a in self.appenders.items()},
+                                  raw_chunks=True)
+        half_lag = self.config.max_lag_s / 2
+        last_flush = time.monotonic()
+        last_state_check = 0.0
+        dirty = False
+        while len(cursor.ended) < len(names):
+            views = cursor.read(block=True, timeout=min(0.1, half_lag),
+                                count=self._entries_per_read(len(names)))
+            now = time.monotonic()
+            if views:
+                self._last_event = now
+                with self.file.lock:
+                    for name, view in views.items():
+                        self._append(name, view)
+                dirty = True
+            if dirty and (now - last_flush >= half_lag or self._over_budget()):
+                self._flush()
+                last_flush, dirty = now, False
+            if now - last_state_check > 0.5:
+                last_state_check = now
+                self._check_scan()
+        self._flush()
+
+    def _entries_per_read(self, n_streams: int) -> int:
+        """Redis entries read per stream per call, so one read fits in this scan's share of
+        the memory budget (entries are at most max_event_bytes)."""
+        share = self.config.memory_budget_bytes // max(1, self.service.active_scans())
+        per_stream = share // max(1, n_streams) // self.service.store.max_event_bytes
+        return int(max(1, min(64, per_stream)))
+
+    def _over_budget(self) -> bool:
+        pending = sum(a.pending_bytes for a in self.appenders.values())
+        return pending > self.config.memory_budget_bytes // max(1, self.service.active_scans())
+
+    def _append(self, name: str, view) -> None:
+        appender = self.appenders[name]
+        if view.index != appender.npoints:
+            raise ScanFailed(f"stream {name!r}: got points from {view.index}, expected "
+                             f"{appender.npoints} (lost or duplicated data)")
+        definition = self.definitions[name]
+        try:
+            if definition.encoding == "bslz4":
+                appender.append_compressed(view.data)
+            elif definition.varying:
+                appender.append_varying(view.data)
+            else:
+                appender.append(view.data)
+        except ValueError as exc:
+            raise ScanFailed(f"stream {name!r} at point {view.index}: {exc}") from None
+
+    def _flush(self) -> None:
+        with self.file.lock:
+            durable = {name: a.flush() for name, a in self.appenders.items()}
+            self.file.h5.flush()
+        t = time.time()
+        written = sum(durable[n] * (self.scan.streams[n].definition.point_nbytes or 0)
+                      for n in durable)
+        if self.status.updated and t > self.status.updated:
+            rate = (written - self.status.bytes_written) / (t - self.status.updated) / 1e6
+            self.status.write_rate_mb_s = max(0.0, rate)
+        self.status.bytes_written = written
+        self.status.points = durable
+        for name, points in durable.items():
+            self.scan.streams[name].mark_file_backed(str(self.file_path),
+                                                     self.dataset_paths[name], points)
+        self.status.lag_points = max(0, sum(len(self.scan.streams[n]) for n in durable)
+                                     - sum(durable.values()))
+        writer_status.publish(self.service.redis, self.status)
+
+    def _check_scan(self) -> None:
+        """Between reads: deleted scan, inactivity, a changed stream definition."""
+        if not self.service.redis.exists(self.scan_key):
+            raise ScanNotFoundError(f"scan {self.scan_key} no longer exists")
+        self._check_alive()
+        if self.scan.update(block=False):
+            self._last_event = time.monotonic()
+            for name, before in self.definitions.items():
+                now = self.scan.streams[name].definition
+                if now != before:
+                    raise ScanFailed(f"stream {name!r}: its definition changed mid-scan (was "
+                                     f"{before.dtype} {before.shape}, now {now.dtype} "
+                                     f"{now.shape}); points before the change are kept")
+
+    # ---- the end ---------------------------------------------------------------------
+    def _finalize(self) -> None:
+        self._wait_for(ScanState.CLOSED)
+        with self.file.lock:
+            finalize_entry(self.entry, self.scan.info, self.scan.info.get("end_reason",
+                                                                          "SUCCESS"))
+            self.status.state = "done"
+            writer_status.write_note(self.entry, self.status)
+            self.file.h5.flush()
+        writer_status.publish(self.service.redis, self.status)
+        total = sum(self.status.points.values())
+        log.info("scan %s %s:%s done: %d points in %d streams, %.1f MB -> %s::/%s (%s)",
+                 self.scan_key, self.scan.session, self.scan.number, total,
+                 len(self.appenders), self.status.bytes_written / 1e6, self.file_path,
+                 self.entry_name, self.scan.info.get("end_reason"))
+
+    def _fail(self, reason: str) -> None:
+        self.status.state = "failed"
+        self.status.error = reason
+        log.error("scan %s: failed: %s", self.scan_key, reason)
+        kept = ""
+        if self.entry is not None and self.file is not None:
+            try:
+                with self.file.lock:
+                    durable = {n: a.flush() for n, a in self.appenders.items()}
+                    self.status.points = durable
+                    writer_status.write_note(self.entry, self.status)
+                    if "end_reason" not in self.entry:
+                        end = "DELETION" if "deleted" in reason else "FAILURE"
+                        finalize_entry(self.entry, self.scan.info, end)
+                    self.file.h5.flush()
+                kept = f"; {sum(durable.values())} points kept in {self.file_path}"
+            except Exception as exc:  # the disk may be the problem: keep what is there
+                kept = f"; could not record the failure in the file: {exc}"
+        self.status.error = reason + kept
+        try:
+            writer_status.publish(self.service.redis, self.status)
+        except redis.RedisError as exc:
+            log.error("scan %s: could not publish the failure to Redis: %s", self.scan_key, exc)
+
+    def _pause(self) -> None:
+        """Service stopping mid-scan: make what we have durable; a restart resumes."""
+        if self.file is not None and self.appenders:
+            self._flush()
+        log.info("scan %s: writer stopping, %d points durable; a restart resumes it",
+                 self.scan_key, sum(self.status.points.values()))
+
+    def _release_file(self) -> None:
+        if self.file is not None:
+            self.service.files.release(self.file)
+            self.file, self.entry = None, None
+            self.appenders.clear()

@@ -1,0 +1,89 @@
+"""The writer's status of each scan, kept in Redis (for `blisswriter status`, from any machine)
+and in the scan's entry (an NXnote), so that a crash or a failure is visible in both places.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import redis
+
+from blissdata import keys
+
+# Sorted set: scan key -> time of the writer's last status update. `blisswriter status` lists it.
+WRITER_SCANS = "blissdata:writer:scans"
+RECENT_S = 24 * 3600  # finished scans stay listed this long
+
+
+@dataclass
+class ScanStatus:
+    scan_key: str
+    session: str = ""
+    number: int = 0
+    name: str = ""
+    state: str = "waiting"  # waiting, writing, done, failed
+    file: str = ""
+    entry: str = ""
+    expected_points: int | None = None
+    points: dict = field(default_factory=dict)  # stream -> points durable in the file
+    bytes_written: int = 0  # uncompressed bytes of the points durable in the file
+    lag_points: int = 0  # points published but not yet durable, all streams
+    write_rate_mb_s: float = 0.0
+    warnings: list = field(default_factory=list)
+    error: str = ""
+    started: float = 0.0
+    updated: float = 0.0
+    writer: str = ""  # host:pid of the writer process
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "failed")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw) -> "ScanStatus":
+        data = json.loads(raw)
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def publish(client: redis.Redis, status: ScanStatus) -> None:
+    status.updated = time.time()
+    pipe = client.pipeline(transaction=False)
+    pipe.hset(keys.writer_key(status.scan_key), "status", status.to_json())
+    pipe.zadd(WRITER_SCANS, {status.scan_key: status.updated})
+    pipe.zremrangebyscore(WRITER_SCANS, 0, status.updated - RECENT_S)
+    pipe.execute()
+
+
+def read(client: redis.Redis, scan_key: str) -> ScanStatus | None:
+    raw = client.hget(keys.writer_key(scan_key), "status")
+    return ScanStatus.from_json(raw) if raw else None
+
+
+def read_recent(client: redis.Redis, since_s: float = RECENT_S) -> list[ScanStatus]:
+    """Every scan the writer worked on in the last `since_s` seconds, oldest first."""
+    scan_keys = client.zrangebyscore(WRITER_SCANS, time.time() - since_s, "+inf")
+    pipe = client.pipeline(transaction=False)
+    for key in scan_keys:
+        pipe.hget(keys.writer_key(key.decode()), "status")
+    return [ScanStatus.from_json(raw) for raw in pipe.execute() if raw]
+
+
+def write_note(entry, status: ScanStatus) -> None:
+    """The status as an NXnote `<entry>/writer_status` (JSON text)."""
+    note = entry.require_group("writer_status")
+    note.attrs["NX_class"] = "NXnote"
+    for name, value in (("type", "application/json"), ("data", status.to_json()),
+                        ("description", "blisswriter status of this scan")):
+        if name in note:
+            del note[name]
+        note[name] = value
