@@ -365,7 +365,7 @@ class DatasetAppender:
         ch = self._chunks[1:]
         shape = block.shape[1:]
         if shape == ch:
-            yield (), np.ascontiguousarray(block)
+            yield (0,) * len(ch), np.ascontiguousarray(block)
             return
         grids = [range(0, s, c) for s, c in zip(shape, ch)]
         for offset in itertools.product(*grids):
