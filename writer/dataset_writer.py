@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -53,6 +54,19 @@ def default_fill_value(dtype):
     """NaN for float/complex dtypes, 0 for the others."""
     dt = np.dtype(dtype)
     return np.nan if dt.kind in "fc" else 0
+
+
+_worker = threading.local()
+
+
+def _compress_in_worker(part: np.ndarray) -> bytes:
+    """bslz4.compress with one OpenMP thread in this worker: the pool is the parallelism
+    (bitshuffle's wheel would otherwise run an OpenMP team per worker and oversubscribe the
+    cores; see blissdata.bslz4)."""
+    if not getattr(_worker, "single", False):
+        bslz4.set_openmp_threads(1)
+        _worker.single = True
+    return bslz4.compress(part)
 
 
 def _immutable(arr: np.ndarray) -> bool:
@@ -134,6 +148,7 @@ class DatasetAppender:
         self._direct_frames = (self._bslz4 and not self._varying
                                and self._chunks == (1, *point_shape))
         stored = dset.shape[0]
+        self._length = stored  # == dataset.shape[0], kept here: h5py's shape costs ~10 us
         self._tail_start = stored - stored % self._n
         self._tail = self._new_tail()
         self._k = stored - self._tail_start
@@ -166,7 +181,7 @@ class DatasetAppender:
     @property
     def stored(self) -> int:
         """Points written into the HDF5 dataset (its length)."""
-        return self._dset.shape[0]
+        return self._length
 
     @property
     def pending_bytes(self) -> int:
@@ -296,7 +311,7 @@ class DatasetAppender:
         new = tuple(new)
         if new == self._cur:
             return
-        self._dset.resize((self._dset.shape[0], *new))
+        self._dset.resize((self._length, *new))
         tail = np.full((self._n, *new), self.fill_value, dtype=self.dtype)
         tail[(slice(None), *(slice(0, s) for s in self._cur))] = self._tail
         self._tail = tail
@@ -316,15 +331,19 @@ class DatasetAppender:
         m = arr.shape[0]
         n = self._n
         i = 0
-        async_ok = owned or _immutable(arr)
+        # chunks compressed in the pool may reference the caller's array only if nobody
+        # can change it (ours, or bytes-backed); else append() waits for their compression
+        # before returning (no copy: the pool still compresses the batch's chunks in parallel)
+        wait = self._bslz4 and not (owned or _immutable(arr))
         while i < m:
             if self._k == 0 and m - i >= n:
                 # whole chunks straight from the caller's array
                 j = i + (m - i) // n * n
-                copy = self._bslz4 and not async_ok  # the caller may reuse its array
                 for s in range(i, j, n):
-                    self._write_block(arr[s:s + n].copy() if copy else arr[s:s + n])
+                    self._write_block(arr[s:s + n])
                 i = j
+                if wait:
+                    self._drain(keep=0)
                 continue
             take = min(n - self._k, m - i)
             self._tail[self._k:self._k + take] = arr[i:i + take]
@@ -352,7 +371,7 @@ class DatasetAppender:
         pool = self._pool() if (self._executor is not None or self._workers > 0) else None
         for offset, part in self._split(block):
             if pool is not None:
-                pieces.append(((start, *offset), pool.submit(bslz4.compress, part)))
+                pieces.append(((start, *offset), pool.submit(_compress_in_worker, part)))
             else:
                 pieces.append(((start, *offset), bslz4.compress(part)))
         self._queue.append((start + n, pieces, nbytes))
@@ -386,25 +405,31 @@ class DatasetAppender:
         return self._own_executor
 
     def _set_length(self, length: int) -> None:
-        if self._dset.shape[0] < length:
+        if self._length < length:
             self._dset.resize(length, axis=0)
+            self._length = length
 
     def _drain(self, keep=None) -> None:
         """Write the queued chunks in order: every one whose compression is done, and, while
-        more than ``keep`` chunk rows are queued, wait for the oldest (keep=None: no wait)."""
+        more than ``keep`` chunk rows are queued, wait for the oldest (keep=None: no wait).
+        The dataset is resized once per call, then the chunks are written."""
         q = self._queue
-        write = self._dset.id.write_direct_chunk
+        ready = []
         while q:
             end, pieces, nbytes = q[0]
             if (keep is None or len(q) <= keep) and not all(
                     not isinstance(p, Future) or p.done() for _, p in pieces):
                 break
-            datas = [(offset, p.result() if isinstance(p, Future) else p)
-                     for offset, p in pieces]
-            self._set_length(end)
-            for offset, data in datas:
-                write(offset, data)
+            ready.append((end, [(offset, p.result() if isinstance(p, Future) else p)
+                                for offset, p in pieces], nbytes))
             q.popleft()
+        if not ready:
+            return
+        self._set_length(ready[-1][0])
+        write = self._dset.id.write_direct_chunk
+        for _end, pieces, nbytes in ready:
+            for offset, data in pieces:
+                write(offset, data)
             self._queued_bytes -= nbytes
 
     def flush(self) -> int:
@@ -421,7 +446,7 @@ class DatasetAppender:
         else:
             self._set_length(end)
         self._dset.flush()
-        return self._dset.shape[0]
+        return self._length
 
     def close(self) -> int:
         """flush(), then stop the thread pool if this appender made it."""
