@@ -16,6 +16,7 @@ The seal is the entry ``<number of points>-1`` with one field ``end`` = number o
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 
@@ -24,6 +25,11 @@ import numpy as np
 from .exceptions import EventTooLargeError
 
 ENCODINGS = ("numeric", "bslz4", "json", "references")
+
+# Batches are cut into entries of about this size: Redis/Valkey handle entries of a few MiB
+# several times faster than one huge entry (bench: 4 frames of 512 KiB per entry ~1400 MB/s,
+# 16 per entry ~300 MB/s).
+ENTRY_TARGET_BYTES = 2 * 2**20
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class StreamDefinition:
     def is_array(self) -> bool:
         return self.encoding in ("numeric", "bslz4")
 
-    @property
+    @functools.cached_property
     def point_nbytes(self) -> int | None:
         if not self.is_array or self.varying:
             return None
@@ -153,7 +159,7 @@ def encode(defn: StreamDefinition, data, max_event_bytes: int) -> list[tuple[int
         raise EventTooLargeError(
             f"stream {defn.name!r}: one point is {point_nbytes} bytes, over the event limit "
             f"of {max_event_bytes} bytes")
-    per_entry = max(1, max_event_bytes // max(point_nbytes, 1))
+    per_entry = max(1, min(max_event_bytes, ENTRY_TARGET_BYTES) // max(point_nbytes, 1))
     out = []
     for start in range(0, len(arr), per_entry):
         part = arr[start:start + per_entry]
@@ -163,12 +169,13 @@ def encode(defn: StreamDefinition, data, max_event_bytes: int) -> list[tuple[int
 
 def _pack(defn, items, sizes, max_event_bytes, fields_of) -> list[tuple[int, dict]]:
     out, part, part_bytes = [], [], 0
+    target = min(max_event_bytes, ENTRY_TARGET_BYTES)
     for item, size in zip(items, sizes):
         if size > max_event_bytes:
             raise EventTooLargeError(
                 f"stream {defn.name!r}: one point is {size} bytes, over the event limit "
                 f"of {max_event_bytes} bytes")
-        if part and part_bytes + size > max_event_bytes:
+        if part and part_bytes + size > target:
             out.append((len(part), fields_of(part)))
             part, part_bytes = [], 0
         part.append(item)
