@@ -9,8 +9,8 @@ frames cycled, appended in batches of 10. Cases:
 
 a. bare h5py, ``hdf5plugin.Bitshuffle(cname="lz4")``, one frame per chunk (HDF5's filter on
    one thread): the baseline;
-b. DatasetAppender, same setting (bslz4 compression in a thread pool + write_direct_chunk);
-   b0 the same with workers=0 (compression on the caller's thread);
+b. DatasetAppender, same setting (bslz4 compression + write_direct_chunk), default workers;
+   b-pool2 with a pool of 2 threads, b-pool0 with workers=0 (caller's thread, OpenMP);
 c. bare h5py ``write_direct_chunk`` of frames already compressed (bslz4);
 d. DatasetAppender.append_compressed of the same precompressed frames;
 e. scalars: 64 float64 channels x N points, appended in batches of 100 per channel, with
@@ -199,9 +199,11 @@ def main(argv=None):
         print(f"{nframes} frames {SHAPE} uint16, batches of {BATCH}; files in {tmp}")
         frame_case("a", "bare h5py, Bitshuffle(lz4) filter (baseline)",
                    bare_h5py_filter, distinct, nframes)
-        frame_case("b", "DatasetAppender bslz4 (thread pool)", appender_frames, distinct,
+        frame_case("b", "DatasetAppender bslz4 (default workers)", appender_frames, distinct,
                    nframes)
-        frame_case("b0", "DatasetAppender bslz4, workers=0", appender_frames, distinct,
+        frame_case("b-pool2", "DatasetAppender bslz4, pool of 2", appender_frames, distinct,
+                   nframes, 2)
+        frame_case("b-pool0", "DatasetAppender bslz4, workers=0", appender_frames, distinct,
                    nframes, 0)
         frame_case("c", "bare h5py write_direct_chunk, precompressed", bare_direct_chunks,
                    chunks, nframes)

@@ -30,9 +30,15 @@ uint16 frames of Poisson counts on a smooth pattern, best of 5):
   400 frames in 0.150-0.189 s (~1.1-1.4 GB/s, like HDF5's own filter, which hdf5plugin builds
   without OpenMP) and a pool of 2 in 0.085-0.103 s: ~1.8x on 2 cores.
 
-So ``writer.dataset_writer.DatasetAppender`` compresses bslz4 chunks in a thread pool whose
-workers run bitshuffle with one OpenMP thread each (HDF5 runs its own filters on one thread,
-under h5py's global lock).
+* Writing 1000 frames with DatasetAppender (bench/bench_storage.py, 6 interleaved runs):
+  compressing on the caller's thread with the wheel's OpenMP 0.305-0.428 s, a pool of 2
+  single-OpenMP-thread workers 0.328-0.396 s, a pool of 1 0.425-0.515 s: a tie on 2 cores.
+
+So ``writer.dataset_writer.DatasetAppender`` compresses on the caller's thread when bitshuffle
+has OpenMP (:func:`openmp_available`), and in a thread pool whose workers run bitshuffle with
+one OpenMP thread each when it has not, or when given an executor or ``workers > 0`` (HDF5
+runs its own filters on one thread, under h5py's global lock, and hdf5plugin's build has no
+OpenMP).
 
 Bad input raises ValueError saying what was wrong. The chunk's block structure is walked
 before calling into C (bitshuffle's decoder trusts the per-block sizes and would read past the
@@ -49,7 +55,7 @@ import bitshuffle.ext  # noqa: F401  (loads the OpenMP runtime it links, if any)
 import numpy as np
 
 __all__ = ["compress", "decompress", "uncompressed_nbytes", "block_size_bytes",
-           "check_chunk", "set_openmp_threads", "HEADER_SIZE"]
+           "check_chunk", "set_openmp_threads", "openmp_available", "HEADER_SIZE"]
 
 HEADER_SIZE = 12
 _HEADER = struct.Struct(">QI")
@@ -88,6 +94,11 @@ def _openmp_runtimes() -> list:
                 pass
         _openmp = libs
     return _openmp
+
+
+def openmp_available() -> bool:
+    """True if bitshuffle runs with an OpenMP runtime (one call then uses all cores)."""
+    return bool(_openmp_runtimes())
 
 
 def set_openmp_threads(n: int) -> bool:

@@ -257,7 +257,8 @@ def test_bad_appends_say_what_is_wrong(tmp_path):
 # ---------------------------------------------------------------------------- property
 CONFIGS = {
     # name: (dtype, point_shape, compression, workers) -- small chunks to cross boundaries
-    "frames-bslz4": ("uint16", (512, 256), "bitshuffle-lz4", None),
+    "frames-bslz4-pool": ("uint16", (512, 256), "bitshuffle-lz4", 2),
+    "frames-bslz4-default": ("uint16", (512, 256), "bitshuffle-lz4", None),
     "images-8-per-chunk-bslz4": ("float32", (128, 256), "bitshuffle-lz4", 2),
     "images-8-per-chunk-sync": ("float32", (128, 256), "bitshuffle-lz4", 0),
     "images-8-per-chunk-gzip": ("float32", (128, 256), {"name": "gzip", "level": 1}, None),

@@ -9,10 +9,12 @@ How points travel (all HDF5 calls happen on the caller's thread):
 * Points are gathered in memory per chunk (the *tail*: the points of the chunk being
   filled). When a chunk is complete it is written as a whole:
 
-  - bslz4 setting: the chunk is compressed with :func:`blissdata.bslz4.compress` in a
-    ``ThreadPoolExecutor`` (bitshuffle releases the GIL: ~2x on 2 cores, see
-    :mod:`blissdata.bslz4`) and stored with ``write_direct_chunk``, in order, as the
-    compressions finish; at most ``2 * workers + 2`` chunks are in flight.
+  - bslz4 setting: the chunk is compressed with :func:`blissdata.bslz4.compress` and
+    stored with ``write_direct_chunk``. Where: in a ``ThreadPoolExecutor`` (bitshuffle
+    releases the GIL: ~1.8x on 2 cores with one OpenMP thread per worker), stored in order as
+    the compressions finish, at most ``2 * workers + 2`` chunks in flight; or on the caller's
+    thread when bitshuffle has OpenMP (the PyPI wheel: one call then uses all cores, which
+    measured as fast as the pool; see :mod:`blissdata.bslz4`) and no executor/workers given.
   - other settings: ``dataset[a:b] = chunk`` (HDF5 runs the filter on this thread).
 
 * ``flush()`` waits for the chunks in flight, then writes the partial tail through h5py's
@@ -88,8 +90,10 @@ class DatasetAppender:
 
     ``compression``: a setting for :func:`writer.compression.parse_compression` (default
     bitshuffle-lz4). ``executor``: a ThreadPoolExecutor to compress bslz4 chunks in (not shut
-    down by :meth:`close`); if None one of ``workers`` threads (default ``min(4, cpus)``) is
-    created when first needed; ``workers=0`` compresses on the caller's thread.
+    down by :meth:`close`; its threads are set to run bitshuffle with one OpenMP thread); if
+    None, a pool of ``workers`` threads is created when first needed; ``workers=0``
+    compresses on the caller's thread. Default ``workers``: 0 if bitshuffle has OpenMP
+    (:func:`blissdata.bslz4.openmp_available`), else ``min(4, cpus)``.
     """
 
     def __init__(self, group: h5py.Group, name: str, dtype, point_shape=(), compression=None,
@@ -140,7 +144,9 @@ class DatasetAppender:
         self._cur = tuple(dset.shape[1:])  # current point extent (max so far in -1 dims)
         self._executor = executor
         self._own_executor = None
-        self._workers = min(4, os.cpu_count() or 1) if workers is None else int(workers)
+        if workers is None:  # see blissdata.bslz4: the wheel's OpenMP ties with a pool
+            workers = 0 if bslz4.openmp_available() else min(4, os.cpu_count() or 1)
+        self._workers = int(workers)
         self._queue: deque = deque()  # (end point, [(offset, Future | bytes)], nbytes)
         self._queued_bytes = 0
         self._max_inflight = 2 * max(self._workers, 1) + 2
