@@ -1,0 +1,220 @@
+"""Writer throughput and lag, from publish to flushed file, against bare h5py in the same run.
+
+    python bench/bench_writer.py [--frames 400] [--json bench/results/writer.json]
+
+The writer runs as its own process (`blisswriter run`), the producer in this one, on a private
+embedded server. "Throughput" is the time from the first publish until the writer's durable
+watermark covers the last point (data flushed in the file). Baselines, in the same run:
+bare h5py writing the same frames with the same filter (h5py's own filter path, one thread),
+bare `write_direct_chunk` of the precompressed frames, bare h5py writing the scalars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import hdf5plugin
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import best_of, detector_frames, print_table, write_json  # noqa: E402
+
+from blissdata import DataStore, keys  # noqa: E402
+from blissdata import bslz4  # noqa: E402
+from blissdata.redis_server import EmbeddedRedis  # noqa: E402
+
+CHANNELS = 64
+
+
+def durable(store, scan_key, stream) -> int:
+    raw = store.redis.hget(keys.durable_key(scan_key), stream)
+    return json.loads(raw)["points"] if raw else 0
+
+
+def wait_durable(store, scan_key, streams, n, timeout=300) -> float:
+    deadline = time.monotonic() + timeout
+    while True:
+        if all(durable(store, scan_key, s) >= n for s in streams):
+            return time.perf_counter()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"writer did not make {n} points durable in {timeout} s")
+        time.sleep(0.002)
+
+
+def new_scan(store, root, number, name):
+    return store.create_scan({"session": "bench", "name": name, "number": number,
+                              "path": str(root / f"{name}_{number}.h5")},
+                             {"title": name, "type": name, "scan_nb": number})
+
+
+def writer_frames(store, root, number, frames, precompressed) -> float:
+    scan = new_scan(store, root, number, "frames")
+    enc = "bslz4" if precompressed else "numeric"
+    s = scan.create_stream("cam:image", "uint16", frames.shape[1:], encoding=enc)
+    scan.prepare()
+    scan.start()
+    payload = [bslz4.compress(f) for f in frames] if precompressed else frames
+    t0 = time.perf_counter()
+    for i in range(0, len(frames), 4):
+        if precompressed:
+            s.send_chunks(payload[i:i + 4])
+        else:
+            s.send(payload[i:i + 4])
+    t1 = wait_durable(store, scan.key, ["cam:image"], len(frames))
+    scan.close()
+    return t1 - t0
+
+
+def writer_scalars(store, root, number, n_points, batch=100) -> float:
+    scan = new_scan(store, root, number, "scalars")
+    streams = [scan.create_stream(f"c{c}", "float64") for c in range(CHANNELS)]
+    scan.prepare()
+    scan.start()
+    data = np.random.default_rng(0).random(batch)
+    t0 = time.perf_counter()
+    for _ in range(n_points // batch):
+        scan.send_many({s: data for s in streams})
+    t1 = wait_durable(store, scan.key, [s.name for s in streams], n_points)
+    scan.close()
+    return t1 - t0
+
+
+def writer_lag(store, root, number, rate_hz, seconds, frame) -> list[float]:
+    """Publish one frame + 8 counters per point at `rate_hz`; lag of each point until durable."""
+    scan = new_scan(store, root, number, "lag")
+    cam = scan.create_stream("cam:image", "uint16", frame.shape)
+    counters = [scan.create_stream(f"ct{c}", "float64") for c in range(8)]
+    scan.prepare()
+    scan.start()
+    published, lags = [], []
+    n = int(rate_hz * seconds)
+    t_start = time.perf_counter()
+    next_check = 0
+    for i in range(n):
+        target = t_start + i / rate_hz
+        while time.perf_counter() < target:
+            time.sleep(0.0005)
+        scan.send_many({cam: frame, **{c: float(i) for c in counters}})
+        published.append(time.perf_counter())
+        if i % 5 == 0:
+            d = durable(store, scan.key, "cam:image")
+            now = time.perf_counter()
+            while next_check < d:
+                lags.append(now - published[next_check])
+                next_check += 1
+    while next_check < n:
+        d = durable(store, scan.key, "cam:image")
+        now = time.perf_counter()
+        while next_check < d:
+            lags.append(now - published[next_check])
+            next_check += 1
+        time.sleep(0.002)
+    scan.close()
+    return lags
+
+
+def bare_h5py_frames(path, frames) -> float:
+    def go():
+        with h5py.File(path, "w") as f:
+            d = f.create_dataset("data", shape=(0, *frames.shape[1:]),
+                                 maxshape=(None, *frames.shape[1:]), dtype=frames.dtype,
+                                 chunks=(1, *frames.shape[1:]),
+                                 **hdf5plugin.Bitshuffle(cname="lz4"))
+            for i in range(0, len(frames), 4):
+                d.resize(i + len(frames[i:i + 4]), axis=0)
+                d[i:i + 4] = frames[i:i + 4]
+    return best_of(2, go)
+
+
+def bare_direct_chunks(path, frames) -> float:
+    chunks = [bslz4.compress(f) for f in frames]
+
+    def go():
+        with h5py.File(path, "w") as f:
+            d = f.create_dataset("data", shape=frames.shape, dtype=frames.dtype,
+                                 chunks=(1, *frames.shape[1:]),
+                                 **hdf5plugin.Bitshuffle(cname="lz4"))
+            for i, c in enumerate(chunks):
+                d.id.write_direct_chunk((i, 0, 0), c)
+    return best_of(2, go)
+
+
+def bare_h5py_scalars(path, n_points, batch=100) -> float:
+    data = np.random.default_rng(0).random(batch)
+
+    def go():
+        with h5py.File(path, "w") as f:
+            ds = [f.create_dataset(f"c{c}", shape=(n_points,), dtype="f8",
+                                   chunks=(min(n_points, 131072),),
+                                   **hdf5plugin.Bitshuffle(cname="lz4")) for c in range(CHANNELS)]
+            for i in range(0, n_points, batch):
+                for d in ds:
+                    d[i:i + batch] = data
+    return best_of(1, go)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=400)
+    parser.add_argument("--scalar-points", type=int, default=100_000)
+    parser.add_argument("--lag-rate", type=float, default=50.0, help="points/s for the lag run")
+    parser.add_argument("--lag-seconds", type=float, default=6.0)
+    parser.add_argument("--json", default="bench/results/writer.json")
+    args = parser.parse_args(argv)
+    frames = detector_frames(args.frames)
+    mb = frames.nbytes / 1e6
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-writer-") as tmp, EmbeddedRedis() as server:
+        root = Path(tmp)
+        t_h5 = bare_h5py_frames(root / "bare.h5", frames)
+        t_direct = bare_direct_chunks(root / "bare_direct.h5", frames)
+        t_h5s = bare_h5py_scalars(root / "bare_scalars.h5", args.scalar_points)
+        log = open(root / "writer.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "writer.cli", "run", "--redis",
+                                 server.url, "--data-root", str(root)], stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            store = DataStore(server.url)
+            time.sleep(1.0)
+            t_w = min(writer_frames(store, root, n, frames, False) for n in (1, 2))
+            t_wz = min(writer_frames(store, root, n, frames, True) for n in (3, 4))
+            t_ws = writer_scalars(store, root, 5, args.scalar_points)
+            lags = writer_lag(store, root, 6, args.lag_rate, args.lag_seconds, frames[0])
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    rows.append({"case": "frames 512x512 u16 bslz4: bare h5py filter, 1 thread (baseline)",
+                 "MB/s": mb / t_h5, "ratio": 1.0})
+    rows.append({"case": "frames: writer, publish -> durable in file", "MB/s": mb / t_w,
+                 "ratio": t_h5 / t_w})
+    rows.append({"case": "precompressed frames: bare write_direct_chunk (baseline)",
+                 "MB/s": mb / t_direct, "ratio": 1.0})
+    rows.append({"case": "precompressed frames: writer, publish -> durable (uncompressed MB/s)",
+                 "MB/s": mb / t_wz, "ratio": t_direct / t_wz})
+    values = args.scalar_points * CHANNELS
+    rows.append({"case": "scalars 64 ch: bare h5py, batches of 100 (baseline)",
+                 "points/s": args.scalar_points / t_h5s, "values/s": values / t_h5s,
+                 "ratio": 1.0})
+    rows.append({"case": "scalars 64 ch: writer, publish -> durable",
+                 "points/s": args.scalar_points / t_ws, "values/s": values / t_ws,
+                 "ratio": t_h5s / t_ws})
+    lags_ms = np.array(lags) * 1000
+    rows.append({"case": f"lag at {args.lag_rate:g} Hz (frame + 8 counters per point), ms",
+                 "p50 ms": float(np.percentile(lags_ms, 50)),
+                 "p99 ms": float(np.percentile(lags_ms, 99)),
+                 "max ms": float(lags_ms.max())})
+    print_table("Writer (ratio = baseline time / writer time, same run)", rows,
+                ["case", "MB/s", "points/s", "values/s", "ratio", "p50 ms", "p99 ms", "max ms"])
+    write_json(args.json, "writer", rows, vars(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
