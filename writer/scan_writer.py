@@ -28,6 +28,7 @@ from .mapping import MappingError, parse_mapping
 from .nexus_skeleton import (EntryExistsError, finalize_entry, stream_dataset_parent,
                              write_entry)
 from .paths import PathRefused, check_link_target, resolve_scan_file
+from .references import ReferencesAppender
 from .text_appender import TextAppender
 
 log = logging.getLogger("blisswriter")
@@ -198,8 +199,11 @@ class ScanWriter(threading.Thread):
             self.definitions[node.stream] = definition
             if name in group and resume:
                 appender = self._reopen(group[name], definition, durable.get(node.stream, 0))
-            elif definition.encoding in ("json", "references"):
+            elif definition.encoding == "json":
                 appender = TextAppender(group, name, attrs=node.attrs)
+            elif definition.encoding == "references":
+                appender = ReferencesAppender(group, name, self.file_path, self._check_source,
+                                              attrs=node.attrs)
             else:
                 appender = DatasetAppender(
                     group, name, definition.dtype, definition.shape,
@@ -215,10 +219,15 @@ class ScanWriter(threading.Thread):
         keep = min(durable, dataset.shape[0])
         if dataset.shape[0] != keep:
             dataset.resize(keep, axis=0)
-        if definition.encoding in ("json", "references"):
+        if definition.encoding == "json":
             return TextAppender.open(dataset)
+        if definition.encoding == "references":
+            return ReferencesAppender.open(dataset, self.file_path, self._check_source)
         return DatasetAppender.open(dataset, executor=self.service.pool,
                                     workers=self.config.compression_threads)
+
+    def _check_source(self, path: str) -> None:
+        check_link_target(path, str(self.file_path), self.config.data_roots)
 
     def _fill_value(self, definition: StreamDefinition):
         return np.nan if np.dtype(definition.dtype).kind in "fc" else self.config.fill_value_int
@@ -279,7 +288,7 @@ class ScanWriter(threading.Thread):
                 appender.append_compressed(view.data)
             elif definition.varying:
                 appender.append_varying(view.data)
-            else:
+            else:  # numeric arrays, or lists of json / reference points
                 appender.append(view.data)
         except ValueError as exc:
             raise ScanFailed(f"stream {name!r} at point {view.index}: {exc}") from None

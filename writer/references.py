@@ -1,0 +1,97 @@
+"""Frames a detector stored in its own HDF5 files, shown in the NeXus entry as a virtual
+dataset: the points of a `references` stream are {"file", "dataset", "index"}.
+
+The virtual dataset is (re)built at each flush from every reference so far (building one is
+metadata only); consecutive indices of one source dataset become one mapping. Source files are
+checked against the data roots before they are referenced.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+
+
+class ReferencesAppender:
+    """The same surface as DatasetAppender (append, flush, npoints, pending_bytes, dataset)."""
+
+    pending_bytes = 0
+
+    def __init__(self, group: h5py.Group, name: str, scan_file: Path, check_target,
+                 attrs=None, references=None):
+        self._group, self._name = group, name
+        self._scan_file = Path(scan_file)
+        self._check_target = check_target  # raises PathRefused for a file outside data roots
+        self._attrs = dict(attrs or {})
+        self._refs: list[tuple[str, str, int]] = list(references or [])
+        self._built = -1
+        self._source_meta: dict[tuple[str, str], tuple] = {}
+
+    @classmethod
+    def open(cls, dataset: h5py.Dataset, scan_file, check_target) -> "ReferencesAppender":
+        """Resume on a virtual dataset written before a restart."""
+        refs = []
+        for vs in dataset.virtual_sources():
+            (lo, *_), (hi, *_) = vs.vspace.get_select_bounds()
+            (src_lo, *_), _ = vs.src_space.get_select_bounds()
+            refs.extend((vs.file_name, vs.dset_name, src_lo + k) for k in range(hi - lo + 1))
+        group, name = dataset.parent, dataset.name.rsplit("/", 1)[1]
+        self = cls(group, name, scan_file, check_target, dict(dataset.attrs), refs)
+        self._built = len(refs)
+        return self
+
+    @property
+    def npoints(self) -> int:
+        return len(self._refs)
+
+    @property
+    def dataset(self):
+        return self._group.get(self._name)
+
+    def append(self, points: list) -> None:
+        for p in points:
+            file = p["file"]
+            target = Path(file) if os.path.isabs(file) else self._scan_file.parent / file
+            self._check_target(str(target))
+            self._refs.append((file, p["dataset"], int(p["index"])))
+
+    def _meta(self, file: str, dataset: str):
+        key = (file, dataset)
+        if key not in self._source_meta:
+            path = file if os.path.isabs(file) else str(self._scan_file.parent / file)
+            try:
+                with h5py.File(path, "r", locking=False) as f:
+                    d = f[dataset]
+                    self._source_meta[key] = (d.shape[1:], d.dtype)
+            except (OSError, KeyError) as exc:
+                raise ValueError(f"referenced frames {file}::{dataset} cannot be read: "
+                                 f"{exc}") from None
+        return self._source_meta[key]
+
+    def flush(self) -> int:
+        if self._built == len(self._refs) or not self._refs:
+            return self._built if self._built >= 0 else 0
+        shape, dtype = self._meta(*self._refs[0][:2])
+        layout = h5py.VirtualLayout(shape=(len(self._refs), *shape), dtype=dtype)
+        i = 0
+        while i < len(self._refs):  # one mapping per run of consecutive source indices
+            file, dset, first = self._refs[i]
+            j = i + 1
+            while (j < len(self._refs) and self._refs[j][:2] == (file, dset)
+                   and self._refs[j][2] == first + (j - i)):
+                j += 1
+            src_shape, src_dtype = self._meta(file, dset)
+            if src_shape != shape:
+                raise ValueError(f"referenced frames {file}::{dset} have shape {src_shape}, "
+                                 f"the earlier ones {shape}")
+            source = h5py.VirtualSource(file, dset, shape=(first + (j - i), *shape))
+            layout[i:j] = source[first:first + (j - i)]
+            i = j
+        if self._name in self._group:
+            del self._group[self._name]
+        ds = self._group.create_virtual_dataset(self._name, layout, fillvalue=0)
+        ds.attrs.update(self._attrs)
+        self._built = len(self._refs)
+        return self._built
