@@ -77,13 +77,13 @@ def test_frames_raw_and_precompressed(store, writer, data_root):
     scan = store.create_scan({"session": "s", "name": "timescan", "number": 4,
                               "path": str(path)},
                              info={"title": "timescan", "type": "timescan", "scan_nb": 4})
-    raw = scan.create_stream("cam:image", "uint16", (64, 32))
-    packed = scan.create_stream("cam2:image", "uint16", (64, 32), encoding="bslz4")
+    raw = scan.create_stream("cam:image", "uint16", (256, 512))
+    packed = scan.create_stream("cam2:image", "uint16", (256, 512), encoding="bslz4")
     mca = scan.create_stream("mca:spectrum", "uint32", (-1,))
     scan.prepare()
     scan.start()
     rng = np.random.default_rng(3)
-    frames = rng.poisson(20, (9, 64, 32)).astype(np.uint16)
+    frames = rng.poisson(20, (9, 256, 512)).astype(np.uint16)  # 1 frame per chunk
     chunks = [bslz4.compress(f) for f in frames]
     spectra = [np.arange(n, dtype=np.uint32) + 1 for n in (5, 8, 3)]
     raw.send(frames[:4])

@@ -1,0 +1,186 @@
+"""Writes the static part of a NeXus entry from a Layout: groups, attributes, RAW datasets,
+links, title, start/end times, the default plot and the @default chain. Streamed datasets are
+created by the appenders (writer/dataset_writer.py) under the groups made here."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+
+import h5py
+import numpy as np
+
+from .mapping import Layout
+
+_TEXT = h5py.string_dtype("utf-8")
+
+
+class EntryExistsError(ValueError):
+    """The entry is already in the file: the writer never overwrites."""
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat()
+
+
+def _value(value):
+    """A JSON value -> something h5py stores well (UTF-8 text, numeric arrays)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        flat = value
+        while flat and isinstance(flat, list) and isinstance(flat[0], list):
+            flat = flat[0]
+        try:
+            if flat and isinstance(flat[0], str):
+                return np.array(value, dtype=_TEXT)
+            arr = np.asarray(value)
+            if arr.dtype.kind in "biuf":
+                return arr
+        except ValueError:  # ragged nested lists
+            pass
+        return json.dumps(value)
+    return value
+
+
+# h5py's low-level API: a skeleton of 10,000 nodes is written ~2x faster than through
+# Group.create_dataset/.attrs (0.5 s instead of 2.3 s here).
+_COMPACT_MAX = 16 * 1024
+
+
+_TEXT_TYPE = h5py.h5t.py_create(_TEXT, logical=True)
+_SCALAR_SPACE = h5py.h5s.create(h5py.h5s.SCALAR)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_type(dtype: np.dtype):
+    return h5py.h5t.py_create(dtype, logical=True)
+
+
+@functools.lru_cache(maxsize=2)
+def _dcpl(compact: bool):
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_obj_track_times(False)
+    if compact:
+        dcpl.set_layout(h5py.h5d.COMPACT)
+    return dcpl
+
+
+def _array_and_type(value):
+    value = _value(value)
+    if isinstance(value, str):
+        return np.array(value, dtype=_TEXT), _TEXT_TYPE
+    arr = np.asarray(value)
+    if arr.dtype.kind == "O":
+        return arr, _TEXT_TYPE
+    return arr, _file_type(arr.dtype)
+
+
+def _space(arr):
+    return _SCALAR_SPACE if arr.ndim == 0 else h5py.h5s.create_simple(arr.shape)
+
+
+def _set_attrs(obj, attrs: dict, fresh: bool = False) -> None:
+    """Attributes on an h5py object or a low-level id (`fresh`: it has none yet)."""
+    oid = obj.id if isinstance(obj, h5py.HLObject) else obj
+    for key, value in attrs.items():
+        arr, tid = _array_and_type(value)
+        name = key.encode()
+        if not fresh and h5py.h5a.exists(oid, name):
+            h5py.h5a.delete(oid, name)
+        h5py.h5a.create(oid, name, tid, _space(arr)).write(arr)
+
+
+def _create_static(group_id, name: str, value, attrs: dict) -> None:
+    arr, tid = _array_and_type(value)
+    compact = arr.dtype.kind != "O" and arr.nbytes <= _COMPACT_MAX
+    dset = h5py.h5d.create(group_id, name.encode(), tid, _space(arr), dcpl=_dcpl(compact))
+    dset.write(h5py.h5s.ALL, h5py.h5s.ALL, arr)
+    _set_attrs(dset, attrs, fresh=True)
+
+
+def _file_attrs(h5file: h5py.File) -> None:
+    if "NX_class" in h5file.attrs:
+        return
+    h5file.attrs.update({"NX_class": "NXroot", "file_name": h5file.filename,
+                         "file_time": _now(), "creator": "blisswriter",
+                         "HDF5_Version": h5py.version.hdf5_version,
+                         "h5py_version": h5py.version.version})
+
+
+def write_entry(h5file: h5py.File, entry_name: str, layout: Layout, info: dict,
+                stream_ranks: dict | None = None) -> h5py.Group:
+    """Create entry `entry_name` (EntryExistsError if it is there) with everything static.
+
+    `stream_ranks`: stream name -> number of dimensions of its dataset, to give the default
+    plot's @axes one entry per dimension ("." where there is no axis)."""
+    if entry_name in h5file:
+        raise EntryExistsError(f"entry {entry_name} already exists in {h5file.filename}; "
+                               f"the writer never overwrites an entry")
+    _file_attrs(h5file)
+    entry = h5file.create_group(entry_name)
+    entry.attrs["NX_class"] = "NXentry"
+    _set_attrs(entry, layout.entry_attrs)
+    ids = {"/": entry.id}
+    for group in layout.groups:  # parents come before their children
+        parent, name = group.path.rsplit("/", 1)
+        gid = h5py.h5g.create(ids[parent or "/"], name.encode())
+        ids[group.path] = gid
+        _set_attrs(gid, group.attrs, fresh=True)
+    for raw in layout.raws:
+        parent, name = raw.path.rsplit("/", 1)
+        _create_static(ids[parent or "/"], name, raw.value, raw.attrs)
+    for link in layout.soft_links:
+        entry[link.path[1:]] = h5py.SoftLink(f"/{entry_name}{link.target}")
+    for link in layout.external_links:
+        entry[link.path[1:]] = h5py.ExternalLink(link.file, link.target)
+    for name, key in (("title", "title"), ("start_time", "start_time")):
+        if name not in entry and info.get(key):
+            entry[name] = str(info[key])
+    _write_default_plot(entry, layout, stream_ranks or {})
+    if "default" not in h5file.attrs:
+        h5file.attrs["default"] = entry_name
+    return entry
+
+
+def _write_default_plot(entry: h5py.Group, layout: Layout, stream_ranks: dict) -> None:
+    plot = layout.default_plot
+    if plot is None:
+        return
+    if plot.create:
+        group = entry.create_group(plot.path[1:])
+        group.attrs["NX_class"] = "NXdata"
+        for name, target in plot.fields.items():
+            group[name] = h5py.SoftLink(f"{entry.name}{target}")
+        group.attrs["signal"] = plot.signal
+        signal_stream = next((s.stream for s in layout.streams
+                              if s.path == plot.fields.get(plot.signal)), None)
+        rank = stream_ranks.get(signal_stream, 1)
+        axes = (plot.axes + ["."] * rank)[:max(rank, len(plot.axes))]
+        if plot.axes:
+            group.attrs["axes"] = np.array(axes, dtype=_TEXT)
+    else:
+        group = entry[plot.path[1:]]
+        if "signal" not in group.attrs:
+            group.attrs["signal"] = plot.signal
+    # @default chain from the entry down to the NXdata group
+    node = entry
+    for part in plot.path[1:].split("/"):
+        node.attrs["default"] = part
+        node = node[part]
+
+
+def stream_dataset_parent(entry: h5py.Group, path: str) -> tuple[h5py.Group, str]:
+    """(group, dataset name) where the STREAM leaf at entry-relative `path` goes."""
+    parent, name = path.rsplit("/", 1)
+    return (entry.require_group(parent[1:]) if parent else entry), name
+
+
+def finalize_entry(entry: h5py.Group, info: dict, end_reason: str) -> None:
+    """end_time (info's or now) and end_reason: the entry is complete."""
+    for name, value in (("end_time", info.get("end_time") or _now()),
+                        ("end_reason", str(end_reason))):
+        if name in entry:
+            del entry[name]
+        entry[name] = value
