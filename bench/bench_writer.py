@@ -162,7 +162,7 @@ def bare_h5py_scalars(path, n_points, batch=100) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=400)
+    parser.add_argument("--frames", type=int, default=1000)
     parser.add_argument("--scalar-points", type=int, default=100_000)
     parser.add_argument("--lag-rate", type=float, default=50.0, help="points/s for the lag run")
     parser.add_argument("--lag-seconds", type=float, default=6.0)

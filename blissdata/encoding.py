@@ -222,8 +222,9 @@ def decode(defn: StreamDefinition, fields: dict):
 
 
 def raw_chunks(fields: dict) -> list[bytes]:
-    """The compressed chunks of a bslz4 entry, untouched (for the writer)."""
-    payload = fields[b"d"]
+    """The compressed chunks of a bslz4 entry, untouched (for the writer): zero-copy
+    memoryviews into the entry's payload."""
+    payload = memoryview(fields[b"d"])
     chunks, pos = [], 0
     for size in json.loads(fields[b"z"]):
         chunks.append(payload[pos:pos + size])

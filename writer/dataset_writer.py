@@ -288,6 +288,14 @@ class DatasetAppender:
                 except ValueError as exc:
                     raise ValueError(f"{self._where()}: compressed frame {i}: {exc}") from None
         zeros = (0,) * len(self.point_shape)
+        if not self._queue:  # nothing in flight: one resize, then the chunks as they are
+            start = self._tail_start
+            self._set_length(start + len(chunks))
+            write = self._dset.id.write_direct_chunk
+            for k, c in enumerate(chunks):
+                write((start + k, *zeros), c)
+            self._tail_start += len(chunks)
+            return
         for c in chunks:
             start = self._tail_start
             data = bytes(c) if not isinstance(c, bytes) else c

@@ -249,7 +249,9 @@ class ScanWriter(threading.Thread):
         last_state_check = 0.0
         dirty = False
         while len(cursor.ended) < len(names):
-            views = cursor.read(block=True, timeout=min(0.1, half_lag),
+            # With data waiting to be flushed, a short wait tells "the producer paused":
+            # flush then (low latency at low rates); under a steady flow, every half lag.
+            views = cursor.read(block=True, timeout=min(0.02 if dirty else 0.1, half_lag),
                                 count=self._entries_per_read(len(names)))
             now = time.monotonic()
             if views:
@@ -258,7 +260,8 @@ class ScanWriter(threading.Thread):
                     for name, view in views.items():
                         self._append(name, view)
                 dirty = True
-            if dirty and (now - last_flush >= half_lag or self._over_budget()):
+            idle = not views
+            if dirty and (idle or now - last_flush >= half_lag or self._over_budget()):
                 self._flush()
                 last_flush, dirty = now, False
             if now - last_state_check > 0.5:

@@ -25,7 +25,8 @@ log = logging.getLogger("blisswriter")
 class WriterService:
     def __init__(self, config: WriterConfig):
         self.config = config
-        self.store = DataStore(config.redis_url)
+        # big socket reads: frames arrive in MiB-sized entries
+        self.store = DataStore(config.redis_url, socket_read_size=1 << 20)
         self.redis = self.store.redis
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.pool = (ThreadPoolExecutor(config.compression_threads, "compress")
