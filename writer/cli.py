@@ -9,6 +9,7 @@ import signal
 import sys
 
 from .config import ConfigError, load_config
+from .metrics import MetricsError
 from .logs import setup_logging
 
 
@@ -28,10 +29,20 @@ def _run(args) -> int:
     except ConnectionError as exc:
         print(f"blisswriter: {exc}", file=sys.stderr)
         return 1
+    except MetricsError as exc:
+        print(f"blisswriter: {exc}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
     signal.signal(signal.SIGINT, lambda *_: service.stop())
     service.run()
     return 0
+
+
+def _status(args) -> int:
+    from .status_command import main as status_main
+
+    url = args.redis or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379"
+    return status_main(url, watch=args.watch, interval=args.interval)
 
 
 def _validate(args) -> int:
@@ -52,6 +63,12 @@ def main(argv=None) -> int:
     run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.add_argument("--log-json", action="store_true", help="one JSON object per log line")
     run.set_defaults(func=_run)
+
+    status = sub.add_parser("status", help="scans being written and recently finished")
+    status.add_argument("--redis", help="Redis URL (default: REDIS_URL, then localhost)")
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    status.add_argument("--interval", type=float, default=1.0)
+    status.set_defaults(func=_status)
 
     validate = sub.add_parser("validate", help="validate files against the NeXus definitions")
     validate.add_argument("files", nargs="+")

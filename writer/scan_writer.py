@@ -300,20 +300,22 @@ class ScanWriter(threading.Thread):
         with self.file.lock:
             durable = {name: a.flush() for name, a in self.appenders.items()}
             self.file.h5.flush()
-        t = time.time()
-        written = sum(durable[n] * (self.scan.streams[n].definition.point_nbytes or 0)
-                      for n in durable)
-        if self.status.updated and t > self.status.updated:
-            rate = (written - self.status.bytes_written) / (t - self.status.updated) / 1e6
-            self.status.write_rate_mb_s = max(0.0, rate)
-        self.status.bytes_written = written
-        self.status.points = durable
         for name, points in durable.items():
             self.scan.streams[name].mark_file_backed(str(self.file_path),
                                                      self.dataset_paths[name], points)
-        self.status.lag_points = max(0, sum(len(self.scan.streams[n]) for n in durable)
-                                     - sum(durable.values()))
+        t = time.time()
+        written = sum(points * (self.definitions[n].point_nbytes or 0)
+                      for n, points in durable.items())
+        new_points = sum(durable.values()) - sum(self.status.points.values())
+        new_bytes = written - self.status.bytes_written
+        if self.status.updated and t > self.status.updated:
+            self.status.write_rate_mb_s = max(0.0, new_bytes / (t - self.status.updated) / 1e6)
+        published = sum(len(self.scan.streams[n]) for n in durable)
+        self.status.lag_points = max(0, published - sum(durable.values()))
+        self.status.bytes_written = written
+        self.status.points = durable
         writer_status.publish(self.service.redis, self.status)
+        self.service.record_flush(self.scan_key, new_points, new_bytes, self.status.lag_points)
 
     def _check_scan(self) -> None:
         """Between reads: deleted scan, inactivity, a changed stream definition."""

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
@@ -17,6 +18,7 @@ from blissdata import DataStore, NoScanAvailable, keys
 from . import status as writer_status
 from .config import WriterConfig
 from .files import OpenFiles
+from .metrics import WriterMetrics
 from .scan_writer import ScanWriter
 
 log = logging.getLogger("blisswriter")
@@ -32,9 +34,14 @@ class WriterService:
         self.pool = (ThreadPoolExecutor(config.compression_threads, "compress")
                      if config.compression_threads > 0 else None)
         self.files = OpenFiles()
+        self.metrics = WriterMetrics()
+        if config.metrics.get("enabled"):
+            self.metrics.serve(int(config.metrics.get("port", 9118)),
+                               config.metrics.get("host", "0.0.0.0"))
         self.writers: dict[str, ScanWriter] = {}
         self._writers_lock = threading.Lock()
         self._stop = threading.Event()
+        self._lag_labels: set[str] = set()
 
     # ---- scans -----------------------------------------------------------------------
     def wants(self, session: str) -> bool:
@@ -46,11 +53,24 @@ class WriterService:
                 return
             writer = ScanWriter(self, scan_key)
             self.writers[scan_key] = writer
+            self.metrics.scans_active.set(len(self.writers))
         writer.start()
 
     def scan_finished(self, writer: ScanWriter) -> None:
         with self._writers_lock:
             self.writers.pop(writer.scan_key, None)
+            self.metrics.scans_active.set(len(self.writers))
+        self.metrics.scans_finished.labels(writer.status.state).inc()
+        if writer.scan_key in self._lag_labels:
+            self._lag_labels.discard(writer.scan_key)
+            self.metrics.lag_points.remove(writer.scan_key)
+
+    def record_flush(self, scan_key: str, new_points: int, new_bytes: int, lag: int) -> None:
+        """Called by a ScanWriter after each flush."""
+        self.metrics.points.inc(max(0, new_points))
+        self.metrics.bytes.inc(max(0, new_bytes))
+        self.metrics.lag_points.labels(scan_key).set(lag)
+        self._lag_labels.add(scan_key)
 
     def active_scans(self) -> int:
         return max(1, len(self.writers))
@@ -82,7 +102,14 @@ class WriterService:
                 resumed = self.resume_unfinished()
                 if resumed:
                     log.info("resuming %d unfinished scan(s)", resumed)
+        last_memory_check = 0.0
         while not self._stop.is_set():
+            if time.monotonic() - last_memory_check > 5:
+                last_memory_check = time.monotonic()
+                try:
+                    self.metrics.redis_memory.set(self.redis.info("memory")["used_memory"])
+                except redis.RedisError:
+                    pass
             try:
                 since, key = self.store.get_next_scan(since=since, timeout=0.5)
             except NoScanAvailable:
@@ -118,6 +145,7 @@ class WriterService:
         for writer in writers:
             writer.join(30)
         self.files.close_all()
+        self.metrics.stop()
         if self.pool is not None:
             self.pool.shutdown()
         log.info("blisswriter stopped")

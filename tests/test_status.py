@@ -1,0 +1,134 @@
+"""Seeing what the writer does: `blisswriter status`, metrics, logs."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from writer.cli import main as cli_main
+from writer_helpers import seed_scan, start_writer, wait_status
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    return root
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_status_lists_scans_with_progress(store, data_root, redis_url, capsys):
+    service, thread = start_writer(redis_url, data_root)
+    try:
+        time.sleep(0.1)
+        done, _ = seed_scan(store, data_root / "a.h5", number=1, npoints=20, session="sess1")
+        running, _ = seed_scan(store, data_root / "b.h5", number=2, npoints=40,
+                               session="sess2", close=False)
+        assert wait_status(store, done.key).state == "done"
+        wait_status(store, running.key, states=("writing",))
+        time.sleep(0.5)
+        assert cli_main(["status", "--redis", redis_url]) == 0
+        out = capsys.readouterr().out
+        assert "sess1" in out and "sess2" in out
+        assert "[" + "#" * 20 + "] 20/20" in out  # finished scan: full bar
+        assert "/40" in out and "writing" in out
+        assert str(data_root / "a.h5") in out
+        running.close()
+        wait_status(store, running.key)
+    finally:
+        service.stop()
+        thread.join(20)
+
+
+def test_status_shows_errors(store, data_root, redis_url, tmp_path, capsys):
+    service, thread = start_writer(redis_url, data_root)
+    try:
+        time.sleep(0.1)
+        bad, _ = seed_scan(store, tmp_path / "outside.h5", number=3)
+        assert wait_status(store, bad.key).state == "failed"
+        assert cli_main(["status", "--redis", redis_url]) == 0
+        out = capsys.readouterr().out
+        assert "ERROR" in out and "outside the data roots" in out
+    finally:
+        service.stop()
+        thread.join(20)
+
+
+def test_status_redis_unreachable(capsys):
+    assert cli_main(["status", "--redis", "redis://127.0.0.1:1"]) == 1
+    err = capsys.readouterr().err
+    assert "redis://127.0.0.1:1" in err and "Traceback" not in err
+
+
+def test_metrics_endpoint(store, data_root, redis_url):
+    port = free_port()
+    service, thread = start_writer(redis_url, data_root,
+                                   metrics={"enabled": True, "port": port, "host": "127.0.0.1"})
+    try:
+        time.sleep(0.1)
+        scan, _ = seed_scan(store, data_root / "m.h5", npoints=30)
+        assert wait_status(store, scan.key).state == "done"
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        text = text.decode()
+        assert "blisswriter_points_written_total 90.0" in text  # 3 streams x 30 points
+        assert 'blisswriter_scans_finished_total{state="done"} 1.0' in text
+        assert "blisswriter_scans_active 0.0" in text
+    finally:
+        service.stop()
+        thread.join(20)
+
+
+def test_metrics_port_in_use_is_a_clear_error(redis_url, data_root, tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    config = tmp_path / "w.toml"
+    config.write_text(f'[metrics]\nenabled = true\nport = {port}\nhost = "127.0.0.1"\n')
+    try:
+        proc = subprocess.run([sys.executable, "-m", "writer.cli", "run", "--config",
+                               str(config), "--redis", redis_url, "--data-root",
+                               str(data_root)], capture_output=True, text=True, timeout=60)
+    finally:
+        busy.close()
+    assert proc.returncode == 2
+    assert f"127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_json_logs_name_the_scan(redis_url, store, data_root, tmp_path):
+    log_path = tmp_path / "w.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "writer.cli", "run", "--redis",
+                                 redis_url, "--data-root", str(data_root), "--log-json"],
+                                stderr=log, stdout=log)
+    try:
+        time.sleep(1.0)
+        scan, _ = seed_scan(store, data_root / "j.h5", number=5, npoints=4)
+        assert wait_status(store, scan.key).state == "done"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line]
+    messages = [r["message"] for r in records]
+    assert any(scan.key in m and "done" in m for m in messages)
+    assert any(scan.key in m and str(data_root / "j.h5") in m for m in messages)
+
+
+def test_bad_config_is_reported(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('max_lag_s = -1\n')
+    assert cli_main(["run", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "max_lag_s" in err and str(bad) in err
+    bad.write_text('[compression]\ndefault = "zip"\n')
+    assert cli_main(["run", "--config", str(bad)]) == 2
+    assert "zip" in capsys.readouterr().err

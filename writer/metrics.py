@@ -1,0 +1,45 @@
+"""Prometheus metrics of the writer (opt-in: `[metrics] enabled = true` in the config)."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+log = logging.getLogger("blisswriter")
+
+
+class MetricsError(RuntimeError):
+    """The metrics endpoint cannot start (e.g. its port is in use)."""
+
+
+class WriterMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.scans_active = Gauge("blisswriter_scans_active", "Scans being written", registry=r)
+        self.scans_finished = Counter("blisswriter_scans_finished", "Scans finished, by state",
+                                      ["state"], registry=r)
+        self.points = Counter("blisswriter_points_written", "Points made durable in files",
+                              registry=r)
+        self.bytes = Counter("blisswriter_bytes_written",
+                             "Uncompressed bytes made durable in files", registry=r)
+        self.lag_points = Gauge("blisswriter_lag_points",
+                                "Points published but not yet durable, all scans", ["scan"],
+                                registry=r)
+        self.redis_memory = Gauge("blisswriter_redis_used_memory_bytes",
+                                  "Redis used_memory as last seen by the writer", registry=r)
+        self.server = None
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        try:
+            self.server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise MetricsError(f"metrics endpoint cannot listen on {host}:{port}: {exc} "
+                               f"(set [metrics] port in the config)") from None
+        log.info("metrics on http://%s:%d/metrics", host, port)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
