@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from blissdata import EndReason, bslz4
+from writer.validate import validate_file
 from writer_helpers import (SEED_STREAMS, durable_points, seed_scan, start_writer,
                             wait_status)
 
@@ -69,11 +70,13 @@ def test_seed_scan_written_as_nexus(store, writer, data_root):
         assert plot.attrs["signal"] in plot
     for stream in SEED_STREAMS:
         assert durable_points(store, scan.key, stream) == 20
+    report = validate_file(path)
+    assert report.ok, report.errors
 
 
 def test_frames_raw_and_precompressed(store, writer, data_root):
     writer()
-    path = data_root / "frames.h5"
+    path = data_root / "frames.h5"  # no mapping in the header: the default one
     scan = store.create_scan({"session": "s", "name": "timescan", "number": 4,
                               "path": str(path)},
                              info={"title": "timescan", "type": "timescan", "scan_nb": 4})
@@ -105,6 +108,7 @@ def test_frames_raw_and_precompressed(store, writer, data_root):
         for i, s in enumerate(spectra):
             assert np.array_equal(m["mca_spectrum"][i, : len(s)], s)
             assert (m["mca_spectrum"][i, len(s):] == 0).all()
+    assert validate_file(path).ok
 
 
 def test_bounded_lag_while_scan_runs(store, writer, data_root):

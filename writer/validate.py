@@ -1,0 +1,120 @@
+"""`blisswriter validate FILE...`: NeXus validation of written files, offline, with nexusformat
+(it bundles the NeXus definitions). nexusformat's own commands exit 0 even on errors; this one
+collects what it reports and exits 1 when any file has an error (2: a file is missing or is
+not HDF5), so it can gate a CI job.
+
+What counts: nexusformat's errors are errors and its warnings are warnings, each with the HDF5
+path it is about, with two adjustments:
+
+- stricter: a default plot whose @signal or @axes names a field that is not there, and a value
+  that is not of its NeXus type (e.g. a start_time that is not ISO 8601), are errors here
+  (nexusformat only warns): viewers break on them;
+- looser: nexusformat checks names against the strict recommended rule
+  (``^[a-zA-Z_][a-zA-Z0-9_]*$``); NXDL's own rule for valid names
+  (``^[a-zA-Z0-9_]([a-zA-Z0-9_.]*[a-zA-Z0-9_])?$``) also allows names such as the entry
+  ``"3.1"`` this writer makes (the BLISS convention users asked for): warnings here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+
+NXDL_NAME = re.compile(r"^[a-zA-Z0-9_]([a-zA-Z0-9_.]*[a-zA-Z0-9_])?$")
+_CONTEXT = re.compile(r"^\s*(?:NX\w+|Field|Group|Attribute): (/\S*)")
+_INVALID_NAME = re.compile(r'^\s*"([^"]+)" is an invalid name')
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_PROMOTED = re.compile(r"is not present in the group|is not a valid NX_|not a valid NX_")
+
+
+class ValidationInputError(ValueError):
+    """The file cannot be validated at all: missing, or not HDF5."""
+
+
+@dataclass
+class Report:
+    path: str
+    errors: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class _Collector(logging.Handler):
+    def __init__(self, report: Report):
+        super().__init__(logging.DEBUG)
+        self.report = report
+        self.where = "/"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = _ANSI.sub("", record.getMessage())
+        context = _CONTEXT.match(message)
+        if context:
+            self.where = context.group(1)
+        if record.levelno == logging.ERROR:
+            name = _INVALID_NAME.match(message)
+            if name and NXDL_NAME.match(name.group(1)):
+                self.report.warnings.append(
+                    f"{self.where}: name {name.group(1)!r} follows NXDL's naming rule but not "
+                    f"the stricter recommended one")
+            else:
+                self.report.errors.append(f"{self.where}: {message.strip()}")
+        elif record.levelno == logging.WARNING:
+            kind = self.report.errors if _PROMOTED.search(message) else self.report.warnings
+            kind.append(f"{self.where}: {message.strip()}")
+
+
+def validate_file(path) -> Report:
+    """Validate one file; ValidationInputError if it is missing or not HDF5."""
+    from nexusformat.nexus import validate as nxvalidate
+
+    path = str(path)
+    if not Path(path).exists():
+        raise ValidationInputError(f"{path}: no such file")
+    if not h5py.is_hdf5(path):
+        raise ValidationInputError(f"{path}: not an HDF5 file")
+    report = Report(path)
+    logger = logging.getLogger("NXValidate")
+    saved = (logger.handlers[:], logger.level)
+    collector = _Collector(report)
+    logger.handlers[:] = [collector]
+    logger.setLevel(logging.DEBUG)  # the INFO lines say which path the next finding is about
+    logger.total = {"warning": 0, "error": 0}
+    try:
+        result = nxvalidate.validate_file(path)
+    except Exception as exc:  # nexusformat failing on a file is a finding, not a crash
+        report.errors.append(f"/: nexusformat could not read the file: {exc}")
+        result = ()
+    finally:
+        logger.handlers[:], _ = saved
+        logger.setLevel(saved[1])
+    if result is None and not report.errors:
+        report.errors.append("/: nexusformat could not validate the file")
+    return report
+
+
+def main(files: list[str]) -> int:
+    worst = 0
+    for path in files:
+        try:
+            report = validate_file(path)
+        except ValidationInputError as exc:
+            print(f"{exc}", file=sys.stderr)
+            worst = 2
+            continue
+        status = "OK" if report.ok else "INVALID"
+        print(f"{path}: {status}, {len(report.errors)} errors, {len(report.warnings)} warnings")
+        for message in report.errors:
+            print(f"  error:   {message}")
+        for message in report.warnings:
+            print(f"  warning: {message}")
+        if not report.ok:
+            worst = max(worst, 1)
+    return worst
