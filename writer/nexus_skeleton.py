@@ -158,8 +158,7 @@ def _write_default_plot(entry: h5py.Group, layout: Layout, stream_ranks: dict) -
                               if s.path == plot.fields.get(plot.signal)), None)
         rank = stream_ranks.get(signal_stream, 1)
         axes = (plot.axes + ["."] * rank)[:max(rank, len(plot.axes))]
-        if plot.axes:
-            group.attrs["axes"] = np.array(axes, dtype=_TEXT)
+        group.attrs["axes"] = np.array(axes, dtype=_TEXT)  # "." = no axis for that dimension
     else:
         group = entry[plot.path[1:]]
         if "signal" not in group.attrs:

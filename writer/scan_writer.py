@@ -168,7 +168,8 @@ class ScanWriter(threading.Thread):
                 self.entry = h5[self.entry_name]
                 self._check_entry_is_ours()
             else:
-                self.entry = write_entry(h5, self.entry_name, layout, self.scan.info)
+                ranks = {n: 1 + len(s.definition.shape) for n, s in self.scan.streams.items()}
+                self.entry = write_entry(h5, self.entry_name, layout, self.scan.info, ranks)
                 writer_status.write_note(self.entry, self.status)
             self._create_appenders(layout, resume=resuming)
             h5.flush()
