@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import numpy as np
 import redis
@@ -249,14 +248,32 @@ class Stream:
         return json.loads(raw) if raw else None
 
 
-@dataclass
 class StreamView:
-    """What a cursor read from one stream: points [index, index + len(data))."""
-    index: int
-    data: object
+    """What a cursor read from one stream: points [index, index + len(view)).
+
+    `data` is all of them in one array (a list for json/varying streams, a list of bytes
+    for raw bslz4 chunks); `parts` the same points as they came, one piece per Redis entry,
+    for consumers that can take pieces without the copy that joining them costs.
+    """
+
+    def __init__(self, stream, index: int, parts: list, raw: bool = False):
+        self.index = index
+        self.parts = parts
+        self._stream, self._raw, self._data = stream, raw, None
+        self._length = sum(len(p) for p in parts)
+
+    @property
+    def data(self):
+        if self._data is None:
+            self._data = ([c for part in self.parts for c in part] if self._raw
+                          else self._stream._concat(self.parts))
+        return self._data
 
     def __len__(self):
-        return len(self.data)
+        return self._length
+
+    def __repr__(self):
+        return f"<StreamView {self._stream.name!r} [{self.index}:{self.index + len(self)}]>"
 
 
 class CursorGroup:
@@ -348,5 +365,4 @@ class CursorGroup:
             self._next[name] = first + n
         if self._next[name] == start:
             return None
-        data = [c for part in parts for c in part] if self._is_raw(stream) else stream._concat(parts)
-        return StreamView(start, data)
+        return StreamView(stream, start, parts, raw=self._is_raw(stream))

@@ -288,12 +288,13 @@ class ScanWriter(threading.Thread):
                              f"{appender.npoints} (lost or duplicated data)")
         definition = self.definitions[name]
         try:
-            if definition.encoding == "bslz4":
-                appender.append_compressed(view.data)
-            elif definition.varying:
-                appender.append_varying(view.data)
-            else:  # numeric arrays, or lists of json / reference points
-                appender.append(view.data)
+            for part in view.parts:  # one piece per Redis entry: no copy to join them
+                if definition.encoding == "bslz4":
+                    appender.append_compressed(part)
+                elif definition.varying:
+                    appender.append_varying(part)
+                else:  # numeric arrays, or lists of json / reference points
+                    appender.append(part)
         except ValueError as exc:
             raise ScanFailed(f"stream {name!r} at point {view.index}: {exc}") from None
 
