@@ -24,6 +24,7 @@ from blissdata.encoding import StreamDefinition
 from . import status as writer_status
 from .dataset_writer import DatasetAppender
 from .default_mapping import default_mapping
+from .grid_plot import write_grid_plot
 from .mapping import MappingError, parse_mapping
 from .nexus_skeleton import (EntryExistsError, finalize_entry, stream_dataset_parent,
                              write_entry)
@@ -108,6 +109,7 @@ class ScanWriter(threading.Thread):
         self._wait_for(ScanState.PREPARED)
         self.status.expected_points = self.scan.info.get("npoints")
         layout = self._plan()
+        self.layout = layout
         self._open_entry(layout, previous)
         self._stream_data()
         self._finalize()
@@ -193,8 +195,11 @@ class ScanWriter(threading.Thread):
         for node in layout.streams:
             definition: StreamDefinition = self.scan.streams[node.stream].definition
             group, name = stream_dataset_parent(self.entry, node.path)
-            if node.stream in self.appenders:  # the same stream at a second place: hard link
-                if name not in group:
+            if node.stream in self.appenders:  # the same stream at a second place
+                if name not in group and definition.encoding == "references":
+                    # its virtual dataset is rebuilt at each flush: link by path
+                    group[name] = h5py.SoftLink(self.dataset_paths[node.stream])
+                elif name not in group:  # one dataset, written once, at both places
                     group[name] = self.appenders[node.stream].dataset
                 continue
             self.definitions[node.stream] = definition
@@ -212,7 +217,7 @@ class ScanWriter(threading.Thread):
                     fill_value=self._fill_value(definition), attrs=node.attrs,
                     executor=self.service.pool, workers=self.config.compression_threads)
             self.appenders[node.stream] = appender
-            self.dataset_paths[node.stream] = appender.dataset.name
+            self.dataset_paths[node.stream] = f"{group.name}/{name}"
 
     def _reopen(self, dataset, definition: StreamDefinition, durable: int):
         """Resume on a dataset written before a crash: keep only the points published as
@@ -337,8 +342,13 @@ class ScanWriter(threading.Thread):
     def _finalize(self) -> None:
         self._wait_for(ScanState.CLOSED)
         with self.file.lock:
-            finalize_entry(self.entry, self.scan.info, self.scan.info.get("end_reason",
-                                                                          "SUCCESS"))
+            end_reason = self.scan.info.get("end_reason", "SUCCESS")
+            if self.scan.info.get("grid_shape") and end_reason == "SUCCESS":
+                why_not = write_grid_plot(self.entry, self.scan.info,
+                                          {n: a.dataset for n, a in self.appenders.items()})
+                if why_not:
+                    self.status.warn(f"no grid image: {why_not}")
+            finalize_entry(self.entry, self.scan.info, end_reason)
             self.status.state = "done"
             writer_status.write_note(self.entry, self.status)
             self.file.h5.flush()

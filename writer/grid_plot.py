@@ -1,0 +1,52 @@
+"""For a mesh scan (info `grid_shape` [slow, fast] and `grid_axes` [slow stream, fast
+stream]): an NXdata `grid` that shows the 1D signal as an image, made at the end of the scan.
+
+The image is a virtual dataset over the signal's own dataset (no copy); the axes are the
+positions along each grid direction."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+
+def write_grid_plot(entry: h5py.Group, info: dict, stream_datasets: dict) -> str | None:
+    """Make `<entry>/grid`; returns why not when it cannot (None when done).
+
+    `stream_datasets`: stream name -> its h5py dataset in this entry."""
+    shape, axes = info.get("grid_shape"), info.get("grid_axes")
+    if not shape or not axes or len(shape) != 2 or len(axes) != 2:
+        return "no grid_shape/grid_axes of 2 dimensions in the header"
+    default = entry.attrs.get("default")
+    if default is None or default not in entry:
+        return "the entry has no default plot"
+    plot = entry[default]
+    signal = plot.get(plot.attrs.get("signal", ""))
+    ny, nx = (int(v) for v in shape)
+    if signal is None or signal.shape != (ny * nx,):
+        return f"the default plot's signal is not {ny * nx} scalar points"
+    missing = [a for a in axes if a not in stream_datasets]
+    if missing:
+        return f"grid axes {missing} are not streams written in this entry"
+    slow, fast = (stream_datasets[a] for a in axes)
+    if slow.shape[0] != ny * nx or fast.shape[0] != ny * nx:
+        return "the grid axes do not have one value per point"
+    group = entry.create_group("grid")
+    group.attrs["NX_class"] = "NXdata"
+    layout = h5py.VirtualLayout(shape=(ny, nx), dtype=signal.dtype)
+    source = h5py.VirtualSource(".", signal.name, shape=signal.shape)
+    for row in range(ny):
+        layout[row] = source[row * nx:(row + 1) * nx]
+    name = plot.attrs["signal"]
+    group.create_virtual_dataset(name, layout)
+    slow_name, fast_name = (a.rsplit(":", 1)[-1] for a in axes)
+    group[slow_name] = np.asarray(slow[::nx])
+    group[fast_name] = np.asarray(fast[:nx])
+    for field, dataset in ((slow_name, slow), (fast_name, fast)):
+        if "units" in dataset.attrs:
+            group[field].attrs["units"] = dataset.attrs["units"]
+    group.attrs["signal"] = name
+    group.attrs["axes"] = [slow_name, fast_name]
+    group.attrs["interpretation"] = "image"
+    entry.attrs["default"] = "grid"
+    return None
