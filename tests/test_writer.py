@@ -57,6 +57,7 @@ def test_seed_scan_written_as_nexus(store, writer, data_root):
         assert entry["end_reason"][()].decode() == "SUCCESS"
         for name in ("start_time", "end_time"):
             assert name in entry
+        assert entry["start_time"][()].decode() == scan.info["start_time"]
         assert entry["instrument"].attrs["NX_class"] == "NXinstrument"
         assert entry["instrument/name"][()].decode() == "esrf-id00a"
         assert entry["instrument/name"].attrs["short_name"] == "id00"

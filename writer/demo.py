@@ -1,48 +1,145 @@
-"""The README's first command: a private Redis, a producer and a reader of a small scan."""
+"""The README's first command: everything started here, real scans written, then a tour.
 
+Starts a private Redis-compatible server, the writer service and the memory tracker as
+separate processes, publishes several realistic fixtures through the public API, waits until
+the writer has finished every file, validates them against the NeXus definitions, prints the
+tree of one file and where the files are, then stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+import subprocess
 import sys
-import threading
+import tempfile
+import time
+from pathlib import Path
 
-import numpy as np
+import h5py
 
-from blissdata import DataStore, ScanState
+from blissdata import DataStore
 from blissdata.redis_server import EmbeddedRedis
+
+DEFAULT_FIXTURES = ["ascan", "mesh", "timescan_lima", "mca", "external_frames", "aborted"]
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def print_tree(group: h5py.Group, indent: str = "  ", depth: int = 3) -> None:
+    for name, item in group.items():
+        if isinstance(item, h5py.Group):
+            nx = item.attrs.get("NX_class", "")
+            print(f"{indent}{name}/ {nx}")
+            if depth > 1:
+                print_tree(item, indent + "  ", depth - 1)
+        elif item.shape == ():
+            value = item[()]
+            value = value.decode() if isinstance(value, bytes) else value
+            print(f"{indent}{name} = {str(value)[:60]}")
+        else:
+            shape = "x".join(map(str, item.shape))
+            kind = " virtual" if item.is_virtual else ""
+            print(f"{indent}{name}  {item.dtype} [{shape}]{kind}")
 
 
 def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 dev.py demo", description=__doc__)
+    parser.add_argument("--output", help="folder for the files (default: ./demo-output)")
+    parser.add_argument("--fixtures", nargs="*", default=DEFAULT_FIXTURES)
+    parser.add_argument("--points", type=int, help="points per scan (default: the fixture's)")
+    args = parser.parse_args(argv)
+
+    from blissdata.fixtures import publish, load_fixture
+    from writer import status as writer_status
+    from writer.validate import validate_file
+
+    out = Path(args.output or "demo-output").resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    logs = Path(tempfile.mkdtemp(prefix="blissdata-demo-logs-"))
     with EmbeddedRedis() as server:
-        print(f"embedded Redis-compatible server at {server.url}")
-        store = DataStore(server.url)
-        scan = store.create_scan(
-            {"session": "demo", "name": "ascan", "number": 1, "path": "/tmp/demo/data.h5"},
-            info={"title": "ascan sy 0 1 10 0.1", "type": "ascan", "scan_nb": 1,
-                  "npoints": 10})
-        motor = scan.create_stream("axis:sy", "float64")
-        diode = scan.create_stream("diode:diode", "float64")
-        reader_lines = []
+        print(f"1. embedded Redis-compatible server: {server.url}")
+        writer = _start(["writer.cli", "run", "--redis", server.url, "--data-root", str(out),
+                         "--session", "demo"], logs / "writer.log")
+        tracker = None
+        if importlib.util.find_spec("blissdata.memory_tracker"):
+            tracker = _start(["blissdata.memory_tracker", "--redis", server.url],
+                             logs / "tracker.log")
+        print(f"2. writer (pid {writer.pid})"
+              + (f" and memory tracker (pid {tracker.pid})" if tracker else "")
+              + f" started; logs in {logs}")
+        try:
+            time.sleep(1.0)
+            store = DataStore(server.url)
+            scans = []
+            for number, name in enumerate(args.fixtures, start=1):
+                fixture = load_fixture(name)
+                path = out / "demo" / f"{name}.h5"
 
-        def read():
-            live = store.load_scan(scan.key)
-            while live.state < ScanState.PREPARED:
-                live.update(timeout=5)
-            cursor = live.cursor()
-            while len(cursor.ended) < len(live.streams):
-                for name, view in cursor.read(timeout=1).items():
-                    reader_lines.append(f"  reader got {name}[{view.index}:"
-                                        f"{view.index + len(view)}] = {np.round(view.data, 3)}")
+                def progress(done, total, name=name):
+                    print(f"\r   publishing {name:15s} {done:5d}/{total} points", end="",
+                          flush=True)
 
-        reader = threading.Thread(target=read)
-        reader.start()
-        scan.prepare()
-        scan.start()
-        for i in range(10):
-            scan.send_many({motor: i / 9, diode: np.sin(i / 3)})
-        scan.stop()
-        scan.close()
-        reader.join(10)
-        print(f"producer published scan {scan.key}: 10 points on 2 streams")
-        print("\n".join(reader_lines))
-    return 0
+                published = publish(store, fixture, session="demo", path=str(path),
+                                    npoints=args.points, progress=progress, number=number)
+                print()
+                scans.extend(published)
+            print(f"3. published {len(scans)} scans; waiting for the writer")
+            deadline = time.monotonic() + 120
+            statuses = {}
+            while time.monotonic() < deadline and len(statuses) < len(scans):
+                for scan in scans:
+                    st = writer_status.read(store.redis, scan.key)
+                    if st is not None and st.finished:
+                        statuses[scan.key] = st
+                time.sleep(0.1)
+            files = sorted({Path(st.file) for st in statuses.values() if st.file})
+            for scan in scans:
+                st = statuses.get(scan.key)
+                state = st.state if st else "not finished in 120 s"
+                extra = f" ({st.error})" if st and st.error else ""
+                print(f"   scan {scan.number:2d} {scan.name:15s} {state}{extra}")
+            print("4. NeXus validation (nexusformat):")
+            errors = 0
+            for path in files:
+                report = validate_file(path)
+                errors += len(report.errors)
+                print(f"   {path.name:22s} {len(report.errors)} errors, "
+                      f"{len(report.warnings)} warnings")
+                for message in report.errors[:5]:
+                    print(f"      error: {message}")
+            if files:
+                first = Path(statuses[scans[0].key].file) if scans[0].key in statuses \
+                    else files[0]
+                print(f"5. tree of {first}:")
+                with h5py.File(first, "r", locking=False) as f:
+                    print_tree(f)
+            print(f"6. files written under {out}:")
+            for path in files:
+                print(f"   {path}  ({path.stat().st_size / 1e6:.2f} MB)")
+            ok = len(statuses) == len(scans) and errors == 0 and all(
+                st.state == "done" for st in statuses.values())
+        finally:
+            if tracker:
+                _stop(tracker)
+            _stop(writer)
+        print("7. writer, tracker and Redis stopped.", "All good." if ok else "PROBLEMS above.")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

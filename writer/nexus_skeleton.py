@@ -177,7 +177,10 @@ def stream_dataset_parent(entry: h5py.Group, path: str) -> tuple[h5py.Group, str
 
 
 def finalize_entry(entry: h5py.Group, info: dict, end_reason: str) -> None:
-    """end_time (info's or now) and end_reason: the entry is complete."""
+    """end_time (info's or now) and end_reason: the entry is complete. Also start_time, when
+    the scan started after the entry was made (the writer starts at PREPARED)."""
+    if "start_time" not in entry and info.get("start_time"):
+        entry["start_time"] = str(info["start_time"])
     for name, value in (("end_time", info.get("end_time") or _now()),
                         ("end_reason", str(end_reason))):
         if name in entry:
