@@ -331,6 +331,10 @@ class ScanWriter(threading.Thread):
         self._check_alive()
         if self.scan.update(block=False):
             self._last_event = time.monotonic()
+            start_time = self.scan.info.get("start_time")
+            if start_time and "start_time" not in self.entry:
+                with self.file.lock:
+                    self.entry["start_time"] = str(start_time)
             for name, before in self.definitions.items():
                 now = self.scan.streams[name].definition
                 if now != before:
