@@ -9,6 +9,7 @@ import uuid
 import redis
 
 from . import keys
+from .file_backing import FileCache
 from .exceptions import (NoScanAvailable, ProtocolVersionError, ScanNotFoundError,
                          ScanStateError)
 from .scan import EndReason, Scan, ScanState
@@ -44,6 +45,7 @@ class DataStore:
         self.url = url
         self.max_event_bytes = int(max_event_bytes)
         self._redis = connect(url, **redis_kwargs)
+        self._files = FileCache()  # files holding points trimmed from Redis, opened once
         self._check_protocol()
 
     def _check_protocol(self) -> None:
@@ -60,6 +62,7 @@ class DataStore:
         return self._redis
 
     def close(self) -> None:
+        self._files.close()
         self._redis.close()
 
     # ---- producer ----------------------------------------------------------------------

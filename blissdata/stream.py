@@ -7,9 +7,9 @@ import json
 import numpy as np
 import redis
 
-from . import keys
+from . import file_backing, keys
 from .encoding import StreamDefinition, decode, encode, raw_chunks
-from .exceptions import (EndOfStream, IndexNoMoreThereError, IndexNotYetThereError,
+from .exceptions import (EndOfStream, IndexNotYetThereError,
                          IndexWontBeThereError, StreamError, StreamSealedError)
 
 # Raise the durable watermark of a stream, never lower it. KEYS[1] durable hash;
@@ -206,7 +206,9 @@ class Stream:
         pipe = self._redis.pipeline(transaction=False)
         pipe.xrevrange(self.key, keys.entry_id(start), "-", count=1)
         pipe.xrange(self.key, "(" + keys.entry_id(start), keys.entry_id(stop - 1))
-        before, after = pipe.execute()
+        pipe.hget(keys.durable_key(self._scan.key), self.name)
+        pipe.hget(keys.lost_key(self._scan.key), self.name)
+        before, after, backing, lost = pipe.execute()
         entries = [e for e in before + after if b"end" not in e[1]]
         parts, have_from = [], None
         for eid, fields in entries:
@@ -217,22 +219,22 @@ class Stream:
             if have_from is None:
                 have_from = first
             lo, hi = max(start, first) - first, min(stop, first + n) - first
-            parts.append(decode(self.definition, fields)[lo:hi])
+            points = decode(self.definition, fields)[lo:hi]
+            if self.encoding == "references":
+                points = file_backing.reference_frames(self, points)
+            parts.append(points)
         first_in_redis = stop if have_from is None else max(have_from, start)
-        if first_in_redis > start:
-            parts.insert(0, self._read_trimmed(start, first_in_redis))
+        if first_in_redis > start:  # trimmed from Redis: the file the writer marked
+            parts.insert(0, file_backing.read_points(
+                self, start, first_in_redis, json.loads(backing) if backing else None,
+                file_backing.lost_ranges(lost)))
         return self._concat(parts)
 
     def _concat(self, parts):
-        if self.definition.is_array and not self.definition.varying:
+        if self.encoding == "references" or (self.definition.is_array
+                                              and not self.definition.varying):
             return parts[0] if len(parts) == 1 else np.concatenate(parts)
         return [p for part in parts for p in part]
-
-    def _read_trimmed(self, start: int, stop: int):
-        """Points no more in Redis: from the file the writer marked, or an error."""
-        raise IndexNoMoreThereError(
-            f"stream {self.name!r}: points [{start}, {stop}) were trimmed from Redis and "
-            f"no file holds them")
 
     # ---- file backing (published by the writer) ---------------------------------------
     def mark_file_backed(self, file: str, dataset: str, points: int) -> int:

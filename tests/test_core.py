@@ -3,6 +3,7 @@
 import threading
 import time
 
+import h5py
 import numpy as np
 import pytest
 import redis
@@ -266,9 +267,12 @@ def test_indexing_errors(store, new_scan):
         r[-11]
 
 
-def test_every_encoding_round_trips(store, new_scan):
+def test_every_encoding_round_trips(store, new_scan, tmp_path):
     from blissdata import bslz4
-    scan = new_scan()
+    detector_frames = np.arange(5 * 4 * 3, dtype=np.uint32).reshape(5, 4, 3)
+    with h5py.File(tmp_path / "det.h5", "w") as f:  # a detector's own file
+        f["data"] = detector_frames
+    scan = new_scan(path=str(tmp_path / "scan.h5"))
     num = scan.create_stream("num", "float32", (3,))
     var = scan.create_stream("var", "uint16", (-1, 2))
     js = scan.create_stream("js", encoding="json")
@@ -284,7 +288,8 @@ def test_every_encoding_round_trips(store, new_scan):
     var.send(var_points[:2])
     var.send(var_points[2])
     js.send([{"x": 1}, "two", [3]])
-    ref.send({"file": "/d/f.h5", "dataset": "/data", "index": 4})
+    ref.send([{"file": "det.h5", "dataset": "/data", "index": 4},
+              {"file": str(tmp_path / "det.h5"), "dataset": "/data", "index": 1}])
     with pytest.raises(ValueError, match="reference point"):
         ref.send({"file": "/d/f.h5"})
     imgs = rng.integers(0, 50, (5, 16, 8), dtype=np.uint16)
@@ -301,7 +306,11 @@ def test_every_encoding_round_trips(store, new_scan):
     got_var = r["var"][:]
     assert len(got_var) == 3 and all(np.array_equal(a, b) for a, b in zip(got_var, var_points))
     assert r["js"][:] == [{"x": 1}, "two", [3]]
-    assert r["ref"][0] == {"file": "/d/f.h5", "dataset": "/data", "index": 4}
+    # references: readers get the frames (relative files start at the scan file's folder)
+    assert np.array_equal(r["ref"][:], detector_frames[[4, 1]])
+    assert np.array_equal(r["ref"][1], detector_frames[1])
+    cursor = store.load_scan(scan.key).cursor(["ref"])
+    assert cursor.read(block=False)["ref"].data[0]["index"] == 4  # cursors: the references
     assert np.array_equal(r["frames"][:], imgs)
     assert np.array_equal(r["frames"][4], imgs[4])
 
