@@ -54,3 +54,7 @@ class IndexWontBeThereError(BlissdataError, IndexError):
 
 class EndOfStream(BlissdataError):
     """A cursor reached the end of a sealed stream."""
+
+
+class RedisFullError(BlissdataError):
+    """Redis stayed at maxmemory longer than the store's full_timeout_s; nothing was written."""

@@ -37,13 +37,15 @@ class DataStore:
     ``redis://user:password@host``.
 
     `max_event_bytes` bounds one Redis entry: batches are split below it and a single point
-    above it is refused.
+    above it is refused. `full_timeout_s`: how long `send()` waits, retrying, while Redis is
+    full (maxmemory) before it raises RedisFullError.
     """
 
     def __init__(self, url: str, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-                 **redis_kwargs):
+                 full_timeout_s: float = 60.0, **redis_kwargs):
         self.url = url
         self.max_event_bytes = int(max_event_bytes)
+        self.full_timeout_s = float(full_timeout_s)
         self._redis = connect(url, **redis_kwargs)
         self._files = FileCache()  # files holding points trimmed from Redis, opened once
         self._check_protocol()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import redis
 
 from . import file_backing, keys
 from .encoding import StreamDefinition, decode, encode, raw_chunks
-from .exceptions import (EndOfStream, IndexNotYetThereError,
+from .exceptions import (EndOfStream, IndexNotYetThereError, RedisFullError,
                          IndexWontBeThereError, StreamError, StreamSealedError)
 
 # Raise the durable watermark of a stream, never lower it. KEYS[1] durable hash;
@@ -110,19 +111,36 @@ class Stream:
         return chunks
 
     def _send_pipelined(self, batches: dict) -> None:
+        """One MULTI/EXEC for every entry: all land or none (the scan's keys share a hash
+        slot). When Redis is full (maxmemory, the memory tracker waiting for the writer), wait
+        and retry up to the store's `full_timeout_s`: the producer slows down, nothing is
+        lost or written twice."""
         prepared = [(s, s._prepare_send(d)) for s, d in batches.items()]
-        pipe = self._redis.pipeline(transaction=False)
-        for stream, entries in prepared:
-            for entry_id, fields in entries:
-                pipe.xadd(stream.key, fields, id=entry_id)
-        try:
-            pipe.execute()
-        except redis.ResponseError as exc:
-            if "equal or smaller" in str(exc):
-                raise StreamSealedError(
-                    f"scan {self._scan.key}: another producer wrote or sealed one of "
-                    f"{[s.name for s, _ in prepared]}: {exc}") from exc
-            raise
+        store = self._scan._store
+        deadline = time.monotonic() + store.full_timeout_s
+        delay = 0.01
+        while True:
+            pipe = self._redis.pipeline(transaction=True)
+            for stream, entries in prepared:
+                for entry_id, fields in entries:
+                    pipe.xadd(stream.key, fields, id=entry_id)
+            try:
+                pipe.execute()
+                break
+            except redis.OutOfMemoryError as exc:
+                if time.monotonic() > deadline:
+                    raise RedisFullError(
+                        f"Redis at {store.url} stayed full (maxmemory) for "
+                        f"{store.full_timeout_s} s; nothing of this batch of "
+                        f"{[s.name for s, _ in prepared]} was written") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            except redis.ResponseError as exc:
+                if "equal or smaller" in str(exc):
+                    raise StreamSealedError(
+                        f"scan {self._scan.key}: another producer wrote or sealed one of "
+                        f"{[s.name for s, _ in prepared]}: {exc}") from exc
+                raise
         for stream, entries in prepared:
             stream._next_index += sum(int(f["n"]) for _, f in entries)
 

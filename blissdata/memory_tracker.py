@@ -1,0 +1,234 @@
+"""`blissdata-memory-tracker`: keeps Redis memory under a budget.
+
+Each round (every `interval_s`):
+
+1. While `used_memory` > budget: trim data streams, oldest scans first, of entries whose
+   points are all durable in a file (below the writer's watermark, `<scan>:durable`). Scans
+   whose info says `"save": false` have no file to wait for: their streams are trimmed freely.
+   A stream's last entry is never trimmed (the stream's length is read from it).
+2. If memory is still above the hard limit: trim anyway (oldest scans first, keeping each
+   stream's last entry), record the lost ranges in `<scan>:lost` and log them as errors.
+3. Closed scans get a TTL (`closed_ttl_s`) on all their keys; scans with no activity (no new
+   point, no state change) for `inactive_ttl_s` are deleted; index entries of scans that are
+   gone are removed.
+
+It keeps no state it cannot rebuild from Redis (only when it last saw activity): restarted, it
+picks up where it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import redis
+
+from . import keys
+from .store import DataStore
+
+log = logging.getLogger("blissdata.memory_tracker")
+MB = 2**20
+
+
+class MemoryTracker:
+    def __init__(self, store: DataStore | str, budget_bytes: int = 1024 * MB,
+                 hard_limit_bytes: int | None = None, closed_ttl_s: float = 7 * 24 * 3600,
+                 inactive_ttl_s: float = 24 * 3600, interval_s: float = 1.0):
+        self.store = DataStore(store) if isinstance(store, str) else store
+        self.redis = self.store.redis
+        self.budget = int(budget_bytes)
+        self.hard_limit = int(hard_limit_bytes or budget_bytes * 1.5)
+        self.closed_ttl_s = closed_ttl_s
+        self.inactive_ttl_s = inactive_ttl_s
+        self.interval_s = interval_s
+        self._activity: dict[str, tuple] = {}  # scan key -> (fingerprint, since)
+        self._stop = threading.Event()
+
+    def used_memory(self) -> int:
+        return int(self.redis.info("memory")["used_memory"])
+
+    # ---- one round -------------------------------------------------------------------------
+    def step(self) -> dict:
+        """One round; returns what it did (for logs and tests)."""
+        done = {"trimmed_entries": 0, "lost_points": 0, "expired": 0, "deleted": 0}
+        scans = self._scans_oldest_first()
+        if self.used_memory() > self.budget:
+            for key in scans:
+                done["trimmed_entries"] += self._trim_scan(key, beyond_watermark=False)
+                if self.used_memory() <= self.budget:
+                    break
+        if self.used_memory() > self.hard_limit:
+            for key in scans:
+                lost = self._trim_scan(key, beyond_watermark=True)
+                done["lost_points"] += lost
+                if self.used_memory() <= self.hard_limit:
+                    break
+        self._expire_and_clean(scans, done)
+        return done
+
+    def _scans_oldest_first(self) -> list[str]:
+        return [k.decode() for k in self.redis.zrange(keys.INDEX_ALL, 0, -1)]
+
+    def _streams(self, key: str) -> tuple[dict, dict, bool]:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(key, "streams")
+        pipe.hget(key, "info")
+        pipe.hgetall(keys.durable_key(key))
+        streams, info, durable = pipe.execute()
+        definitions = json.loads(streams) if streams else {}
+        save = json.loads(info).get("save", True) if info else True
+        return definitions, {k.decode(): json.loads(v)["points"] for k, v in durable.items()}, \
+            save is not False
+
+    def _keep_from(self, data_key: str, upto: int) -> int | None:
+        """First index to keep so no point >= `upto` is removed and the last entry stays:
+        the first point of the entry holding point `upto`, or of the last entry."""
+        last = self.redis.xrevrange(data_key, "+", "-", count=1)
+        if not last:
+            return None
+        last_first = keys.first_index(last[0][0])
+        holding = self.redis.xrevrange(data_key, keys.entry_id(upto), "-", count=1)
+        keep = keys.first_index(holding[0][0]) if holding else 0
+        if holding and b"end" not in holding[0][1]:
+            n = int(holding[0][1][b"n"])
+            if keep + n <= upto:  # that entry ends below `upto`: it can go too
+                keep = upto
+        return min(keep, last_first)
+
+    def _first_available(self, data_key: str) -> int | None:
+        first = self.redis.xrange(data_key, "-", "+", count=1)
+        return keys.first_index(first[0][0]) if first else None
+
+    def _trim_scan(self, key: str, beyond_watermark: bool) -> int:
+        """Trim one scan's streams; entries removed, or (beyond_watermark) points lost."""
+        definitions, durable, save = self._streams(key)
+        total = 0
+        for name in definitions:
+            data_key = keys.data_key(key, name)
+            if beyond_watermark:
+                upto = 2**62  # everything but the last entry
+            elif not save:
+                upto = 2**62
+            else:
+                upto = durable.get(name, 0)
+            keep = self._keep_from(data_key, upto)
+            first = self._first_available(data_key)
+            if keep is None or first is None or keep <= first:
+                continue
+            removed = self.redis.xtrim(data_key, minid=keys.entry_id(keep))  # ids < keep-1 go
+            if beyond_watermark:
+                lost_from = max(first, durable.get(name, 0) if save else keep)
+                if save and keep > lost_from:
+                    self._record_lost(key, name, lost_from, keep)
+                    total += keep - lost_from
+            else:
+                total += removed
+        return total
+
+    def _record_lost(self, key: str, name: str, start: int, stop: int) -> None:
+        raw = self.redis.hget(keys.lost_key(key), name)
+        ranges = json.loads(raw) if raw else []
+        ranges.append([start, stop])
+        self.redis.hset(keys.lost_key(key), name, json.dumps(ranges))
+        log.error("Redis over its hard limit (%d MB): scan %s stream %r points [%d, %d) "
+                  "trimmed before any file held them: LOST", self.hard_limit // MB, key, name,
+                  start, stop)
+
+    def _expire_and_clean(self, scans: list[str], done: dict) -> None:
+        now = time.monotonic()
+        for key in scans:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hget(key, "state")
+            pipe.ttl(key)
+            pipe.hget(key, "streams")
+            pipe.hget(key, "identity")
+            state, ttl, streams, identity = pipe.execute()
+            if state is None:  # gone (expired or deleted elsewhere): clean the index
+                self.redis.zrem(keys.INDEX_ALL, key)
+                if identity is None:
+                    for index in self.redis.scan_iter(match="blissdata:index:session:*"):
+                        self.redis.zrem(index, key)
+                self._activity.pop(key, None)
+                continue
+            names = list(json.loads(streams)) if streams else []
+            scan_keys = [key, keys.state_key(key), keys.durable_key(key), keys.lost_key(key),
+                         keys.writer_key(key)] + [keys.data_key(key, n) for n in names]
+            if state == b"CLOSED":
+                if ttl == -1:
+                    pipe = self.redis.pipeline(transaction=False)
+                    for k in scan_keys:
+                        pipe.expire(k, max(1, int(self.closed_ttl_s)))
+                    pipe.execute()
+                    done["expired"] += 1
+                continue
+            fingerprint = (state, self._lengths(scan_keys[5:]))
+            seen = self._activity.get(key)
+            if seen is None or seen[0] != fingerprint:
+                self._activity[key] = (fingerprint, now)
+            elif now - seen[1] > self.inactive_ttl_s:
+                log.warning("scan %s inactive for %.0f s: deleted", key, now - seen[1])
+                try:
+                    self.store.delete_scan(key)
+                except Exception as exc:  # deleted meanwhile
+                    log.info("scan %s: %s", key, exc)
+                self._activity.pop(key, None)
+                done["deleted"] += 1
+
+    def _lengths(self, data_keys: list[str]) -> tuple:
+        pipe = self.redis.pipeline(transaction=False)
+        for k in data_keys:
+            pipe.xrevrange(k, "+", "-", count=1)
+        return tuple(r[0][0] if r else None for r in pipe.execute())
+
+    # ---- service ---------------------------------------------------------------------------
+    def run(self) -> None:
+        log.info("memory tracker on %s: budget %d MB, hard limit %d MB", self.store.url,
+                 self.budget // MB, self.hard_limit // MB)
+        while not self._stop.is_set():
+            try:
+                done = self.step()
+                if done["trimmed_entries"] or done["expired"] or done["deleted"]:
+                    log.info("round: %s, used %d MB", done, self.used_memory() // MB)
+            except redis.ConnectionError as exc:
+                log.warning("Redis at %s unreachable: %s", self.store.url, exc)
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="blissdata-memory-tracker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--redis", help="Redis URL (default: REDIS_URL, then localhost)")
+    parser.add_argument("--budget", type=float, default=1024, help="MB (default 1024)")
+    parser.add_argument("--hard-limit", type=float, help="MB (default 1.5 x budget)")
+    parser.add_argument("--closed-ttl", type=float, default=7 * 24 * 3600, help="s")
+    parser.add_argument("--inactive-ttl", type=float, default=24 * 3600, help="s")
+    parser.add_argument("--interval", type=float, default=1.0, help="s between rounds")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    url = args.redis or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379"
+    try:
+        tracker = MemoryTracker(url, int(args.budget * MB),
+                                int(args.hard_limit * MB) if args.hard_limit else None,
+                                args.closed_ttl, args.inactive_ttl, args.interval)
+    except ConnectionError as exc:
+        print(f"blissdata-memory-tracker: {exc}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: tracker.stop())
+    signal.signal(signal.SIGINT, lambda *_: tracker.stop())
+    tracker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
