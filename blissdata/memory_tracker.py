@@ -121,7 +121,8 @@ class MemoryTracker:
             first = self._first_available(data_key)
             if keep is None or first is None or keep <= first:
                 continue
-            removed = self.redis.xtrim(data_key, minid=keys.entry_id(keep))  # ids < keep-1 go
+            # exact trim (not "~"): ids below keep-1 go, so entry [keep, ...) stays
+            removed = self.redis.xtrim(data_key, minid=keys.entry_id(keep), approximate=False)
             if beyond_watermark:
                 lost_from = max(first, durable.get(name, 0) if save else keep)
                 if save and keep > lost_from:

@@ -20,7 +20,7 @@ local old = redis.call('HGET', KEYS[1], ARGV[1])
 local new = cjson.decode(ARGV[2])
 if old then
   local prev = cjson.decode(old)
-  if prev['points'] >= new['points'] and prev['file'] == new['file'] then return prev['points'] end
+  if prev['points'] >= new['points'] then return prev['points'] end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return new['points']
