@@ -36,6 +36,32 @@ log = logging.getLogger("blissdata.memory_tracker")
 MB = 2**20
 
 
+def keep_from(client, data_key: str, upto: int) -> int | None:
+    """First index to keep so no point >= `upto` is removed and the last entry stays:
+    the first point of the entry holding point `upto`, or of the last entry."""
+    last = client.xrevrange(data_key, "+", "-", count=1)
+    if not last:
+        return None
+    last_first = keys.first_index(last[0][0])
+    holding = client.xrevrange(data_key, keys.entry_id(upto), "-", count=1)
+    keep = keys.first_index(holding[0][0]) if holding else 0
+    if holding and b"end" not in holding[0][1]:
+        n = int(holding[0][1][b"n"])
+        if keep + n <= upto:  # that entry ends below `upto`: it can go too
+            keep = upto
+    return min(keep, last_first)
+
+
+def trim_durable(client, data_key: str, durable: int) -> int:
+    """Remove the entries whose points are all below `durable` (all in a file); the number
+    of entries removed. XTRIM works even when Redis is at maxmemory."""
+    keep = keep_from(client, data_key, durable)
+    if not keep:
+        return 0
+    # exact trim (not "~"): ids below keep-1 go, so the entry starting at keep stays
+    return client.xtrim(data_key, minid=keys.entry_id(keep), approximate=False)
+
+
 class MemoryTracker:
     def __init__(self, store: DataStore | str, budget_bytes: int = 1024 * MB,
                  hard_limit_bytes: int | None = None, closed_ttl_s: float = 7 * 24 * 3600,
@@ -86,21 +112,6 @@ class MemoryTracker:
         return definitions, {k.decode(): json.loads(v)["points"] for k, v in durable.items()}, \
             save is not False
 
-    def _keep_from(self, data_key: str, upto: int) -> int | None:
-        """First index to keep so no point >= `upto` is removed and the last entry stays:
-        the first point of the entry holding point `upto`, or of the last entry."""
-        last = self.redis.xrevrange(data_key, "+", "-", count=1)
-        if not last:
-            return None
-        last_first = keys.first_index(last[0][0])
-        holding = self.redis.xrevrange(data_key, keys.entry_id(upto), "-", count=1)
-        keep = keys.first_index(holding[0][0]) if holding else 0
-        if holding and b"end" not in holding[0][1]:
-            n = int(holding[0][1][b"n"])
-            if keep + n <= upto:  # that entry ends below `upto`: it can go too
-                keep = upto
-        return min(keep, last_first)
-
     def _first_available(self, data_key: str) -> int | None:
         first = self.redis.xrange(data_key, "-", "+", count=1)
         return keys.first_index(first[0][0]) if first else None
@@ -117,7 +128,7 @@ class MemoryTracker:
                 upto = 2**62
             else:
                 upto = durable.get(name, 0)
-            keep = self._keep_from(data_key, upto)
+            keep = keep_from(self.redis, data_key, upto)
             first = self._first_available(data_key)
             if keep is None or first is None or keep <= first:
                 continue

@@ -20,6 +20,7 @@ import tenacity
 
 from blissdata import ScanNotFoundError, ScanState
 from blissdata.encoding import StreamDefinition
+from blissdata.memory_tracker import trim_durable
 
 from . import status as writer_status
 from .dataset_writer import DatasetAppender
@@ -307,9 +308,14 @@ class ScanWriter(threading.Thread):
         with self.file.lock:
             durable = {name: a.flush() for name, a in self.appenders.items()}
             self.file.h5.flush()
-        for name, points in durable.items():
-            self.scan.streams[name].mark_file_backed(str(self.file_path),
-                                                     self.dataset_paths[name], points)
+        try:
+            self._mark_durable(durable)
+        except redis.OutOfMemoryError:
+            # Redis is full (producers outran the memory tracker) and our watermark is what
+            # lets anything be trimmed: make room by trimming what is now in the file.
+            for name, points in durable.items():
+                trim_durable(self.service.redis, self.scan.streams[name].key, points)
+            self._mark_durable(durable)
         t = time.time()
         written = sum(points * (self.definitions[n].point_nbytes or 0)
                       for n, points in durable.items())
@@ -321,8 +327,16 @@ class ScanWriter(threading.Thread):
         self.status.lag_points = max(0, published - sum(durable.values()))
         self.status.bytes_written = written
         self.status.points = durable
-        writer_status.publish(self.service.redis, self.status)
+        try:
+            writer_status.publish(self.service.redis, self.status)
+        except redis.OutOfMemoryError:  # Redis full: the status waits for the next flush
+            log.debug("scan %s: Redis full, status not published this time", self.scan_key)
         self.service.record_flush(self.scan_key, new_points, new_bytes, self.status.lag_points)
+
+    def _mark_durable(self, durable: dict) -> None:
+        for name, points in durable.items():
+            self.scan.streams[name].mark_file_backed(str(self.file_path),
+                                                     self.dataset_paths[name], points)
 
     def _check_scan(self) -> None:
         """Between reads: deleted scan, inactivity, a changed stream definition."""
