@@ -1,0 +1,211 @@
+"""An h5py-like, read-only view of scans, built from their mapping: usable before the file
+exists, while it is written, and after (then it is the file itself).
+
+    f = File(data_store, "/data/id00/sample/sample.h5")     # every scan of that file
+    for value in f["/measurement/diode"]: ...              # entry-relative (last scan)
+    images = f["/1.1/instrument/my_camera/data"][0:10]     # or with the entry name
+
+Streamed datasets read through the Stream API (Redis for recent points, the file for trimmed
+ones); iterating one follows the scan live until its stream ends. RAW leaves are their
+values, SOFT_LINKs resolve, EXTERNAL_LINKs open the other file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import h5py
+import numpy as np
+
+from . import keys
+from .exceptions import ScanNotFoundError
+
+
+class Dataset:
+    def __init__(self, name: str, attrs: dict, stream=None, value=None):
+        self.name, self.attrs = name, dict(attrs)
+        self._stream, self._value = stream, value
+
+    @property
+    def shape(self) -> tuple:
+        if self._stream is None:
+            return np.shape(self._value)
+        return (len(self._stream), *self._stream.shape)
+
+    @property
+    def dtype(self):
+        if self._stream is None:
+            return np.asarray(self._value).dtype
+        return self._stream.dtype if self._stream.dtype is not None else np.dtype(object)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0] if self.shape else 0
+
+    def __getitem__(self, item):
+        if self._stream is None:
+            return np.asarray(self._value)[item] if item != () else self._value
+        if item == () or item is Ellipsis:
+            return self._stream[:]
+        if isinstance(item, tuple):
+            first, rest = item[0], item[1:]
+            data = self._stream[first]
+            return np.asarray(data)[(slice(None), *rest)] if isinstance(first, slice) \
+                else np.asarray(data)[rest]
+        return self._stream[item]
+
+    def __iter__(self):
+        if self._stream is None:
+            yield from np.asarray(self._value)
+        else:
+            yield from self._stream  # follows the scan until the stream ends
+
+    def __repr__(self):
+        return f'<blissdata Dataset "{self.name}": shape {self.shape}, type "{self.dtype}">'
+
+
+class Group:
+    def __init__(self, name: str, attrs: dict, children: dict, resolve):
+        self.name, self.attrs = name, dict(attrs)
+        self._children, self._resolve = children, resolve
+
+    def keys(self):
+        return list(self._children)
+
+    def __iter__(self):
+        return iter(self._children)
+
+    def __len__(self):
+        return len(self._children)
+
+    def __contains__(self, path) -> bool:
+        try:
+            self[path]
+            return True
+        except KeyError:
+            return False
+
+    def items(self):
+        return [(k, self[k]) for k in self._children]
+
+    def values(self):
+        return [self[k] for k in self._children]
+
+    def get(self, path, default=None):
+        try:
+            return self[path]
+        except KeyError:
+            return default
+
+    def __getitem__(self, path: str):
+        if path.startswith("/"):
+            return self._resolve(path)
+        node = self
+        for part in [p for p in path.split("/") if p]:
+            if not isinstance(node, Group) or part not in node._children:
+                raise KeyError(f"{path!r} is not in {self.name}")
+            node = node._children[part]() if callable(node._children[part]) else \
+                node._children[part]
+        return node
+
+    def __repr__(self):
+        return f'<blissdata Group "{self.name}" ({len(self)} members)>'
+
+
+class File(Group):
+    """Every scan whose file is `path` (oldest first, entries "<number>.1"); with
+    `entry`, only that one. Paths that do not start with an entry name are taken inside the
+    default entry (`entry`, else the most recent scan). Once no scan of that file is left in
+    Redis, the file itself is opened (read-only, h5py)."""
+
+    def __init__(self, data_store, path: str, entry: str | None = None):
+        self.filename = os.path.abspath(path)
+        self._store = data_store
+        scans = self._scans_of(self.filename)
+        self._h5 = None
+        if not scans:
+            if not os.path.exists(self.filename):
+                raise FileNotFoundError(f"no scan of {self.filename} in Redis at "
+                                        f"{data_store.url} and no such file")
+            self._h5 = h5py.File(self.filename, "r", locking=False)
+        entries = {}
+        for scan in scans:
+            entries[scan.info.get("entry_name") or f"{scan.number}.1"] = scan
+        if entry is not None and entry not in entries and self._h5 is None:
+            raise KeyError(f"no entry {entry!r} in {self.filename} (entries: {sorted(entries)})")
+        self._entries = entries
+        self._default = entry or (list(entries)[-1] if entries else None)
+        children = {name: (lambda n=name: self._entry(n)) for name in entries}
+        super().__init__("/", {}, children, self._resolve_abs)
+
+    def _scans_of(self, path: str) -> list:
+        store = self._store
+        scan_keys = store.search_scans()
+        pipe = store.redis.pipeline(transaction=False)
+        for key in scan_keys:
+            pipe.hget(key, "identity")
+        found = []
+        for key, raw in zip(scan_keys, pipe.execute()):
+            if raw and os.path.abspath(json.loads(raw)["path"]) == path:
+                try:
+                    found.append(store.load_scan(key))
+                except ScanNotFoundError:
+                    pass
+        return found
+
+    def _entry(self, name: str) -> Group:
+        scan = self._entries[name]
+        scan._reload()
+        mapping = scan.info.get("mapping") or [{"NX_class": "NXentry"}, {
+            "measurement": [{"NX_class": "NXcollection"},
+                            {n.replace(":", "_"): [{}, "STREAM", n] for n in scan.streams}]}]
+        root = f"/{name}"
+        group = self._build(root, mapping, scan, root)
+        for field in ("title", "start_time", "end_time", "end_reason"):
+            if field in scan.info and field not in group._children:
+                group._children[field] = Dataset(f"{root}/{field}", {}, value=scan.info[field])
+        return group
+
+    def _build(self, path: str, node, scan, root: str):
+        attrs = node[0]
+        if len(node) == 2:
+            children = {name: (lambda p=f"{path}/{name}", c=child: self._build(p, c, scan, root))
+                        for name, child in node[1].items()}
+            return Group(path, attrs, children, self._resolve_abs)
+        kind, value = node[1], node[2]
+        if kind == "RAW":
+            return Dataset(path, attrs, value=value)
+        if kind == "STREAM":
+            return Dataset(path, attrs, stream=scan.streams[value])
+        if kind == "SOFT_LINK":
+            return self._resolve_abs(root + value)
+        with h5py.File(os.path.join(os.path.dirname(self.filename), value["file"]), "r",
+                       locking=False) as f:  # EXTERNAL_LINK
+            return Dataset(path, attrs, value=f[value["path"]][()])
+
+    def _resolve_abs(self, path: str):
+        if self._h5 is not None:
+            return self._h5[path]
+        parts = [p for p in path.split("/") if p]
+        if not parts:
+            return self
+        if parts[0] in self._entries:
+            return self._entry(parts[0])["/".join(parts[1:])] if parts[1:] else \
+                self._entry(parts[0])
+        if self._default is None:
+            raise KeyError(f"{path!r}: no scan in {self.filename}")
+        return self._entry(self._default)["/".join(parts)]
+
+    def close(self) -> None:
+        if self._h5 is not None:
+            self._h5.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
