@@ -16,6 +16,7 @@ import os
 import threading
 
 import h5py
+import hdf5plugin  # noqa: F401  (registers the compression filters for reading)
 import numpy as np
 
 from .exceptions import BlissdataError, IndexNoMoreThereError

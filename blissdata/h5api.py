@@ -16,6 +16,7 @@ import json
 import os
 
 import h5py
+import hdf5plugin  # noqa: F401  (registers the compression filters for reading)
 import numpy as np
 
 from . import keys

@@ -45,6 +45,12 @@ def _status(args) -> int:
     return status_main(url, watch=args.watch, interval=args.interval)
 
 
+def _rewrite(args) -> int:
+    from .rewrite import main as rewrite_main
+
+    return rewrite_main(args.args)
+
+
 def _validate(args) -> int:
     from .validate import main as validate_main
 
@@ -69,6 +75,11 @@ def main(argv=None) -> int:
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     status.add_argument("--interval", type=float, default=1.0)
     status.set_defaults(func=_status)
+
+    rewrite = sub.add_parser("rewrite", help="rewrite a file with other storage settings",
+                             add_help=False)
+    rewrite.add_argument("args", nargs=argparse.REMAINDER)
+    rewrite.set_defaults(func=_rewrite)
 
     validate = sub.add_parser("validate", help="validate files against the NeXus definitions")
     validate.add_argument("files", nargs="+")

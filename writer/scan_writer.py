@@ -175,6 +175,7 @@ class ScanWriter(threading.Thread):
                 self.entry = write_entry(h5, self.entry_name, layout, self.scan.info, ranks)
                 writer_status.write_note(self.entry, self.status)
             self._create_appenders(layout, resume=resuming)
+            writer_status.write_header_note(self.entry, self.scan, self.dataset_paths)
             h5.flush()
         log.info("scan %s %s:%s %s -> %s::/%s%s", self.scan_key, self.scan.session,
                  self.scan.number, self.scan.name, self.file_path, self.entry_name,
@@ -367,6 +368,8 @@ class ScanWriter(threading.Thread):
                 if why_not:
                     self.status.warn(f"no grid image: {why_not}")
             finalize_entry(self.entry, self.scan.info, end_reason)
+            # again, with the end time and reason
+            writer_status.write_header_note(self.entry, self.scan, self.dataset_paths)
             self.status.state = "done"
             writer_status.write_note(self.entry, self.status)
             self.file.h5.flush()

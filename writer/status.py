@@ -78,12 +78,28 @@ def read_recent(client: redis.Redis, since_s: float = RECENT_S) -> list[ScanStat
     return [ScanStatus.from_json(raw) for raw in pipe.execute() if raw]
 
 
-def write_note(entry, status: ScanStatus) -> None:
-    """The status as an NXnote `<entry>/writer_status` (JSON text)."""
-    note = entry.require_group("writer_status")
+def write_json_note(entry, name: str, data: str, description: str) -> None:
+    """An NXnote `<entry>/<name>` holding JSON text (replaced if there)."""
+    note = entry.require_group(name)
     note.attrs["NX_class"] = "NXnote"
-    for name, value in (("type", "application/json"), ("data", status.to_json()),
-                        ("description", "blisswriter status of this scan")):
-        if name in note:
-            del note[name]
-        note[name] = value
+    for field, value in (("type", "application/json"), ("data", data),
+                         ("description", description)):
+        if field in note:
+            del note[field]
+        note[field] = value
+
+
+def write_note(entry, status: ScanStatus) -> None:
+    """The status as an NXnote `<entry>/writer_status`."""
+    write_json_note(entry, "writer_status", status.to_json(), "blisswriter status of this scan")
+
+
+def write_header_note(entry, scan, dataset_paths: dict) -> None:
+    """The scan's header as an NXnote `<entry>/scan_header`: identity, info (with the
+    mapping), stream definitions and where each stream's dataset is, so an archived scan can
+    be reopened and replayed as it was published (blissdata.archive)."""
+    header = {"identity": scan.identity, "info": scan.info,
+              "streams": {n: s.definition.to_json() for n, s in scan.streams.items()},
+              "datasets": dataset_paths}
+    write_json_note(entry, "scan_header", json.dumps(header),
+                    "the scan header as published (blissdata protocol 1)")

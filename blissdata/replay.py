@@ -1,0 +1,140 @@
+"""`blissdata-replay FILE --entry 3.1`: publish an archived scan back into Redis as a new scan
+(header, mapping, every stream; optionally at its original pace), so online processing and
+the writer can run on it again."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .archive import ArchiveError, ArchivedScan, open_scan
+from .scan import EndReason
+from .store import DataStore
+
+BATCH_BYTES = 2 * 2**20  # about one Redis entry per stream per batch
+
+
+def _references(stream, folder: Path) -> list[dict]:
+    """The {"file", "dataset", "index"} points behind a virtual dataset (absolute paths)."""
+    refs = []
+    for vs in stream.dataset.virtual_sources():
+        (lo, *_), (hi, *_) = vs.vspace.get_select_bounds()
+        (src_lo, *_), _ = vs.src_space.get_select_bounds()
+        file = vs.file_name if os.path.isabs(vs.file_name) else str(folder / vs.file_name)
+        refs.extend({"file": file, "dataset": vs.dset_name, "index": int(src_lo + k)}
+                    for k in range(hi - lo + 1))
+    return refs
+
+
+def _timeline(archived: ArchivedScan, n: int) -> np.ndarray:
+    """Seconds from the start of each point: an elapsed_time stream, else count_time."""
+    for name, stream in archived.streams.items():
+        if name.endswith("elapsed_time") and len(stream) >= n and not stream.shape:
+            return np.asarray(stream[:n], dtype=float)
+    return np.arange(n) * float(archived.info.get("count_time", 0) or 0)
+
+
+def replay(store: DataStore, archived: ArchivedScan, session: str | None = None,
+           path: str | None = None, number: int | None = None, speed: float | None = None,
+           progress=None):
+    """Publish `archived` as a new scan; returns it. `speed`: 1 = original pace, 2 = twice
+    as fast, None = as fast as possible."""
+    identity = dict(archived.identity)
+    if session:
+        identity["session"] = session
+    if number is not None:
+        identity["number"] = number
+    original = Path(archived.path)
+    identity["path"] = path or str(original.with_name(f"{original.stem}_replay{original.suffix}"))
+    info = copy.deepcopy(archived.info)
+    for field in ("start_time", "end_time", "end_reason"):
+        info.pop(field, None)
+    info["scan_nb"] = identity["number"]
+    info.setdefault("type", "replay")
+    info.setdefault("title", archived.entry_name)
+    info["replayed_from"] = f"{archived.path}::{archived.entry_name}"
+    scan = store.create_scan(identity, info=info)
+    streams, refs = {}, {}
+    for name, src in archived.streams.items():
+        d = src.definition
+        if d.encoding == "references":
+            if not src.dataset.is_virtual:
+                archived.not_replayable[name] = "references stored without a virtual dataset"
+                continue
+            refs[name] = _references(src, original.parent)
+        streams[name] = scan.create_stream(name, dtype=d.dtype, shape=d.shape,
+                                           encoding=d.encoding, info=d.info)
+    scan.prepare()
+    scan.start()
+    total = max((len(s) for s in archived.streams.values()), default=0)
+    point_bytes = max((s.dataset.dtype.itemsize * int(np.prod(s.dataset.shape[1:]))
+                       for s in archived.streams.values()), default=8)
+    # at full speed, batches of ~2 MiB; at the original pace, each point at its own time
+    step = 1 if speed else max(1, min(1000, BATCH_BYTES // max(point_bytes, 1)))
+    timeline = _timeline(archived, total) if speed else None
+    t0 = time.monotonic()
+    for start in range(0, total, step):
+        stop = min(start + step, total)
+        if speed:
+            delay = t0 + timeline[start] / speed - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        batch = {}
+        for name, out in streams.items():
+            src = archived.streams[name]
+            a, b = min(start, len(src)), min(stop, len(src))
+            if a >= b:
+                continue
+            if name in refs:
+                batch[out] = refs[name][a:b]
+            elif src.encoding == "bslz4":
+                batch[out] = src.chunks(a, b) or src[a:b]  # stored chunks, untouched
+            else:
+                batch[out] = src[a:b]
+        scan.send_many(batch)
+        if progress:
+            progress(stop, total)
+    scan.stop()
+    scan.close(EndReason(archived.info.get("end_reason", "SUCCESS")))
+    return scan
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="blissdata-replay", description=__doc__)
+    parser.add_argument("file")
+    parser.add_argument("--entry", help="entry name, e.g. 3.1 (default: the file's default)")
+    parser.add_argument("--session", help="session of the new scan (default: the original)")
+    parser.add_argument("--number", type=int, help="scan number (default: the original)")
+    parser.add_argument("--path", help="file of the new scan (default: FILE_replay.h5)")
+    parser.add_argument("--speed", type=float, help="1 = original pace (default: full speed)")
+    parser.add_argument("--redis", help="Redis URL (default: REDIS_URL, then localhost)")
+    args = parser.parse_args(argv)
+    try:
+        archived = open_scan(args.file, args.entry)
+    except ArchiveError as exc:
+        print(f"blissdata-replay: {exc}", file=sys.stderr)
+        return 2
+    url = args.redis or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379"
+    try:
+        store = DataStore(url)
+    except (ConnectionError, ValueError) as exc:
+        print(f"blissdata-replay: {exc}", file=sys.stderr)
+        return 1
+    with archived:
+        scan = replay(store, archived, args.session, args.path, args.number, args.speed,
+                      progress=lambda d, t: print(f"\r{d}/{t} points", end="", flush=True))
+        print(f"\nreplayed {archived.path}::{archived.entry_name} as {scan.key} "
+              f"({len(scan.streams)} streams) -> {scan.path}")
+        for what, why in archived.not_replayable.items():
+            print(f"not replayed: {what}: {why}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Archived scans read like live ones; replay and rewrite round trips for every fixture."""
+
+import time
+
+import h5py
+import hdf5plugin
+import numpy as np
+import pytest
+
+from blissdata import DataStore, ScanState
+from blissdata.archive import ArchiveError, open_scan
+from blissdata.fixtures import list_fixtures, load_fixture, publish
+from blissdata.replay import main as replay_main, replay
+from writer.cli import main as writer_cli
+from writer.rewrite import rewrite
+from writer.validate import validate_file
+from writer_helpers import start_writer, wait_status
+
+
+def tree(group) -> dict:
+    """Layout of an entry: path -> NX_class (groups) or shape/dtype (datasets), without the
+    writer's own notes and times."""
+    out = {}
+
+    def visit(name, obj):
+        if name.split("/")[0] in ("writer_status", "scan_header"):
+            return
+        if isinstance(obj, h5py.Group):
+            out[name] = obj.attrs.get("NX_class")
+        else:
+            out[name] = (obj.shape, obj.dtype.str) if obj.ndim else "scalar"
+    group.visititems(visit)
+    return out
+
+
+def equal(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype.kind == "f":
+        return a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
+    return a.shape == b.shape and np.array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def round_trips(redis_url, tmp_path_factory):
+    """Every fixture: published and written (A), each entry replayed and written (B)."""
+    import redis
+
+    redis.Redis.from_url(redis_url).flushall()
+    root = tmp_path_factory.mktemp("archive")
+    store = DataStore(redis_url)
+    service, thread = start_writer(redis_url, root)
+    time.sleep(0.2)
+    out = {}
+    try:
+        for name in list_fixtures():
+            a = root / "a" / f"{name}.h5"
+            scans = publish(store, load_fixture(name), session="a", path=str(a))
+            for s in scans:
+                assert wait_status(store, s.key, timeout=60).state == "done"
+            b = root / "b" / f"{name}.h5"
+            entries = []
+            with h5py.File(a, "r", locking=False) as f:
+                entries = sorted(f)
+            for entry in entries:
+                with open_scan(str(a), entry) as archived:
+                    again = replay(store, archived, session="b", path=str(b))
+                assert wait_status(store, again.key, timeout=60).state == "done"
+            out[name] = (a, b, entries)
+    finally:
+        service.stop()
+        thread.join(30)
+    return out
+
+
+@pytest.mark.parametrize("name", list_fixtures())
+def test_replay_round_trip_gives_identical_data(round_trips, name):
+    a, b, entries = round_trips[name]
+    assert validate_file(b).ok
+    with h5py.File(a, "r", locking=False) as fa, h5py.File(b, "r", locking=False) as fb:
+        for entry in entries:
+            ta, tb = tree(fa[entry]), tree(fb[entry])
+            assert ta.keys() == tb.keys(), set(ta) ^ set(tb)
+            for path, what in ta.items():
+                assert tb[path] == what, path
+                if isinstance(fa[entry][path], h5py.Dataset) and fa[entry][path].ndim:
+                    assert equal(fa[entry][path][()], fb[entry][path][()]), path
+            assert fb[entry]["end_reason"][()] == fa[entry]["end_reason"][()]
+
+
+def test_archived_scan_has_the_live_surface(round_trips):
+    a, _, _ = round_trips["ascan"]
+    with open_scan(str(a), "1.1") as scan:
+        assert scan.state == ScanState.CLOSED and scan.update() is False
+        assert scan.info["title"] == "ascan roby -1 1 40 0.1"
+        assert scan.info["mapping"] == load_fixture("ascan")["info"]["mapping"]
+        diode = scan.streams["diode:diode"]
+        assert len(diode) == 41 and diode.dtype == np.float64
+        assert equal(diode[3:7], diode[:][3:7]) and diode[-1] == diode[40]
+        cursor = scan.cursor(["diode:diode", "axis:roby"])
+        views = cursor.read()
+        assert views["axis:roby"].index == 0 and len(views["axis:roby"]) == 41
+        assert cursor.ended == {"diode:diode", "axis:roby"}
+
+
+def test_open_scan_bad_inputs(tmp_path, round_trips):
+    a, _, _ = round_trips["ct"]
+    with pytest.raises(ArchiveError, match="no entry '9.1'.*entries: 1.1"):
+        open_scan(str(a), "9.1")
+    with pytest.raises(ArchiveError, match="no such file"):
+        open_scan(str(tmp_path / "nope.h5"))
+    text = tmp_path / "x.txt"
+    text.write_text("hello")
+    with pytest.raises(ArchiveError, match="not an HDF5 file"):
+        open_scan(str(text))
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        f["data"] = [1, 2]
+    with pytest.raises(ArchiveError, match="not a NeXus file"):
+        open_scan(str(plain))
+
+
+def test_foreign_file_replays_what_it_can(store, tmp_path, capsys, redis_url):
+    path = tmp_path / "foreign.h5"
+    with h5py.File(path, "w") as f:
+        e = f.create_group("scan7")
+        e.attrs["NX_class"] = "NXentry"
+        e["title"] = "someone else's scan"
+        d = e.create_group("data")
+        d.attrs["NX_class"] = "NXdata"
+        d["counts"] = np.arange(10.0)
+        d["counts"].attrs["units"] = "counts"
+        d["image"] = np.ones((10, 4, 4), np.uint16)
+        d["table"] = np.zeros(3, dtype=[("a", "i4"), ("b", "f8")])
+        d.attrs["signal"] = "counts"
+    with open_scan(str(path)) as scan:
+        assert sorted(scan.streams) == ["data/counts", "data/image"]
+        assert "table" in str(scan.not_replayable)
+        assert scan.info["title"] == "someone else's scan"
+    assert replay_main([str(path), "--redis", redis_url, "--session", "r",
+                        "--path", str(tmp_path / "r.h5")]) == 0
+    captured = capsys.readouterr()
+    assert "not replayed: /data/table: dtype" in captured.err
+    key = store.get_last_scan(session="r")
+    replayed = store.load_scan(key)
+    assert equal(replayed.streams["data/counts"][:], np.arange(10.0))
+    assert replayed.info["mapping"][1]["data"][1]["counts"][0] == {"units": "counts"}
+
+
+def test_replay_cli_bad_inputs(tmp_path, capsys):
+    assert replay_main([str(tmp_path / "none.h5")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_replay_at_original_pace(store, tmp_path, round_trips):
+    a2, _, _ = round_trips["a2scan"]  # 31 points, count_time 0.1: 3 s at speed 1
+    calls = []
+    with open_scan(str(a2)) as archived:
+        scan = replay(store, archived, session="pace", path=str(tmp_path / "p.h5"), speed=20,
+                      progress=lambda done, total: calls.append(done))
+    assert calls == list(range(1, 32))  # one point at a time, each at its own moment
+    assert store.redis.xlen(scan.streams["diode:diode"].key) == 32  # 31 entries + the seal
+
+
+def test_rewrite_gzip_file_to_bslz4(tmp_path, capsys):
+    src = tmp_path / "old.h5"
+    frames = np.random.default_rng(0).poisson(20, (30, 64, 64)).astype(np.uint16)
+    with h5py.File(src, "w") as f:
+        e = f.create_group("1.1")
+        e.attrs["NX_class"] = "NXentry"
+        e["title"] = "old"
+        e.create_dataset("frames", data=frames, chunks=(1, 64, 64), compression="gzip",
+                         maxshape=(None, 64, 64))
+        e["frames"].attrs["units"] = "counts"
+        e["alias"] = h5py.SoftLink("/1.1/frames")
+        e["hard"] = e["frames"]
+        e.create_dataset("vary", data=np.arange(12.0).reshape(3, 4), chunks=(2, 4),
+                         maxshape=(None, None), compression="gzip")
+    dst = tmp_path / "new.h5"
+    assert writer_cli(["rewrite", str(src), str(dst), "--compression", "bitshuffle-lz4"]) == 0
+    assert "datasets rewritten" in capsys.readouterr().out
+    with h5py.File(dst, "r") as f:
+        d = f["1.1/frames"]
+        assert np.array_equal(d[()], frames) and d.attrs["units"] == "counts"
+        assert "gzip" not in d._filters and "32008" in str(d._filters)
+        assert f["1.1/hard"].id == d.id and f.get("1.1/alias", getlink=True).path == "/1.1/frames"
+        assert np.array_equal(f["1.1/vary"][()], np.arange(12.0).reshape(3, 4))
+        assert f["1.1/title"][()] == b"old"
+    assert writer_cli(["rewrite", str(src), str(dst)]) == 2  # never overwrites
+    assert "exists" in capsys.readouterr().err
+    assert writer_cli(["rewrite", str(tmp_path / "none.h5"), str(tmp_path / "o.h5")]) == 2
+    assert writer_cli(["rewrite", str(src), str(tmp_path / "o.h5"), "--compression", "zip"]) == 2
+    assert "zip" in capsys.readouterr().err
