@@ -15,6 +15,7 @@ what cannot be read as a stream is listed in `scan.not_replayable` with the reas
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -100,16 +101,21 @@ class ArchivedStream:
         for start in range(0, len(self), 1024):
             yield from self._read(start, min(start + 1024, len(self)))
 
-    def chunks(self, start: int, stop: int) -> list[bytes] | None:
-        """The stored bslz4 chunks of points [start, stop) when the dataset holds one frame
-        per bslz4 chunk (replay then sends them untouched), else None."""
+    @functools.cached_property
+    def stored_as_frames(self) -> bool:
+        """One frame per chunk, Bitshuffle+LZ4 only: chunks are points in the bslz4 format."""
         d = self.dataset
-        if self.encoding != "bslz4" or d.chunks != (1, *d.shape[1:]) or \
-                32008 not in [d.id.get_create_plist().get_filter(i)[0]
-                              for i in range(d.id.get_create_plist().get_nfilters())]:
-            return None
-        zeros = (0,) * (d.ndim - 1)
-        return [d.id.read_direct_chunk((i, *zeros))[1] for i in range(start, stop)]
+        if self.encoding not in ("numeric", "bslz4") or self.definition.varying or \
+                d.ndim < 2 or d.is_virtual or d.chunks != (1, *d.shape[1:]):
+            return False
+        plist = d.id.get_create_plist()
+        return [plist.get_filter(i)[0] for i in range(plist.get_nfilters())] == [32008]
+
+    def chunks(self, start: int, stop: int) -> list[bytes]:
+        """The stored chunks of points [start, stop), untouched (when stored_as_frames)."""
+        zeros = (0,) * (self.dataset.ndim - 1)
+        read = self.dataset.id.read_direct_chunk
+        return [read((i, *zeros))[1] for i in range(start, stop)]
 
 
 class ArchivedCursor:

@@ -68,8 +68,11 @@ def replay(store: DataStore, archived: ArchivedScan, session: str | None = None,
                 archived.not_replayable[name] = "references stored without a virtual dataset"
                 continue
             refs[name] = _references(src, original.parent)
+        # frames stored one per Bitshuffle+LZ4 chunk travel as those chunks (no decompression
+        # here, no compression in the writer); readers get the same arrays
+        encoding = "bslz4" if src.stored_as_frames else d.encoding
         streams[name] = scan.create_stream(name, dtype=d.dtype, shape=d.shape,
-                                           encoding=d.encoding, info=d.info)
+                                           encoding=encoding, info=d.info)
     scan.prepare()
     scan.start()
     total = max((len(s) for s in archived.streams.values()), default=0)
@@ -93,8 +96,8 @@ def replay(store: DataStore, archived: ArchivedScan, session: str | None = None,
                 continue
             if name in refs:
                 batch[out] = refs[name][a:b]
-            elif src.encoding == "bslz4":
-                batch[out] = src.chunks(a, b) or src[a:b]  # stored chunks, untouched
+            elif out.encoding == "bslz4" and src.stored_as_frames:
+                batch[out] = src.chunks(a, b)  # stored chunks, untouched
             else:
                 batch[out] = src[a:b]
         scan.send_many(batch)
