@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -67,6 +69,36 @@ def writer_frames(store, root, number, frames, precompressed) -> float:
             s.send_chunks(payload[i:i + 4])
         else:
             s.send(payload[i:i + 4])
+    t1 = wait_durable(store, scan.key, ["cam:image"], len(frames))
+    scan.close()
+    return t1 - t0
+
+
+def writer_frames_backlog(store, root, number, frames, precompressed, proc) -> float:
+    """The writer alone: frames published while the writer process is paused (SIGSTOP),
+    then the time it takes, resumed, to make them durable (no producer competing for the
+    2 cores)."""
+    scan = new_scan(store, root, number, "backlog")
+    enc = "bslz4" if precompressed else "numeric"
+    s = scan.create_stream("cam:image", "uint16", frames.shape[1:], encoding=enc)
+    scan.prepare()
+    scan.start()
+    deadline = time.monotonic() + 30
+    while store.redis.hget(keys.writer_key(scan.key), "status") is None:
+        assert time.monotonic() < deadline, "writer did not pick the scan up"
+        time.sleep(0.01)
+    time.sleep(0.2)  # its entry is open, its cursor waiting
+    payload = [bslz4.compress(f) for f in frames] if precompressed else frames
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        for i in range(0, len(frames), 4):
+            if precompressed:
+                s.send_chunks(payload[i:i + 4])
+            else:
+                s.send(payload[i:i + 4])
+    finally:
+        t0 = time.perf_counter()
+        os.kill(proc.pid, signal.SIGCONT)
     t1 = wait_durable(store, scan.key, ["cam:image"], len(frames))
     scan.close()
     return t1 - t0
@@ -185,6 +217,10 @@ def main(argv=None) -> int:
             time.sleep(1.0)
             t_w = min(writer_frames(store, root, n, frames, False) for n in (1, 2))
             t_wz = min(writer_frames(store, root, n, frames, True) for n in (3, 4))
+            t_wb = min(writer_frames_backlog(store, root, n, frames, False, proc)
+                       for n in (7, 8))
+            t_wbz = min(writer_frames_backlog(store, root, n, frames, True, proc)
+                        for n in (9, 10))
             t_ws = writer_scalars(store, root, 5, args.scalar_points)
             lags = writer_lag(store, root, 6, args.lag_rate, args.lag_seconds, frames[0])
         finally:
@@ -194,10 +230,14 @@ def main(argv=None) -> int:
                  "MB/s": mb / t_h5, "ratio": 1.0})
     rows.append({"case": "frames: writer, publish -> durable in file", "MB/s": mb / t_w,
                  "ratio": t_h5 / t_w})
+    rows.append({"case": "frames: writer alone on a backlog (producer paused it)",
+                 "MB/s": mb / t_wb, "ratio": t_h5 / t_wb})
     rows.append({"case": "precompressed frames: bare write_direct_chunk (baseline)",
                  "MB/s": mb / t_direct, "ratio": 1.0})
     rows.append({"case": "precompressed frames: writer, publish -> durable (uncompressed MB/s)",
                  "MB/s": mb / t_wz, "ratio": t_direct / t_wz})
+    rows.append({"case": "precompressed frames: writer alone on a backlog",
+                 "MB/s": mb / t_wbz, "ratio": t_direct / t_wbz})
     values = args.scalar_points * CHANNELS
     rows.append({"case": "scalars 64 ch: bare h5py, batches of 100 (baseline)",
                  "points/s": args.scalar_points / t_h5s, "values/s": values / t_h5s,
