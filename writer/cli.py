@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     run.add_argument("--redis", help="Redis URL (default: config, then REDIS_URL)")
     run.add_argument("--session", action="append", help="session to follow (repeatable)")
     run.add_argument("--data-root", action="append", help="allowed data root (repeatable)")
-    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.add_argument("--log-json", action="store_true", help="one JSON object per log line")
     run.set_defaults(func=_run)
 
