@@ -19,7 +19,6 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the compression filters for reading)
 import numpy as np
 
-from . import keys
 from .exceptions import ScanNotFoundError
 
 

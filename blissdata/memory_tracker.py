@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -30,7 +29,7 @@ import time
 import redis
 
 from . import keys
-from .store import DataStore
+from .store import DataStore, url_from
 
 log = logging.getLogger("blissdata.memory_tracker")
 MB = 2**20
@@ -228,7 +227,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    url = args.redis or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379"
+    url = url_from(args.redis)
     try:
         tracker = MemoryTracker(url, int(args.budget * MB),
                                 int(args.hard_limit * MB) if args.hard_limit else None,

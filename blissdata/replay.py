@@ -15,7 +15,7 @@ import numpy as np
 
 from .archive import ArchiveError, ArchivedScan, open_scan
 from .scan import EndReason
-from .store import DataStore
+from .store import DataStore, url_from
 
 BATCH_BYTES = 2 * 2**20  # about one Redis entry per stream per batch
 
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     except ArchiveError as exc:
         print(f"blissdata-replay: {exc}", file=sys.stderr)
         return 2
-    url = args.redis or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379"
+    url = url_from(args.redis)
     try:
         store = DataStore(url)
     except (ConnectionError, ValueError) as exc:

@@ -8,7 +8,7 @@ import os
 import sys
 
 from .fixtures import FixtureError, list_fixtures, load_fixture, publish
-from .store import DataStore
+from .store import DataStore, url_from
 
 
 def main(argv=None) -> int:
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     except FixtureError as exc:
         print(f"blissdata-simulate: {exc}", file=sys.stderr)
         return 2
-    url = args.redis or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379"
+    url = url_from(args.redis)
     try:
         store = DataStore(url)
     except (ConnectionError, ValueError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 
@@ -15,6 +16,12 @@ from .exceptions import (NoScanAvailable, ProtocolVersionError, ScanNotFoundErro
 from .scan import EndReason, Scan, ScanState
 
 DEFAULT_MAX_EVENT_BYTES = 64 * 2**20
+LOCAL_URL = "redis://127.0.0.1:6379"
+
+
+def url_from(given: str | None) -> str:
+    """The Redis URL a command-line tool uses: the one given, else $REDIS_URL, else local."""
+    return given or os.environ.get("REDIS_URL") or LOCAL_URL
 _IDENTITY_FIELDS = ("session", "name", "number", "path")
 
 

@@ -3,7 +3,6 @@
 import time
 
 import h5py
-import hdf5plugin
 import numpy as np
 import pytest
 
@@ -12,7 +11,6 @@ from blissdata.archive import ArchiveError, open_scan
 from blissdata.fixtures import list_fixtures, load_fixture, publish
 from blissdata.replay import main as replay_main, replay
 from writer.cli import main as writer_cli
-from writer.rewrite import rewrite
 from writer.validate import validate_file
 from writer_helpers import start_writer, wait_status
 

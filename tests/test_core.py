@@ -134,7 +134,7 @@ def test_load_missing_scan(store):
 
 
 def test_next_scan_misses_none_between_calls(store, new_scan):
-    since, first = None, new_scan(number=0)  # created before anyone listens
+    new_scan(number=0)  # created before anyone listens
     since = store.get_next_scan(since="0-0", timeout=1)[0]
     keys_created = [new_scan(number=i).key for i in range(1, 6)]  # while "not listening"
     got = []

@@ -1,7 +1,6 @@
 """The writer service on a real Redis, writing real HDF5 files, read back with h5py."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -266,7 +265,7 @@ def test_file_locked_by_another_program(store, writer, data_root):
 
 
 def test_redis_connection_lost_then_back(store, writer, data_root):
-    service = writer()
+    writer()
     scan, data = seed_scan(store, data_root / "reconnect.h5", close=False, npoints=10)
     deadline = time.monotonic() + 5
     while durable_points(store, scan.key, SEED_STREAMS[0]) < 10:

@@ -1,6 +1,5 @@
 """Real writer processes killed (-9) mid-scan and restarted: no point lost, none doubled."""
 
-import os
 import signal
 import subprocess
 import sys

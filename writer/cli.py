@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -11,6 +10,7 @@ import sys
 from .config import ConfigError, load_config
 from .metrics import MetricsError
 from .logs import setup_logging
+from blissdata.store import url_from
 
 
 def _run(args) -> int:
@@ -41,7 +41,7 @@ def _run(args) -> int:
 def _status(args) -> int:
     from .status_command import main as status_main
 
-    url = args.redis or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379"
+    url = url_from(args.redis)
     return status_main(url, watch=args.watch, interval=args.interval)
 
 
