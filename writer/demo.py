@@ -9,7 +9,6 @@ tree of one file and where the files are, then stops everything it started.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -76,13 +75,10 @@ def main(argv=None) -> int:
         print(f"1. embedded Redis-compatible server: {server.url}")
         writer = _start(["writer.cli", "run", "--redis", server.url, "--data-root", str(out),
                          "--session", "demo"], logs / "writer.log")
-        tracker = None
-        if importlib.util.find_spec("blissdata.memory_tracker"):
-            tracker = _start(["blissdata.memory_tracker", "--redis", server.url],
-                             logs / "tracker.log")
-        print(f"2. writer (pid {writer.pid})"
-              + (f" and memory tracker (pid {tracker.pid})" if tracker else "")
-              + f" started; logs in {logs}")
+        tracker = _start(["blissdata.memory_tracker", "--redis", server.url],
+                         logs / "tracker.log")
+        print(f"2. writer (pid {writer.pid}) and memory tracker (pid {tracker.pid}) started; "
+              f"logs in {logs}")
         try:
             time.sleep(1.0)
             store = DataStore(server.url)
@@ -135,8 +131,7 @@ def main(argv=None) -> int:
             ok = len(statuses) == len(scans) and errors == 0 and all(
                 st.state == "done" for st in statuses.values())
         finally:
-            if tracker:
-                _stop(tracker)
+            _stop(tracker)
             _stop(writer)
         print("7. writer, tracker and Redis stopped.", "All good." if ok else "PROBLEMS above.")
     return 0 if ok else 1
