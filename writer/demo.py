@@ -109,6 +109,9 @@ def main(argv=None) -> int:
                 st = statuses.get(scan.key)
                 state = st.state if st else "not finished in 120 s"
                 extra = f" ({st.error})" if st and st.error else ""
+                if st and not st.error:
+                    reason = store.load_scan(scan.key).info.get("end_reason")
+                    extra = f": {max(st.points.values(), default=0)} points, {reason}"
                 print(f"   scan {scan.number:2d} {scan.name:15s} {state}{extra}")
             print("4. NeXus validation (nexusformat):")
             errors = 0
