@@ -221,7 +221,9 @@ class Stream:
 
     def _read(self, start: int, stop: int):
         """Points [start, stop) from Redis, and from the file for what Redis no longer has."""
-        pipe = self._redis.pipeline(transaction=False)
+        # MULTI/EXEC: one snapshot, so a trim between the commands cannot leave a hole
+        # (the scan's keys share a hash slot, so this holds on a cluster too).
+        pipe = self._redis.pipeline(transaction=True)
         pipe.xrevrange(self.key, keys.entry_id(start), "-", count=1)
         pipe.xrange(self.key, "(" + keys.entry_id(start), keys.entry_id(stop - 1))
         pipe.hget(keys.durable_key(self._scan.key), self.name)
