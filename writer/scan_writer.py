@@ -400,6 +400,8 @@ class ScanWriter(threading.Thread):
                 kept = f"; could not record the failure in the file: {exc}"
         self.status.error = reason + kept
         try:
+            if self.status.points and self.service.redis.exists(self.scan_key):
+                self._mark_durable(self.status.points)  # readers get the kept points
             writer_status.publish(self.service.redis, self.status)
         except redis.RedisError as exc:
             log.error("scan %s: could not publish the failure to Redis: %s", self.scan_key, exc)
