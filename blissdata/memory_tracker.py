@@ -121,12 +121,8 @@ class MemoryTracker:
         total = 0
         for name in definitions:
             data_key = keys.data_key(key, name)
-            if beyond_watermark:
-                upto = 2**62  # everything but the last entry
-            elif not save:
-                upto = 2**62
-            else:
-                upto = durable.get(name, 0)
+            # everything but the last entry, or what the writer's file holds
+            upto = 2**62 if beyond_watermark or not save else durable.get(name, 0)
             keep = keep_from(self.redis, data_key, upto)
             first = self._first_available(data_key)
             if keep is None or first is None or keep <= first:

@@ -160,6 +160,23 @@ def test_session_filter_and_per_scan_files(store, writer, data_root):
     assert not (data_root / "x_0001.h5").exists()
 
 
+def test_scan_with_save_false_gets_no_file(store, writer, data_root):
+    writer()
+    path = data_root / "unsaved.h5"
+    scan = store.create_scan({"session": "test_session", "name": "ct", "number": 1,
+                              "path": str(path)},
+                             info={"title": "ct 0.1", "type": "ct", "scan_nb": 1, "save": False})
+    diode = scan.create_stream("diode", "float64")
+    scan.prepare()
+    scan.start()
+    diode.send([1.0, 2.0])
+    scan.close()
+    assert wait_status(store, scan.key).state == "skipped"
+    assert not path.exists()
+    saved, _ = seed_scan(store, data_root / "saved.h5", number=2)  # the next one is written
+    assert wait_status(store, saved.key).state == "done"
+
+
 def test_existing_entry_is_never_overwritten(store, writer, data_root):
     writer()
     path = data_root / "taken.h5"

@@ -53,7 +53,7 @@ def start_writer(redis_url, data_root, **overrides):
     return service, thread
 
 
-def wait_status(store, scan_key, states=("done", "failed"), timeout=20.0):
+def wait_status(store, scan_key, states=("done", "failed", "skipped"), timeout=20.0):
     """The writer's status of a scan once it is in one of `states`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -108,6 +108,12 @@ class ScanWriter(threading.Thread):
             ident["session"], ident["number"], ident["name"])
         previous = writer_status.read(self.service.redis, self.scan_key)
         self._wait_for(ScanState.PREPARED)
+        if self.scan.info.get("save") is False:  # the acquisition asked for no file
+            self.status.state = "skipped"
+            writer_status.publish(self.service.redis, self.status)
+            log.info("scan %s %s:%s %s: not saved (\"save\": false in its info)",
+                     self.scan_key, ident["session"], ident["number"], ident["name"])
+            return
         self.status.expected_points = self.scan.info.get("npoints")
         layout = self._plan()
         self.layout = layout

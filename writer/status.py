@@ -23,7 +23,7 @@ class ScanStatus:
     session: str = ""
     number: int = 0
     name: str = ""
-    state: str = "waiting"  # waiting, writing, done, failed
+    state: str = "waiting"  # waiting, writing, done, failed, skipped ("save": false)
     file: str = ""
     entry: str = ""
     expected_points: int | None = None
@@ -43,7 +43,7 @@ class ScanStatus:
 
     @property
     def finished(self) -> bool:
-        return self.state in ("done", "failed")
+        return self.state in ("done", "failed", "skipped")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
