@@ -30,10 +30,20 @@ from .mapping import MappingError, parse_mapping
 from .nexus_skeleton import (EntryExistsError, finalize_entry, stream_dataset_parent,
                              write_entry)
 from .paths import PathRefused, check_link_target, resolve_scan_file
+from .read_ahead import ReadAhead
 from .references import ReferencesAppender
 from .text_appender import TextAppender
 
 log = logging.getLogger("blisswriter")
+READ_BYTES = 16 * 2**20  # target size of one read per stream
+
+
+def _nbytes(part) -> int:
+    """Memory held by one piece a cursor read: an array, or a list of points or chunks."""
+    if isinstance(part, np.ndarray):
+        return part.nbytes
+    return sum(len(p) if isinstance(p, (bytes, bytearray)) else getattr(p, "nbytes", 256)
+               for p in part)
 
 
 class ScanFailed(Exception):
@@ -60,6 +70,7 @@ class ScanWriter(threading.Thread):
         self.entry = None
         self._last_event = time.monotonic()
         self._stop_requested = threading.Event()
+        self._largest_entry = 0  # bytes of the largest Redis entry read (sizes the reads)
 
     # ---- thread body -----------------------------------------------------------------
     def run(self) -> None:
@@ -258,37 +269,45 @@ class ScanWriter(threading.Thread):
             return
         cursor = self.scan.cursor(names, start={n: a.npoints for n, a in self.appenders.items()},
                                   raw_chunks=True)
+        ahead = ReadAhead(cursor, lambda: self._entries_per_read(len(names)),
+                          name=f"read-{self.name}")
         half_lag = self.config.max_lag_s / 2
         last_flush = time.monotonic()
         last_state_check = 0.0
         dirty = False
-        while len(cursor.ended) < len(names):
-            # With data waiting to be flushed, a short wait tells "the producer paused":
-            # flush then (low latency at low rates); under a steady flow, every half lag.
-            views = cursor.read(block=True, timeout=min(0.02 if dirty else 0.1, half_lag),
-                                count=self._entries_per_read(len(names)))
-            now = time.monotonic()
-            if views:
-                self._last_event = now
-                with self.file.lock:
-                    for name, view in views.items():
-                        self._append(name, view)
-                dirty = True
-            idle = not views
-            if dirty and (idle or now - last_flush >= half_lag or self._over_budget()):
-                self._flush()
-                last_flush, dirty = now, False
-            if now - last_state_check > 0.5:
-                last_state_check = now
-                self._check_scan()
+        try:
+            while not ahead.ended:
+                # With data waiting to be flushed, a short wait tells "the producer paused":
+                # flush then (low latency at low rates); under a steady flow, every half lag.
+                views = ahead.get(timeout=min(0.02 if dirty else 0.1, half_lag))
+                now = time.monotonic()
+                if views:
+                    self._last_event = now
+                    with self.file.lock:
+                        for name, view in views.items():
+                            self._append(name, view)
+                    dirty = True
+                idle = not views
+                if dirty and (idle or now - last_flush >= half_lag or self._over_budget()):
+                    self._flush()
+                    last_flush, dirty = now, False
+                if now - last_state_check > 0.5:
+                    last_state_check = now
+                    self._check_scan()
+        finally:
+            ahead.close()
         self._flush()
 
     def _entries_per_read(self, n_streams: int) -> int:
-        """Redis entries read per stream per call, so one read fits in this scan's share of
-        the memory budget (entries are at most max_event_bytes)."""
+        """Redis entries read per stream per call, so the reads alive at once (one being
+        written, two read ahead) fit in this scan's share of the memory budget. Entries are
+        at most max_event_bytes; once some have come, the largest seen is the measure."""
         share = self.config.memory_budget_bytes // max(1, self.service.active_scans())
-        per_stream = share // max(1, n_streams) // self.service.store.max_event_bytes
-        return int(max(1, min(64, per_stream)))
+        entry_bytes = self._largest_entry or self.service.store.max_event_bytes
+        # ~16 MiB per reply is enough to make the per-call cost vanish; bigger replies
+        # only swell Redis's output buffer
+        per_stream = min(share // 3 // max(1, n_streams), READ_BYTES) // max(1, entry_bytes)
+        return int(max(1, min(256, per_stream)))
 
     def _over_budget(self) -> bool:
         pending = sum(a.pending_bytes for a in self.appenders.values())
@@ -302,6 +321,7 @@ class ScanWriter(threading.Thread):
         definition = self.definitions[name]
         try:
             for part in view.parts:  # one piece per Redis entry: no copy to join them
+                self._largest_entry = max(self._largest_entry, _nbytes(part))
                 if definition.encoding == "bslz4":
                     appender.append_compressed(part)
                 elif definition.varying:
