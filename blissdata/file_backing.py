@@ -31,17 +31,24 @@ class FileCache:
 
     def __init__(self):
         self._files: dict[str, h5py.File] = {}
+        # datasets stay open: HDF5 keeps a chunk cache per open dataset, so reading points
+        # one by one does not decompress the same chunk again each time
+        self._datasets: dict[tuple[str, str], h5py.Dataset] = {}
         self._lock = threading.Lock()
 
     def dataset(self, path: str, name: str, min_length: int = 0) -> h5py.Dataset:
         """`path`:`name`, reopened if this handle shows fewer than `min_length` points (the
         writer has flushed more since we opened it)."""
         with self._lock:
+            dset = self._datasets.get((path, name))
+            if dset is not None and dset.shape[0] >= min_length:
+                return dset
             f = self._files.get(path)
-            if f is not None and name in f and f[name].shape[0] >= min_length:
-                return f[name]
+            if f is not None and dset is None and name in f and f[name].shape[0] >= min_length:
+                dset = self._datasets[(path, name)] = f[name]
+                return dset
             if f is not None:
-                f.close()
+                self._forget(path)
             try:
                 f = self._files[path] = h5py.File(path, "r", locking=False)
             except FileNotFoundError:
@@ -53,10 +60,17 @@ class FileCache:
                 raise DataFileError(f"file {path} cannot be read: {exc}") from None
             if name not in f:
                 raise DataFileError(f"file {path} has no dataset {name}")
-            return f[name]
+            dset = self._datasets[(path, name)] = f[name]
+            return dset
+
+    def _forget(self, path: str) -> None:
+        for key in [k for k in self._datasets if k[0] == path]:
+            del self._datasets[key]
+        self._files.pop(path).close()
 
     def close(self) -> None:
         with self._lock:
+            self._datasets.clear()
             for f in self._files.values():
                 f.close()
             self._files.clear()
