@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import threading
@@ -9,6 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
+
+
+def os_reason(exc: OSError) -> str:
+    """An OSError in the system's few words (HDF5's own messages run over several lines)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full ({os.strerror(exc.errno)})"
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 @dataclass
@@ -49,7 +59,8 @@ class OpenFiles:
                 h5py.File(path, "w-", locking=False).close()
             fd = os.open(path, os.O_RDWR)
         except OSError as exc:
-            raise OSError(f"cannot create or open {path} for writing: {exc}") from None
+            raise OSError(f"cannot create or open {path} for writing: {os_reason(exc)}") \
+                from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -60,7 +71,8 @@ class OpenFiles:
             h5 = h5py.File(path, "r+", locking=False)
         except OSError as exc:
             os.close(fd)
-            raise OSError(f"cannot open {path} as HDF5 for writing: {exc}") from None
+            raise OSError(f"cannot open {path} as HDF5 for writing: {os_reason(exc)}") \
+                from None
         return OpenFile(path, h5, lock_fd=fd)
 
     @staticmethod

@@ -25,6 +25,7 @@ from blissdata.memory_tracker import trim_durable
 from . import status as writer_status
 from .dataset_writer import DatasetAppender
 from .default_mapping import default_mapping
+from .files import os_reason
 from .grid_plot import write_grid_plot
 from .mapping import MappingError, parse_mapping
 from .nexus_skeleton import (EntryExistsError, finalize_entry, stream_dataset_parent,
@@ -85,7 +86,8 @@ class ScanWriter(threading.Thread):
         except ScanNotFoundError as exc:
             self._fail(f"scan deleted from Redis while being written: {exc}")
         except OSError as exc:
-            self._fail(f"file {self.file_path}: {exc}")
+            log.debug("scan %s: %s", self.scan_key, exc)  # HDF5's full story
+            self._fail(f"file {self.file_path}: {os_reason(exc)}")
         except Exception as exc:  # a bug: keep the service alive, say it loudly
             log.exception("scan %s: unexpected error", self.scan_key)
             self._fail(f"internal error: {type(exc).__name__}: {exc}")
@@ -423,7 +425,9 @@ class ScanWriter(threading.Thread):
                     self.file.h5.flush()
                 kept = f"; {sum(durable.values())} points kept in {self.file_path}"
             except Exception as exc:  # the disk may be the problem: keep what is there
-                kept = f"; could not record the failure in the file: {exc}"
+                kept = (f"; {sum(self.status.points.values())} points durable in "
+                        f"{self.file_path} before that; the failure could not be recorded in "
+                        f"the file: {os_reason(exc)}")
         self.status.error = reason + kept
         try:
             if self.status.points and self.service.redis.exists(self.scan_key):
