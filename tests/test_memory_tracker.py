@@ -2,6 +2,9 @@
 switch to the file without noticing."""
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -76,6 +79,52 @@ def test_scan_larger_than_redis_is_written_and_read_back(small_redis, tmp_path):
         tracker.stop()
         service.stop()
         tracker_thread.join(10)
+        writer_thread.join(30)
+
+
+def test_tracker_killed_and_restarted_mid_scan(small_redis, tmp_path):
+    """A tracker process killed -9 while a scan larger than Redis runs: the producer waits
+    (Redis full), a new tracker process picks up from what Redis holds, nothing is lost."""
+    store = DataStore(small_redis, full_timeout_s=120)
+    root = tmp_path / "data"
+    root.mkdir()
+    service, writer_thread = start_writer(small_redis, root, max_lag_s=0.2)
+    command = [sys.executable, "-m", "blissdata.memory_tracker", "--redis", small_redis,
+               "--budget", "16", "--hard-limit", "64", "--interval", "0.05"]
+    trackers = [subprocess.Popen(command, stderr=subprocess.DEVNULL)]
+    try:
+        time.sleep(0.5)
+        n, shape = 480, (256, 256)  # 60 MB through a 48 MB Redis
+        base = np.random.default_rng(1).poisson(30, (8, *shape)).astype(np.uint16)
+        scan = store.create_scan({"session": "s", "name": "timescan", "number": 1,
+                                  "path": str(root / "restart.h5")},
+                                 info={"title": "t", "type": "timescan", "scan_nb": 1})
+        cam = scan.create_stream("cam", "uint16", shape)
+        scan.prepare()
+        scan.start()
+        for i in range(0, n, 8):
+            if i == n // 3:
+                trackers[0].send_signal(signal.SIGKILL)
+                trackers[0].wait()
+                # restarted after a while, from another process, while the producer waits
+                threading.Timer(1.0, lambda: trackers.append(
+                    subprocess.Popen(command, stderr=subprocess.DEVNULL))).start()
+            cam.send(base + np.uint16(i))
+        scan.close()
+        assert wait_status(store, scan.key, timeout=120).state == "done"
+        got = DataStore(small_redis).load_scan(scan.key).streams["cam"][:]
+        assert got.shape == (n, *shape)
+        for i in range(0, n, 8):
+            assert np.array_equal(got[i:i + 8], base + np.uint16(i)), i
+        assert store.redis.xrange(cam.key, "-", "+", count=1)[0][0] != b"0-1", "never trimmed"
+        assert not store.redis.hgetall(keys.lost_key(scan.key))
+    finally:
+        time.sleep(1.1)  # the restart may still be due
+        for proc in trackers:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+        service.stop()
         writer_thread.join(30)
 
 
