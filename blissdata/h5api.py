@@ -22,6 +22,12 @@ import numpy as np
 from .exceptions import ScanNotFoundError
 
 
+def _entry_order(name: str):
+    """Entries "<scan number>.<n>" in scan order; other names after them."""
+    number, _, sub = name.partition(".")
+    return (0, int(number), sub) if number.isdigit() else (1, 0, name)
+
+
 class Dataset:
     def __init__(self, name: str, attrs: dict, stream=None, value=None):
         self.name, self.attrs = name, dict(attrs)
@@ -47,9 +53,10 @@ class Dataset:
         return self.shape[0] if self.shape else 0
 
     def __getitem__(self, item):
+        whole = item is Ellipsis or (isinstance(item, tuple) and item == ())
         if self._stream is None:
-            return np.asarray(self._value)[item] if item != () else self._value
-        if item == () or item is Ellipsis:
+            return self._value if whole else np.asarray(self._value)[item]
+        if whole:
             return self._stream[:]
         if isinstance(item, tuple):
             first, rest = item[0], item[1:]
@@ -127,19 +134,21 @@ class File(Group):
         self._store = data_store
         scans = self._scans_of(self.filename)
         self._h5 = None
-        if not scans:
-            if not os.path.exists(self.filename):
-                raise FileNotFoundError(f"no scan of {self.filename} in Redis at "
-                                        f"{data_store.url} and no such file")
+        if scans:
+            entries = {scan.info.get("entry_name") or f"{scan.number}.1": scan
+                       for scan in scans}
+        elif os.path.exists(self.filename):  # archived: the file's entries, in scan order
             self._h5 = h5py.File(self.filename, "r", locking=False)
-        entries = {}
-        for scan in scans:
-            entries[scan.info.get("entry_name") or f"{scan.number}.1"] = scan
-        if entry is not None and entry not in entries and self._h5 is None:
-            raise KeyError(f"no entry {entry!r} in {self.filename} (entries: {sorted(entries)})")
+            entries = {name: None for name in sorted(self._h5, key=_entry_order)}
+        else:
+            raise FileNotFoundError(f"no scan of {self.filename} in Redis at "
+                                    f"{data_store.url} and no such file")
+        if entry is not None and entry not in entries:
+            self.close()
+            raise KeyError(f"no entry {entry!r} in {self.filename} (entries: {list(entries)})")
         self._entries = entries
         self._default = entry or (list(entries)[-1] if entries else None)
-        children = {name: (lambda n=name: self._entry(n)) for name in entries}
+        children = {name: (lambda n=name: self._resolve_abs("/" + n)) for name in entries}
         super().__init__("/", {}, children, self._resolve_abs)
 
     def _scans_of(self, path: str) -> list:
@@ -188,9 +197,11 @@ class File(Group):
             return Dataset(path, attrs, value=f[value["path"]][()])
 
     def _resolve_abs(self, path: str):
-        if self._h5 is not None:
-            return self._h5[path]
         parts = [p for p in path.split("/") if p]
+        if self._h5 is not None:
+            if parts and parts[0] not in self._entries and self._default is not None:
+                parts.insert(0, self._default)  # entry-relative, as for a live scan
+            return self._h5["/" + "/".join(parts)]
         if not parts:
             return self
         if parts[0] in self._entries:

@@ -56,6 +56,12 @@ def test_while_written_trimmed_and_after(store, redis_url, tmp_path):
             assert isinstance(archived["/1.1/measurement/diode"], h5py.Dataset)
             assert np.array_equal(archived["/1.1/measurement/diode"][()],
                                   data[SEED_STREAMS[0]])
+            # entry-relative paths read the same as while the scan was live
+            assert np.array_equal(archived["/measurement/elapsed_time"][10:20],
+                                  data[SEED_STREAMS[1]][10:20])
+            assert list(archived) == ["1.1"] and "instrument/epoch" in archived["1.1"]
+        with pytest.raises(KeyError, match="no entry '2.1'.*1.1"):
+            File(store, str(path), entry="2.1")
     finally:
         service.stop()
         thread.join(20)
