@@ -87,7 +87,11 @@ class ArchivedStream:
 
     def __getitem__(self, item):
         if isinstance(item, slice):
-            return self._read(*item.indices(len(self))[:2])[::item.step or 1]
+            start, stop, step = item.indices(len(self))
+            if step < 1:
+                raise ValueError(f"stream {self.name!r}: step must be >= 1 (got {step}), "
+                                 f"as in h5py")
+            return self._read(start, max(start, stop))[::step]
         index = int(item)
         n = len(self)
         if index < 0:

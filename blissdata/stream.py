@@ -193,6 +193,9 @@ class Stream:
         if isinstance(item, slice):
             length, sealed = self._length_and_sealed()
             start, stop, step = item.indices(length)
+            if step < 1:
+                raise ValueError(f"stream {self.name!r}: step must be >= 1 (got {step}), "
+                                 f"as in h5py")
             if start >= stop:
                 return self._empty()
             data = self._read(start, stop)

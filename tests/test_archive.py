@@ -94,6 +94,9 @@ def test_archived_scan_has_the_live_surface(round_trips):
         diode = scan.streams["diode:diode"]
         assert len(diode) == 41 and diode.dtype == np.float64
         assert equal(diode[3:7], diode[:][3:7]) and diode[-1] == diode[40]
+        assert equal(diode[2:12:5], diode[:][2:12:5]) and len(diode[9:3]) == 0
+        with pytest.raises(ValueError, match="step must be >= 1"):  # as live, as h5py
+            diode[::-1]
         cursor = scan.cursor(["diode:diode", "axis:roby"])
         views = cursor.read()
         assert views["axis:roby"].index == 0 and len(views["axis:roby"]) == 41

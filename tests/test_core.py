@@ -257,7 +257,10 @@ def test_indexing_errors(store, new_scan):
     r = store.load_scan(scan.key).streams["s"]
     assert r[9] == 9 and r[-1] == 9
     assert list(r[2:8:3]) == [2, 5]
-    assert r[20:30].shape == (0,)
+    assert r[20:30].shape == (0,) and r[7:3].shape == (0,)
+    assert list(r[-3:]) == [7, 8, 9]
+    with pytest.raises(ValueError, match="step must be >= 1"):  # as h5py
+        r[::-1]
     with pytest.raises(IndexNotYetThereError, match="10 points so far"):
         r[10]
     s.seal()
