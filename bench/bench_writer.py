@@ -309,7 +309,8 @@ def main(argv=None) -> int:
     rows.append({"case": "10,000-node mapping: validate + parse + write the entry",
                  "seconds": t_skel, "ratio": t_skel_bare / t_skel})
     print_table("Writer (ratio = baseline time / writer time, same run)", rows,
-                ["case", "MB/s", "points/s", "values/s", "seconds", "ratio", "p50 ms", "p99 ms", "max ms"])
+                ["case", "MB/s", "points/s", "values/s", "seconds", "ratio", "p50 ms", "p99 ms",
+                 "max ms"])
     write_json(args.json, "writer", rows, vars(args))
     return 0
 

@@ -22,6 +22,8 @@ LOCAL_URL = "redis://127.0.0.1:6379"
 def url_from(given: str | None) -> str:
     """The Redis URL a command-line tool uses: the one given, else $REDIS_URL, else local."""
     return given or os.environ.get("REDIS_URL") or LOCAL_URL
+
+
 _IDENTITY_FIELDS = ("session", "name", "number", "path")
 
 

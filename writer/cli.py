@@ -7,10 +7,11 @@ import os
 import signal
 import sys
 
-from .config import ConfigError, load_config
-from .metrics import MetricsError
-from .logs import setup_logging
 from blissdata.store import url_from
+
+from .config import ConfigError, load_config
+from .logs import setup_logging
+from .metrics import MetricsError
 
 
 def _run(args) -> int:
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
     run.add_argument("--redis", help="Redis URL (default: config, then REDIS_URL)")
     run.add_argument("--session", action="append", help="session to follow (repeatable)")
     run.add_argument("--data-root", action="append", help="allowed data root (repeatable)")
-    run.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--log-level", type=str.upper,
+                     choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.add_argument("--log-json", action="store_true", help="one JSON object per log line")
     run.set_defaults(func=_run)
 

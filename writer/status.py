@@ -82,11 +82,11 @@ def write_json_note(entry, name: str, data: str, description: str) -> None:
     """An NXnote `<entry>/<name>` holding JSON text (replaced if there)."""
     note = entry.require_group(name)
     note.attrs["NX_class"] = "NXnote"
-    for name, value in (("type", "application/json"), ("data", data),
-                        ("description", description)):
-        if name in note:
-            del note[name]
-        note[name] = value
+    for key, value in (("type", "application/json"), ("data", data),
+                       ("description", description)):
+        if key in note:
+            del note[key]
+        note[key] = value
 
 
 def write_note(entry, status: ScanStatus) -> None:
