@@ -8,6 +8,8 @@ import time
 import uuid
 
 import redis
+from redis.connection import (HIREDIS_AVAILABLE, Encoder, HiredisRespSerializer,
+                              PythonRespSerializer)
 
 from . import keys
 from .file_backing import FileCache
@@ -17,6 +19,7 @@ from .scan import EndReason, Scan, ScanState
 
 DEFAULT_MAX_EVENT_BYTES = 64 * 2**20
 LOCAL_URL = "redis://127.0.0.1:6379"
+_BUFFER_CUTOFF = 6000  # redis-py's: larger arguments are sent as they are, not joined
 
 
 def url_from(given: str | None) -> str:
@@ -27,8 +30,27 @@ def url_from(given: str | None) -> str:
 _IDENTITY_FIELDS = ("session", "name", "number", "path")
 
 
+class _Packer:
+    """Commands with large arguments (frames) go to the socket straight from the caller's
+    buffer; redis-py's hiredis packer would copy each argument twice (bench: 16 frames per
+    call 1.27 -> 1.74 GB/s). Commands of small arguments are packed by hiredis, in C."""
+
+    def __init__(self, encoding: str, errors: str):
+        self._python = PythonRespSerializer(_BUFFER_CUTOFF, Encoder(encoding, errors, False).encode)
+        self._hiredis = HiredisRespSerializer() if HIREDIS_AVAILABLE else self._python
+
+    def pack(self, *args):
+        for arg in args:
+            if isinstance(arg, (bytes, bytearray, memoryview)) and \
+                    memoryview(arg).nbytes > _BUFFER_CUTOFF:
+                return self._python.pack(*args)
+        return self._hiredis.pack(*args)
+
+
 def connect(url: str, **kwargs) -> redis.Redis:
     """A redis-py client for `url`; a ConnectionError that names the URL if it is down."""
+    kwargs.setdefault("command_packer", _Packer(kwargs.get("encoding", "utf-8"),
+                                                kwargs.get("encoding_errors", "strict")))
     try:
         client = redis.Redis.from_url(url, **kwargs)
         client.ping()
