@@ -36,13 +36,16 @@ class _Packer:
     call 1.27 -> 1.74 GB/s). Commands of small arguments are packed by hiredis, in C."""
 
     def __init__(self, encoding: str, errors: str):
-        self._python = PythonRespSerializer(_BUFFER_CUTOFF, Encoder(encoding, errors, False).encode)
+        encode = Encoder(encoding, errors, False).encode
+        self._python = PythonRespSerializer(_BUFFER_CUTOFF, encode)
         self._hiredis = HiredisRespSerializer() if HIREDIS_AVAILABLE else self._python
 
     def pack(self, *args):
-        for arg in args:
-            if isinstance(arg, (bytes, bytearray, memoryview)) and \
-                    memoryview(arg).nbytes > _BUFFER_CUTOFF:
+        for arg in args:  # called for every command: no allocation per argument
+            if isinstance(arg, memoryview):
+                if arg.nbytes > _BUFFER_CUTOFF:
+                    return self._python.pack(*args)
+            elif isinstance(arg, (bytes, bytearray)) and len(arg) > _BUFFER_CUTOFF:
                 return self._python.pack(*args)
         return self._hiredis.pack(*args)
 
