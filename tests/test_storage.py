@@ -3,6 +3,8 @@
 Real HDF5 files in tmp_path, read back with h5py.
 """
 
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import h5py
@@ -329,3 +331,85 @@ def test_any_sequence_reads_back_exactly(tmp_path, config, ops, seed):
         f.close()
     with h5py.File(path, "r") as f:
         check(f["d"][()])
+
+
+# ------------------------------------------------------- partial chunks and crashes
+CRASH_SCRIPT = """
+import os, sys
+import h5py, hdf5plugin, numpy as np
+from writer.dataset_writer import DatasetAppender
+path, compression, more = sys.argv[1], sys.argv[2], int(sys.argv[3])
+frames = np.random.default_rng(0).poisson(20, (200, 64, 64)).astype("uint16")
+f = h5py.File(path, "w")
+app = DatasetAppender(f, "d", "uint16", (64, 64), compression=compression, workers=0)
+app.append(frames[:8])
+app.flush()
+f.flush()  # 8 points durable: what a crash must never take back
+app.append(frames[8:8 + more])
+app.flush()  # the partial chunk rewritten (in place, or grown), the file not flushed
+os._exit(0)  # killed before the file's flush
+"""
+
+
+@pytest.mark.parametrize("compression", ["bitshuffle-lz4", "gzip", "zstd", "none"])
+@pytest.mark.parametrize("more", [1, 60])  # a rewrite that fits / one that must grow
+def test_crash_while_the_last_chunk_is_rewritten(tmp_path, compression, more):
+    """The process dies after the partial chunk was rewritten and before the file's
+    metadata flush: the points flushed before read back intact (HDF5 would otherwise have
+    put the new chunk over the old one at the same address), and appending resumes."""
+    path = tmp_path / "crash.h5"
+    done = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(path), compression,
+                           str(more)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    # read in another process first: a torn Bitshuffle/LZ4 chunk can crash the reader
+    check = ("import h5py, hdf5plugin, numpy as np\n"
+             "frames = np.random.default_rng(0).poisson(20, (200, 64, 64)).astype('uint16')\n"
+             f"d = h5py.File({str(path)!r}, 'r')['d']\n"
+             f"assert d.shape[0] in (8, {8 + more}), d.shape\n"
+             "assert np.array_equal(d[()], frames[:d.shape[0]])\n")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    frames = np.random.default_rng(0).poisson(20, (200, 64, 64)).astype("uint16")
+    with h5py.File(path, "r") as f:
+        stored = f["d"].shape[0]
+    with h5py.File(path, "a") as f:
+        app = DatasetAppender.open(f["d"], workers=0)
+        app.append(frames[stored:200])
+        assert app.close() == 200
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["d"][()], frames)
+
+
+@pytest.mark.parametrize("setting", ["bitshuffle-lz4", {"name": "gzip", "level": 1},
+                                     {"name": "zstd", "level": 3},
+                                     {"name": "blosc2", "level": 5}])
+def test_partial_chunks_padded_then_stored_exactly(tmp_path, setting):
+    """Flushed partial chunks are padded (rewrites in place) where the filter allows it;
+    the last one is stored at its exact size when the appender closes, and every version
+    reads back the same, here and in another process."""
+    frames = np.random.default_rng(1).poisson(5, (100, 64, 64)).astype("uint16")
+    path = tmp_path / "partial.h5"
+    with h5py.File(path, "w") as f:
+        app = DatasetAppender(f, "d", "uint16", (64, 64), compression=setting, workers=0)
+        sizes = []
+        for start in range(0, 100, 10):
+            app.append(frames[start:start + 10])
+            app.flush()
+            sizes.append(f["d"].id.get_chunk_info(0).size)
+            np.testing.assert_array_equal(f["d"][()], frames[:start + 10])
+        padded_sizes = sizes
+        app.close()
+        exact = f["d"].id.get_chunk_info(0).size
+        _, raw = f["d"].id.read_direct_chunk((0, 0, 0))
+        assert len(raw) == exact
+    if parse_compression(setting).name == "blosc2":  # refuses padding: HDF5's own path
+        assert exact == sizes[-1]
+    else:
+        assert len(set(padded_sizes)) < len(padded_sizes)  # rewrites in place, few growths
+        assert all(s % 4096 == 0 for s in padded_sizes) and exact < padded_sizes[-1]
+    check = ("import sys, h5py, hdf5plugin, numpy as np\n"
+             f"d = h5py.File({str(path)!r}, 'r')['d']\n"
+             "want = np.random.default_rng(1).poisson(5, (100, 64, 64)).astype('uint16')\n"
+             "assert np.array_equal(d[()], want)\n")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

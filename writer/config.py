@@ -26,6 +26,7 @@ class WriterConfig:
     file_layout: str = "shared"
     max_lag_s: float = 1.0
     memory_budget_mb: float = 512
+    disk_reserve_mb: float = 64
     inactivity_timeout_s: float = 600
     compression_threads: int = 2
     fill_value_int: int = 0
@@ -38,6 +39,10 @@ class WriterConfig:
     @property
     def memory_budget_bytes(self) -> int:
         return int(self.memory_budget_mb * 2**20)
+
+    @property
+    def disk_reserve_bytes(self) -> int:
+        return int(self.disk_reserve_mb * 2**20)
 
     def compression_for(self, stream_name: str) -> dict:
         """Compression setting of a stream: per-stream override (first match) or default."""

@@ -17,8 +17,13 @@ How points travel (all HDF5 calls happen on the caller's thread):
     measured as fast as the pool; see :mod:`blissdata.bslz4`) and no executor/workers given.
   - other settings: ``dataset[a:b] = chunk`` (HDF5 runs the filter on this thread).
 
-* ``flush()`` waits for the chunks in flight, then writes the partial tail through h5py's
-  normal path; the tail stays in memory and its chunk is rewritten whole when it fills.
+* ``flush()`` waits for the chunks in flight, then writes the partial tail; the tail stays in
+  memory and its chunk is rewritten whole when it fills. A partial chunk is stored padded to
+  a fixed size so that HDF5 rewrites it in place: points already in the file are never put
+  at risk by the next rewrite (see :mod:`writer.partial_chunks`). When a chunk stored that
+  way fills up, the file is flushed at once after its final write.
+* ``flush()`` flushes no metadata itself (``H5Dflush`` would write the chunk index without
+  the superblock's end of file); the caller flushes the file.
 * The dataset's length (``dataset.shape[0]``) only covers points actually written, so a
   reader of the file never sees fill values in place of points still in memory.
 * ``append_compressed`` stores frames already in the bslz4 chunk format untouched (in order
@@ -48,6 +53,7 @@ from blissdata import bslz4
 
 from .chunking import chunk_shape
 from .compression import dataset_is_bslz4, parse_compression
+from .partial_chunks import ChunkCompressor, capacity_for, padded, padding_tolerated
 
 __all__ = ["DatasetAppender", "default_fill_value"]
 
@@ -150,6 +156,10 @@ class DatasetAppender:
         self._queue: deque = deque()  # (end point, [(offset, Future | bytes)], nbytes)
         self._queued_bytes = 0
         self._max_inflight = 2 * max(self._workers, 1) + 2
+        dcpl = dset.id.get_create_plist()
+        self._filtered = dcpl.get_nfilters() > 0
+        self._pad = padding_tolerated(dcpl)  # partial chunks stored padded, see flush()
+        self._compressor = None  # made when first needed (filters other than bslz4)
         # one frame per chunk, whole frame: precompressed frames can go in untouched
         self._direct_frames = (self._bslz4 and not self._varying
                                and self._chunks == (1, *point_shape))
@@ -160,7 +170,15 @@ class DatasetAppender:
         self._k = stored - self._tail_start
         if self._k:
             self._tail[:self._k] = dset[self._tail_start:stored]
-        self._tail_flushed = self._k  # tail points already written through h5py
+        self._tail_flushed = self._k  # tail points already in the file
+        # the tail's chunks as the file holds them, padded: offset -> (filter mask, bytes)
+        self._held: dict[tuple, tuple[int, bytes]] = {}
+        if self._k and self._pad:  # resuming: what the file holds is what to protect
+            for offset, _ in self._split(self._tail):
+                try:
+                    self._held[offset] = dset.id.read_direct_chunk((self._tail_start, *offset))
+                except (KeyError, OSError, RuntimeError):  # no such chunk: nothing to protect
+                    pass
         self._point_nbytes = self.dtype.itemsize * int(np.prod(self._cur, dtype=np.int64))
 
     # ------------------------------------------------------------------ properties
@@ -368,7 +386,14 @@ class DatasetAppender:
                 self._tail = self._new_tail()
                 self._k = 0
                 self._tail_flushed = 0
-                self._write_block(tail)
+                if self._held:  # flushed partially: replace the padded chunks safely
+                    self._drain(keep=0)
+                    self._store(tail, padding=False, length=self._tail_start + n)
+                    self._tail_start += n
+                    # its old index entry must not outlive this write for long
+                    self._dset.file.flush()
+                else:
+                    self._write_block(tail)
 
     def _write_block(self, block: np.ndarray) -> None:
         """A complete chunk row of points starting at self._tail_start: write (or queue)."""
@@ -446,30 +471,73 @@ class DatasetAppender:
                 write(offset, data)
             self._queued_bytes -= nbytes
 
-    def flush(self) -> int:
-        """Write every appended point into the HDF5 dataset (the partial chunk too, through
-        h5py's normal path) and return the number of points stored (== npoints)."""
+    def flush(self, final: bool = False) -> int:
+        """Write every appended point into the HDF5 dataset and return the number of points
+        stored (== npoints). The partial tail is stored padded, so that its rewrites happen
+        in place (:mod:`writer.partial_chunks`); ``final=True`` (no more points will come:
+        the end of a scan) stores it at its exact size. The caller flushes the file."""
         self._drain(keep=0)
         end = self._tail_start + self._k
-        if self._tail_flushed < self._k:
+        if (self._held and final) or (self._pad and not final and self._tail_flushed < self._k):
+            self._tail[self._k:] = self.fill_value  # rows past the points: fill, not garbage
+            self._store(self._tail, padding=not final, length=end)
+        elif self._tail_flushed < self._k:  # HDF5's own path
             self._set_length(end)
-            a, b = self._tail_start + self._tail_flushed, end
-            self._dset[(slice(a, b), *(slice(0, s) for s in self._cur))] = \
+            a = self._tail_start + self._tail_flushed
+            self._dset[(slice(a, end), *(slice(0, s) for s in self._cur))] = \
                 self._tail[self._tail_flushed:self._k]
-            self._tail_flushed = self._k
         else:
             self._set_length(end)
-        self._dset.flush()
+        self._tail_flushed = self._k
         return self._length
 
+    def _store(self, block: np.ndarray, padding: bool, length: int) -> None:
+        """Store the chunks of the chunk row ``block`` (at ``self._tail_start``) compressed,
+        padded or at their exact size, over the padded versions the file may hold, and make
+        the dataset ``length`` points long. A version that must grow is first written again
+        at the new size, and the file flushed (with the old length), before the new bytes go
+        in (see :mod:`writer.partial_chunks`)."""
+        write = self._dset.id.write_direct_chunk
+        pieces, grown = [], False
+        for offset, part in self._split(block):
+            mask, data = self._compress_chunk(part)
+            size = len(data)
+            old = self._held.get(offset)
+            if padding:
+                size = len(old[1]) if old and size <= len(old[1]) else capacity_for(size)
+            coord = (self._tail_start, *offset)
+            if old and size > len(old[1]):
+                write(coord, padded(old[1], size), filter_mask=old[0])
+                grown = True
+            pieces.append((offset, coord, mask, padded(data, size)))
+        if grown:
+            self._dset.file.flush()
+        self._set_length(length)
+        self._held = {}
+        for offset, coord, mask, data in pieces:
+            write(coord, data, filter_mask=mask)
+            if padding:
+                self._held[offset] = (mask, data)
+
+    def _compress_chunk(self, part: np.ndarray) -> tuple[int, bytes]:
+        """(filter mask, stored bytes) of one full chunk, as HDF5 would store it."""
+        if self._bslz4:
+            return 0, bslz4.compress(part)
+        if self._compressor is None:
+            self._compressor = ChunkCompressor(self._dset)
+        return self._compressor.compress(part)
+
     def close(self) -> int:
-        """flush(), then stop the thread pool if this appender made it."""
+        """flush(final=True), then stop the thread pool if this appender made it."""
         try:
-            return self.flush()
+            return self.flush(final=True)
         finally:
             if self._own_executor is not None:
                 self._own_executor.shutdown(wait=True)
                 self._own_executor = None
+            if self._compressor is not None:
+                self._compressor.close()
+                self._compressor = None
 
     def __enter__(self):
         return self

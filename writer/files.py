@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,13 +14,56 @@ from pathlib import Path
 import h5py
 
 
-def os_reason(exc: OSError) -> str:
-    """An OSError in the system's few words (HDF5's own messages run over several lines)."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"disk full ({os.strerror(exc.errno)})"
-    if exc.errno:
-        return os.strerror(exc.errno)
+def os_reason(exc: BaseException) -> str:
+    """A file error in the system's few words (HDF5's own messages run over several lines).
+
+    h5py raises OSError for most file errors but RuntimeError for some (a failed flush), with
+    the errno only inside the message ("errno = 28"); both are understood."""
+    code = getattr(exc, "errno", None)
+    if not code:
+        found = re.search(r"errno = (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full ({os.strerror(code)})"
+    if code:
+        return os.strerror(code)
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def _load_fallocate():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fallocate = libc.fallocate
+    except (OSError, AttributeError):  # not Linux
+        return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fallocate
+
+
+_fallocate = _load_fallocate()
+
+
+def reserve_space(fd: int, offset: int, length: int) -> bool:
+    """Allocate the disk blocks of bytes [offset, offset + length) of a file without changing
+    its size (Linux ``fallocate`` with FALLOC_FL_KEEP_SIZE): writes there can then not fail
+    for lack of space. False where the system or file system cannot do it; OSError (ENOSPC)
+    when the disk has not that much room."""
+    if _fallocate is None:
+        return False
+    if _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(code, os.strerror(code))
+
+
+def is_file_error(exc: BaseException) -> bool:
+    """An error from the file system: an OSError, or h5py's RuntimeError carrying an errno."""
+    return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "errno = " in str(exc))
 
 
 @dataclass
@@ -28,6 +73,11 @@ class OpenFile:
     lock: threading.RLock = field(default_factory=threading.RLock)
     users: int = 0
     lock_fd: int = -1  # holds the exclusive file lock other HDF5 programs respect
+
+    def reserve(self, nbytes: int) -> bool:
+        """Hold ``nbytes`` of disk beyond the file's end for the writes to come (see
+        :func:`reserve_space`); the room not used is given back when the file is closed."""
+        return reserve_space(self.lock_fd, self.h5.id.get_filesize(), nbytes)
 
 
 class OpenFiles:
@@ -83,6 +133,10 @@ class OpenFiles:
             except Exception:  # closing a file on a full disk may fail: data was flushed
                 pass
             finally:
+                try:  # give back the room reserved beyond the end (truncate to the same size)
+                    os.ftruncate(handle.lock_fd, os.fstat(handle.lock_fd).st_size)
+                except OSError:
+                    pass
                 os.close(handle.lock_fd)  # releases the lock
 
     def release(self, handle: OpenFile) -> None:

@@ -70,7 +70,7 @@ class ReferencesAppender:
                                  f"{exc}") from None
         return self._source_meta[key]
 
-    def flush(self) -> int:
+    def flush(self, final: bool = False) -> int:  # same signature as DatasetAppender
         if self._built == len(self._refs) or not self._refs:
             return self._built if self._built >= 0 else 0
         shape, dtype = self._meta(*self._refs[0][:2])

@@ -8,7 +8,9 @@ in the file when it can, without touching the other scans.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from blissdata.memory_tracker import trim_durable
 from . import status as writer_status
 from .dataset_writer import DatasetAppender
 from .default_mapping import default_mapping
-from .files import os_reason
+from .files import is_file_error, os_reason
 from .grid_plot import write_grid_plot
 from .mapping import MappingError, parse_mapping
 from .nexus_skeleton import (EntryExistsError, finalize_entry, stream_dataset_parent,
@@ -85,12 +87,13 @@ class ScanWriter(threading.Thread):
             self._fail(str(exc))
         except ScanNotFoundError as exc:
             self._fail(f"scan deleted from Redis while being written: {exc}")
-        except OSError as exc:
-            log.debug("scan %s: %s", self.scan_key, exc)  # HDF5's full story
-            self._fail(f"file {self.file_path}: {os_reason(exc)}")
-        except Exception as exc:  # a bug: keep the service alive, say it loudly
-            log.exception("scan %s: unexpected error", self.scan_key)
-            self._fail(f"internal error: {type(exc).__name__}: {exc}")
+        except Exception as exc:
+            if is_file_error(exc):
+                log.debug("scan %s: %s", self.scan_key, exc)  # HDF5's full story
+                self._fail(f"file {self.file_path}: {os_reason(exc)}")
+            else:  # a bug: keep the service alive, say it loudly
+                log.exception("scan %s: unexpected error", self.scan_key)
+                self._fail(f"internal error: {type(exc).__name__}: {exc}")
         finally:
             self._release_file()
             self.service.scan_finished(self)
@@ -285,6 +288,8 @@ class ScanWriter(threading.Thread):
                 now = time.monotonic()
                 if views:
                     self._last_event = now
+                    self._check_disk_room(sum(_nbytes(part) for view in views.values()
+                                              for part in view.parts))
                     with self.file.lock:
                         for name, view in views.items():
                             self._append(name, view)
@@ -298,7 +303,7 @@ class ScanWriter(threading.Thread):
                     self._check_scan()
         finally:
             ahead.close()
-        self._flush()
+        self._flush(final=True)  # every stream ended: last chunks compressed
 
     def _entries_per_read(self, n_streams: int) -> int:
         """Redis entries read per stream per call, so the reads alive at once (one being
@@ -310,6 +315,32 @@ class ScanWriter(threading.Thread):
         # only swell Redis's output buffer
         per_stream = min(share // 3 // max(1, n_streams), READ_BYTES) // max(1, entry_bytes)
         return int(max(1, min(256, per_stream)))
+
+    def _check_disk_room(self, incoming: int) -> None:
+        """Fail the scan while its disk still has room for HDF5 to record that cleanly: a
+        write cut short by a full disk can leave the file's metadata half-flushed and the
+        points already there unreadable. The room for the writes ahead plus
+        ``disk_reserve_mb`` is allocated beyond the file's end (other programs cannot take
+        it); where the file system cannot do that, its free space is checked instead."""
+        reserve = self.config.disk_reserve_bytes
+        if not reserve:  # 0: the check is off
+            return
+        need = incoming + sum(a.pending_bytes for a in self.appenders.values()) + reserve
+        why = (f"and the writer keeps {self.config.disk_reserve_mb:g} MB for the file "
+               f"(disk_reserve_mb) so that it stays readable")
+        try:
+            if self.file.reserve(need):
+                return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise ScanFailed(f"disk full: no room for the next {need / 1e6:.1f} MB of "
+                             f"{self.file_path}, {why}") from None
+        folder = self.file_path.parent
+        st = os.statvfs(folder)
+        free = st.f_bavail * st.f_frsize
+        if free < need:
+            raise ScanFailed(f"disk full: {free / 1e6:.1f} MB left in {folder}, {why}")
 
     def _over_budget(self) -> bool:
         pending = sum(a.pending_bytes for a in self.appenders.values())
@@ -333,9 +364,9 @@ class ScanWriter(threading.Thread):
         except ValueError as exc:
             raise ScanFailed(f"stream {name!r} at point {view.index}: {exc}") from None
 
-    def _flush(self) -> None:
+    def _flush(self, final: bool = False) -> None:
         with self.file.lock:
-            durable = {name: a.flush() for name, a in self.appenders.items()}
+            durable = {name: a.flush(final) for name, a in self.appenders.items()}
             self.file.h5.flush()
         try:
             self._mark_durable(durable)

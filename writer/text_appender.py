@@ -40,5 +40,5 @@ class TextAppender:
         self._dset.resize(start + len(points), axis=0)
         self._dset[start:] = [json.dumps(p) for p in points]
 
-    def flush(self) -> int:
+    def flush(self, final: bool = False) -> int:  # same signature as DatasetAppender
         return self._dset.shape[0]
