@@ -77,3 +77,50 @@ def test_kill_9_mid_scan_then_restart(store, tmp_path):
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_killed_again_and_again_while_points_arrive(store, tmp_path):
+    """A slow producer (the last chunk of each stream is flushed partially and rewritten
+    at every flush) and a writer killed -9 at random moments three times, restarted each
+    time: the file ends with every point once, in order."""
+    data_root = tmp_path / "data"
+    data_root.mkdir()
+    log_path = tmp_path / "writer.log"
+    rng = np.random.default_rng(7)
+    path = data_root / "kills.h5"
+    scan = store.create_scan({"session": "s", "name": "ascan", "number": 1, "path": str(path)},
+                             info={"title": "killed", "type": "ascan", "scan_nb": 1})
+    diode = scan.create_stream("diode", "float64")
+    cam = scan.create_stream("cam", "uint16", (32, 32))
+    scan.prepare()
+    scan.start()
+    values = rng.random(1200)
+    frames = rng.poisson(30, (1200, 32, 32)).astype(np.uint16)
+    proc = start_writer_process(store.url, data_root, log_path)
+    try:
+        sent = 0
+        for _kill in range(3):
+            until = time.monotonic() + rng.uniform(1.0, 2.0)
+            while time.monotonic() < until and sent < 1200:
+                scan.send_many({diode: values[sent:sent + 10], cam: frames[sent:sent + 10]})
+                sent += 10
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            proc = start_writer_process(store.url, data_root, log_path)
+        while sent < 1200:
+            scan.send_many({diode: values[sent:sent + 10], cam: frames[sent:sent + 10]})
+            sent += 10
+        scan.stop()
+        scan.close(EndReason.SUCCESS)
+        st = wait_status(store, scan.key, timeout=60)
+        assert st.state == "done", (st.error, log_path.read_text()[-5000:])
+        with h5py.File(path, "r", locking=False) as f:
+            np.testing.assert_array_equal(f["1.1/measurement/diode"][()], values)
+            np.testing.assert_array_equal(f["1.1/measurement/cam"][()], frames)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
