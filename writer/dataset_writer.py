@@ -18,10 +18,10 @@ How points travel (all HDF5 calls happen on the caller's thread):
   - other settings: ``dataset[a:b] = chunk`` (HDF5 runs the filter on this thread).
 
 * ``flush()`` waits for the chunks in flight, then writes the partial tail; the tail stays in
-  memory and its chunk is rewritten whole when it fills. A partial chunk is stored padded to
-  a fixed size so that HDF5 rewrites it in place: points already in the file are never put
-  at risk by the next rewrite (see :mod:`writer.partial_chunks`). When a chunk stored that
-  way fills up, the file is flushed at once after its final write.
+  memory and its chunk is rewritten whole when it fills. A partial chunk is stored padded,
+  so that HDF5 rewrites it in place: points already in the file are never put at risk by
+  the next rewrite (see :mod:`writer.partial_chunks`). When a chunk stored that way fills
+  up, the file is flushed at once after its final write.
 * ``flush()`` flushes no metadata itself (``H5Dflush`` would write the chunk index without
   the superblock's end of file); the caller flushes the file.
 * The dataset's length (``dataset.shape[0]``) only covers points actually written, so a
@@ -156,9 +156,7 @@ class DatasetAppender:
         self._queue: deque = deque()  # (end point, [(offset, Future | bytes)], nbytes)
         self._queued_bytes = 0
         self._max_inflight = 2 * max(self._workers, 1) + 2
-        dcpl = dset.id.get_create_plist()
-        self._filtered = dcpl.get_nfilters() > 0
-        self._pad = padding_tolerated(dcpl)  # partial chunks stored padded, see flush()
+        self._pad = padding_tolerated(dset.id.get_create_plist())  # see flush()
         self._compressor = None  # made when first needed (filters other than bslz4)
         # one frame per chunk, whole frame: precompressed frames can go in untouched
         self._direct_frames = (self._bslz4 and not self._varying
@@ -171,14 +169,16 @@ class DatasetAppender:
         if self._k:
             self._tail[:self._k] = dset[self._tail_start:stored]
         self._tail_flushed = self._k  # tail points already in the file
-        # the tail's chunks as the file holds them, padded: offset -> (filter mask, bytes)
-        self._held: dict[tuple, tuple[int, bytes]] = {}
+        # the tail's chunks as the file holds them, padded:
+        # offset in the point axes -> (filter mask, compressed bytes, stored size)
+        self._held: dict[tuple, tuple[int, bytes, int]] = {}
         if self._k and self._pad:  # resuming: what the file holds is what to protect
             for offset, _ in self._split(self._tail):
                 try:
-                    self._held[offset] = dset.id.read_direct_chunk((self._tail_start, *offset))
+                    mask, data = dset.id.read_direct_chunk((self._tail_start, *offset))
                 except (KeyError, OSError, RuntimeError):  # no such chunk: nothing to protect
-                    pass
+                    continue
+                self._held[offset] = (mask, data, len(data))
         self._point_nbytes = self.dtype.itemsize * int(np.prod(self._cur, dtype=np.int64))
 
     # ------------------------------------------------------------------ properties
@@ -210,9 +210,11 @@ class DatasetAppender:
     @property
     def pending_bytes(self) -> int:
         """Bytes of point data this appender holds in memory: the chunks queued for
-        compression/writing plus the tail (the points of the chunk being filled, including
-        those already flushed, kept to write the chunk whole once it fills)."""
-        return self._queued_bytes + self._k * self._point_nbytes
+        compression/writing, the tail (the points of the chunk being filled, including
+        those already flushed, kept to write the chunk whole once it fills) and the tail's
+        compressed bytes as the file holds them (kept to rewrite them safely)."""
+        return (self._queued_bytes + self._k * self._point_nbytes
+                + sum(len(data) for _, data, _ in self._held.values()))
 
     @property
     def is_bslz4(self) -> bool:
@@ -504,20 +506,20 @@ class DatasetAppender:
             size = len(data)
             old = self._held.get(offset)
             if padding:
-                size = len(old[1]) if old and size <= len(old[1]) else capacity_for(size)
+                size = old[2] if old and size <= old[2] else capacity_for(size)
             coord = (self._tail_start, *offset)
-            if old and size > len(old[1]):
+            if old and size > old[2]:
                 write(coord, padded(old[1], size), filter_mask=old[0])
                 grown = True
-            pieces.append((offset, coord, mask, padded(data, size)))
+            pieces.append((offset, coord, mask, data, size))
         if grown:
             self._dset.file.flush()
         self._set_length(length)
         self._held = {}
-        for offset, coord, mask, data in pieces:
-            write(coord, data, filter_mask=mask)
+        for offset, coord, mask, data, size in pieces:
+            write(coord, padded(data, size), filter_mask=mask)
             if padding:
-                self._held[offset] = (mask, data)
+                self._held[offset] = (mask, data, size)
 
     def _compress_chunk(self, part: np.ndarray) -> tuple[int, bytes]:
         """(filter mask, stored bytes) of one full chunk, as HDF5 would store it."""
