@@ -51,23 +51,32 @@ def service(redis_url, roots, redis_client):
     thread.join(30)
 
 
-def test_disk_full(store, roots, service):
+def camera_scan_on_small_disk(store, roots, frame_shape, nframes, seed):
+    """A scan writing to a fresh 4 MB tmpfs, its first 8 frames (of `nframes` of noise)
+    already durable: (scan, camera stream, frames, file path, the tmpfs folder)."""
     root, mounted = roots
     small = root / "small"
     mount_tmpfs(small, "size=4m")
     mounted.append(small)
     path = small / "full.h5"
     scan = store.create_scan({"session": "s", "name": "timescan", "number": 1, "path": str(path)},
-                             info={"title": "fills the disk", "type": "timescan", "scan_nb": 1})
-    cam = scan.create_stream("cam", "uint16", (256, 256))
+                             info={"title": "small disk", "type": "timescan", "scan_nb": 1})
+    cam = scan.create_stream("cam", "uint16", frame_shape)
     scan.prepare()
     scan.start()
-    noise = np.random.default_rng(0).integers(0, 2**16, (80, 256, 256), dtype=np.uint16)
-    cam.send(noise[:8])  # 1 MB: fits
+    noise = np.random.default_rng(seed).integers(0, 2**16, (nframes, *frame_shape),
+                                                 dtype=np.uint16)
+    cam.send(noise[:8])
     deadline = time.monotonic() + 10
     while durable_points(store, scan.key, "cam") < 8:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    return scan, cam, noise, path, small
+
+
+def test_disk_full(store, roots, service):
+    root, _ = roots
+    scan, cam, noise, path, small = camera_scan_on_small_disk(store, roots, (256, 256), 80, 0)
     other, other_data = seed_scan(store, root / "ok" / "other.h5", number=2, close=False)
     cam.send(noise[8:])  # 9 MB more, incompressible: the disk would fill
     st = wait_status(store, scan.key)
@@ -95,28 +104,11 @@ def fill(folder):
 
 
 def test_disk_filled_by_another_program(store, roots, service):
-    """Another program takes every byte left while the last chunk, flushed partially, is
-    being filled and new chunks follow. Rewriting that chunk needs no new space (it is
-    stored padded, rewritten in place); the next chunk fails. Nothing is left for the
-    failure note either: HDF5 then fails the flush itself (h5py raises RuntimeError there,
-    not OSError). The scan fails with the reason and the points kept, what was durable
-    stays readable, and the writer goes on."""
-    root, mounted = roots
-    small = root / "small"
-    mount_tmpfs(small, "size=4m")
-    mounted.append(small)
-    path = small / "full.h5"
-    scan = store.create_scan({"session": "s", "name": "timescan", "number": 1, "path": str(path)},
-                             info={"title": "disk taken", "type": "timescan", "scan_nb": 1})
-    cam = scan.create_stream("cam", "uint16", (64, 64))
-    scan.prepare()
-    scan.start()
-    noise = np.random.default_rng(1).integers(0, 2**16, (400, 64, 64), dtype=np.uint16)
-    cam.send(noise[:8])
-    deadline = time.monotonic() + 10
-    while durable_points(store, scan.key, "cam") < 8:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    """Another program takes every byte left: the writer cannot reserve room for the next
+    writes and fails the scan while the room it reserved before lets HDF5 close the file
+    cleanly. The points kept read back, and the writer goes on."""
+    root, _ = roots
+    scan, cam, noise, path, small = camera_scan_on_small_disk(store, roots, (64, 64), 400, 1)
     fill(small)
     cam.send(noise[8:])
     scan.stop()
@@ -138,25 +130,11 @@ def test_disk_full_with_the_reserve_off(store, roots, redis_url):
     scan fails with that reason and the points durable before, and the writer goes on.
     (Whether the file stays readable is then up to where HDF5's flush was cut: the reason
     the reserve is on by default.)"""
-    root, mounted = roots
+    root, _ = roots
     service, thread = start_writer(redis_url, root, disk_reserve_mb=0)
     try:
-        small = root / "small"
-        mount_tmpfs(small, "size=4m")
-        mounted.append(small)
-        path = small / "full.h5"
-        scan = store.create_scan({"session": "s", "name": "timescan", "number": 1,
-                                  "path": str(path)},
-                                 info={"title": "no reserve", "type": "timescan", "scan_nb": 1})
-        cam = scan.create_stream("cam", "uint16", (256, 256))
-        scan.prepare()
-        scan.start()
-        noise = np.random.default_rng(2).integers(0, 2**16, (80, 256, 256), dtype=np.uint16)
-        cam.send(noise[:8])
-        deadline = time.monotonic() + 10
-        while durable_points(store, scan.key, "cam") < 8:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        scan, cam, noise, path, small = camera_scan_on_small_disk(store, roots, (256, 256),
+                                                                  80, 2)
         cam.send(noise[8:])
         st = wait_status(store, scan.key)
         assert st.state == "failed"
