@@ -20,6 +20,14 @@ def start_writer_process(redis_url, data_root, log_path):
         stdout=log, stderr=subprocess.STDOUT)
 
 
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def test_kill_9_mid_scan_then_restart(store, tmp_path):
     data_root = tmp_path / "data"
     data_root.mkdir()
@@ -72,11 +80,7 @@ def test_kill_9_mid_scan_then_restart(store, tmp_path):
         with h5py.File(path2, "r", locking=False) as f:
             assert np.array_equal(f["2.1/measurement/diode"][()], np.arange(5.0))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def test_killed_again_and_again_while_points_arrive(store, tmp_path):
@@ -119,8 +123,4 @@ def test_killed_again_and_again_while_points_arrive(store, tmp_path):
             np.testing.assert_array_equal(f["1.1/measurement/diode"][()], values)
             np.testing.assert_array_equal(f["1.1/measurement/cam"][()], frames)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
