@@ -167,7 +167,8 @@ def main(argv=None):
                         help="points per channel for the scalar case (64 channels)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="frame cases: best time of this many runs (a shared machine)")
-    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--json", default="bench/results/storage.json",
+                        help="write the results to this JSON file")
     parser.add_argument("--tmpdir", default=str(Path(__file__).resolve().parent),
                         help="where the temporary directory of HDF5 files is made")
     args = parser.parse_args(argv)
