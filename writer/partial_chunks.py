@@ -20,8 +20,8 @@ stored are first written again at the new size (HDF5 may put them at the same ad
 bytes there do not change) and the file is flushed; only then do the new bytes go in, in
 place. When the chunk fills up, or the stream ends, it is stored at its exact size.
 
-Filters whose decoder refuses trailing bytes (Blosc, Blosc2, Fletcher32) keep HDF5's normal
-path: rewrites there change size, with the risk above (documented in the README).
+Other filters (Blosc2 and Fletcher32 refuse trailing bytes; others are untested) keep HDF5's
+normal path: rewrites there change size, with the risk above (documented in the README).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import numpy as np
 
 __all__ = ["padding_tolerated", "capacity_for", "padded", "ChunkCompressor"]
 
-#: filters whose decoder ignores bytes after its compressed stream: shuffle, deflate, LZ4,
-#: Bitshuffle, Zstd
-PADDING_TOLERANT = {1, 2, 32004, 32008, 32015}
+#: filters whose decoder ignores bytes after its compressed stream (each tested): shuffle,
+#: deflate, Bitshuffle, Zstd
+PADDING_TOLERANT = {1, 2, 32008, 32015}
 
 _scratch_names = itertools.count()
 
