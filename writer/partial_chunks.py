@@ -67,8 +67,10 @@ class ChunkCompressor:
                                backing_store=False)
         chunks = dataset.chunks
         space = h5py.h5s.create_simple(chunks, chunks)
+        no_cache = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+        no_cache.set_chunk_cache(0, 0, 1.0)  # the chunk goes straight through the filters
         dsid = h5py.h5d.create(self._file.id, b"chunk", dataset.id.get_type(), space,
-                               dcpl=dataset.id.get_create_plist())
+                               dcpl=dataset.id.get_create_plist(), dapl=no_cache)
         self._dset = h5py.Dataset(dsid)
         self._origin = (0,) * len(chunks)
 
