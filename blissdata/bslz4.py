@@ -149,13 +149,14 @@ def uncompressed_nbytes(chunk) -> int:
     return _HEADER.unpack_from(chunk, 0)[0]
 
 
-def check_chunk(chunk, dtype, shape) -> None:
+def check_chunk(chunk, dtype, shape, padded: bool = False) -> None:
     """Check a chunk's header and block structure against ``dtype``/``shape``, without
-    decompressing. Raises ValueError saying what is wrong (expected vs found)."""
-    _check(memoryview(chunk).cast("B"), np.dtype(dtype), tuple(int(d) for d in shape))
+    decompressing. Raises ValueError saying what is wrong (expected vs found).
+    ``padded=True`` accepts bytes after the last block (as HDF5's decoder does)."""
+    _check(memoryview(chunk).cast("B"), np.dtype(dtype), tuple(int(d) for d in shape), padded)
 
 
-def _check(buf: memoryview, dtype: np.dtype, shape: tuple) -> int:
+def _check(buf: memoryview, dtype: np.dtype, shape: tuple, padded: bool = False) -> int:
     """Validate; return the block size in elements."""
     n = len(buf)
     if n < HEADER_SIZE:
@@ -192,7 +193,7 @@ def _check(buf: memoryview, dtype: np.dtype, shape: tuple) -> int:
         pos += 4 + size
         if pos > n:
             raise ValueError(f"bslz4 chunk truncated: {n} bytes, block {i} ends at byte {pos}")
-    if pos + leftover != n:
+    if pos + leftover > n or (pos + leftover < n and not padded):
         raise ValueError(f"bslz4 chunk size {n} bytes does not match its blocks: expected "
                          f"{pos + leftover} bytes ({pos} of blocks + {leftover} raw)")
     return block

@@ -84,3 +84,9 @@ def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError):
         bslz4.check_chunk(chunk[:-1], "uint16", (1000,))
     bslz4.check_chunk(chunk, "uint16", (1000,))
+    # padded (as the writer stores partial chunks): accepted only when asked, never truncated
+    bslz4.check_chunk(chunk + bytes(100), "uint16", (1000,), padded=True)
+    with pytest.raises(ValueError, match="does not match its blocks"):
+        bslz4.check_chunk(chunk + bytes(100), "uint16", (1000,))
+    with pytest.raises(ValueError, match="truncated"):
+        bslz4.check_chunk(chunk[:-1], "uint16", (1000,), padded=True)

@@ -413,3 +413,29 @@ def test_partial_chunks_padded_then_stored_exactly(tmp_path, setting):
              "assert np.array_equal(d[()], want)\n")
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_resume_refuses_a_damaged_last_chunk(tmp_path):
+    """A torn Bitshuffle/LZ4 chunk (what a write cut short leaves) would crash HDF5's
+    decoder; resuming checks its structure first and says what is wrong instead."""
+    path = tmp_path / "torn.h5"
+    frames = np.random.default_rng(3).poisson(20, (8, 64, 64)).astype("uint16")
+    with h5py.File(path, "w") as f:
+        app = DatasetAppender(f, "d", "uint16", (64, 64), workers=0)
+        app.append(frames)
+        app.flush()
+        full = np.zeros((128, 64, 64), "uint16")
+        full[:8] = frames
+        torn = bslz4.compress(full)[:20000]  # the header and a few blocks: the rest is lost
+        f["d"].id.write_direct_chunk((0, 0, 0), torn)
+    check = ("import h5py, hdf5plugin\n"
+             "from writer.dataset_writer import DatasetAppender\n"
+             f"f = h5py.File({str(path)!r}, 'a')\n"
+             "try:\n"
+             "    DatasetAppender.open(f['d'], workers=0)\n"
+             "except ValueError as exc:\n"
+             "    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dataset '/d'" in done.stdout and "last chunk is damaged" in done.stdout
+    assert "bslz4 chunk truncated" in done.stdout

@@ -25,7 +25,7 @@ from blissdata.encoding import StreamDefinition
 from blissdata.memory_tracker import trim_durable
 
 from . import status as writer_status
-from .dataset_writer import DatasetAppender
+from .dataset_writer import DatasetAppender, check_last_chunks
 from .default_mapping import default_mapping
 from .files import is_file_error, os_reason
 from .grid_plot import write_grid_plot
@@ -247,6 +247,10 @@ class ScanWriter(threading.Thread):
         """Resume on a dataset written before a crash: keep only the points published as
         durable (what came after may be half-written); Redis still has the rest."""
         keep = min(durable, dataset.shape[0])
+        try:
+            check_last_chunks(dataset)  # before the resize reads it
+        except ValueError as exc:
+            raise ScanFailed(str(exc)) from None
         if dataset.shape[0] != keep:
             dataset.resize(keep, axis=0)
         if definition.encoding == "json":
