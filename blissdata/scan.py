@@ -6,6 +6,8 @@ import datetime
 import enum
 import json
 
+import redis
+
 from . import keys
 from .encoding import StreamDefinition, make_definition
 from .exceptions import ScanNotFoundError, ScanStateError, StreamError
@@ -150,8 +152,11 @@ class Scan:
         for k, v in fields.items():
             argv += [k, v]
         try:
-            self._store._redis.eval(_TRANSITION, 2, self.key, keys.state_key(self.key), *argv)
-        except Exception as exc:
+            self._store.while_full(
+                lambda: self._store._redis.eval(_TRANSITION, 2, self.key,
+                                                keys.state_key(self.key), *argv),
+                f"scan {self.key} did not go to {new.name}")
+        except redis.ResponseError as exc:
             message = str(exc)
             if "NOSCAN" in message:
                 raise ScanNotFoundError(f"scan {self.key} no longer exists") from None

@@ -13,8 +13,8 @@ from redis.connection import (HIREDIS_AVAILABLE, Encoder, HiredisRespSerializer,
 
 from . import keys
 from .file_backing import FileCache
-from .exceptions import (NoScanAvailable, ProtocolVersionError, ScanNotFoundError,
-                         ScanStateError)
+from .exceptions import (NoScanAvailable, ProtocolVersionError, RedisFullError,
+                         ScanNotFoundError, ScanStateError)
 from .scan import EndReason, Scan, ScanState
 
 DEFAULT_MAX_EVENT_BYTES = 64 * 2**20
@@ -71,8 +71,8 @@ class DataStore:
     ``redis://user:password@host``.
 
     `max_event_bytes` bounds one Redis entry: batches are split below it and a single point
-    above it is refused. `full_timeout_s`: how long `send()` waits, retrying, while Redis is
-    full (maxmemory) before it raises RedisFullError.
+    above it is refused. `full_timeout_s`: how long `send()`, `seal()` and state changes
+    wait, retrying, while Redis is full (maxmemory) before they raise RedisFullError.
     """
 
     def __init__(self, url: str, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
@@ -85,12 +85,32 @@ class DataStore:
         self._check_protocol()
 
     def _check_protocol(self) -> None:
-        self._redis.set(keys.PROTOCOL_KEY, keys.PROTOCOL_VERSION, nx=True)
+        # read first: a client (a restarted memory tracker, say) must be able to start while
+        # Redis is full, when writes are refused
         found = self._redis.get(keys.PROTOCOL_KEY)
+        if found is None:
+            self._redis.set(keys.PROTOCOL_KEY, keys.PROTOCOL_VERSION, nx=True)
+            found = self._redis.get(keys.PROTOCOL_KEY)
         if int(found) != keys.PROTOCOL_VERSION:
             raise ProtocolVersionError(
                 f"Redis at {self.url} holds blissdata protocol version {found.decode()}, "
                 f"this library speaks version {keys.PROTOCOL_VERSION}")
+
+    def while_full(self, write, what: str):
+        """``write()``, retried while Redis is full (maxmemory: the memory tracker waits for
+        the writer's watermark) for up to ``full_timeout_s``; then RedisFullError naming
+        ``what``. The producer slows down; nothing is lost or written twice."""
+        deadline = time.monotonic() + self.full_timeout_s
+        delay = 0.01
+        while True:
+            try:
+                return write()
+            except redis.OutOfMemoryError as exc:
+                if time.monotonic() > deadline:
+                    raise RedisFullError(f"Redis at {self.url} stayed full (maxmemory) for "
+                                         f"{self.full_timeout_s} s; {what}") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     @property
     def redis(self) -> redis.Redis:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import redis
 
 from . import file_backing, keys
 from .encoding import StreamDefinition, decode, encode, raw_chunks
-from .exceptions import (EndOfStream, IndexNotYetThereError, RedisFullError,
-                         IndexWontBeThereError, StreamError, StreamSealedError)
+from .exceptions import (EndOfStream, IndexNotYetThereError, IndexWontBeThereError,
+                         StreamError, StreamSealedError)
 
 # Raise the durable watermark of a stream, never lower it. KEYS[1] durable hash;
 # ARGV: stream name, JSON {"file", "dataset", "points"}.
@@ -116,31 +115,23 @@ class Stream:
         and retry up to the store's `full_timeout_s`: the producer slows down, nothing is
         lost or written twice."""
         prepared = [(s, s._prepare_send(d)) for s, d in batches.items()]
-        store = self._scan._store
-        deadline = time.monotonic() + store.full_timeout_s
-        delay = 0.01
-        while True:
+
+        def write():
             pipe = self._redis.pipeline(transaction=True)
             for stream, entries in prepared:
                 for entry_id, fields in entries:
                     pipe.xadd(stream.key, fields, id=entry_id)
-            try:
-                pipe.execute()
-                break
-            except redis.OutOfMemoryError as exc:
-                if time.monotonic() > deadline:
-                    raise RedisFullError(
-                        f"Redis at {store.url} stayed full (maxmemory) for "
-                        f"{store.full_timeout_s} s; nothing of this batch of "
-                        f"{[s.name for s, _ in prepared]} was written") from exc
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
-            except redis.ResponseError as exc:
-                if "equal or smaller" in str(exc):
-                    raise StreamSealedError(
-                        f"scan {self._scan.key}: another producer wrote or sealed one of "
-                        f"{[s.name for s, _ in prepared]}: {exc}") from exc
-                raise
+            pipe.execute()
+
+        names = [s.name for s, _ in prepared]
+        try:
+            self._scan._store.while_full(write, f"nothing of this batch of {names} was written")
+        except redis.ResponseError as exc:
+            if "equal or smaller" in str(exc):
+                raise StreamSealedError(
+                    f"scan {self._scan.key}: another producer wrote or sealed one of "
+                    f"{names}: {exc}") from exc
+            raise
         for stream, entries in prepared:
             stream._next_index += sum(int(f["n"]) for _, f in entries)
 
@@ -150,8 +141,10 @@ class Stream:
             raise StreamSealedError(f"stream {self.name!r} of scan {self._scan.key} "
                                     f"is already sealed")
         try:
-            self._redis.xadd(self.key, {"end": self._next_index},
-                             id=keys.entry_id(self._next_index))
+            self._scan._store.while_full(
+                lambda: self._redis.xadd(self.key, {"end": self._next_index},
+                                         id=keys.entry_id(self._next_index)),
+                f"stream {self.name!r} was not sealed")
         except redis.ResponseError as exc:
             raise StreamSealedError(f"stream {self.name!r} of scan {self._scan.key} "
                                     f"could not be sealed (sealed elsewhere?): {exc}") from exc

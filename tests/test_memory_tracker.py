@@ -11,6 +11,7 @@ import time
 import h5py
 import numpy as np
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from blissdata import DataStore, IndexNoMoreThereError, keys
@@ -124,6 +125,51 @@ def test_tracker_killed_and_restarted_mid_scan(small_redis, tmp_path):
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait(10)
+        service.stop()
+        writer_thread.join(30)
+
+
+def test_tracker_and_writer_start_while_redis_is_full(small_redis, tmp_path):
+    """Redis over maxmemory (it refuses every write), no tracker and no writer running: both
+    start anyway (starting must not need a write), and together they make room again for
+    the producer, which waits meanwhile."""
+    store = DataStore(small_redis)
+    root = tmp_path / "data"
+    root.mkdir()
+    scan = store.create_scan({"session": "s", "name": "timescan", "number": 1,
+                              "path": str(root / "full.h5")},
+                             info={"title": "t", "type": "timescan", "scan_nb": 1})
+    cam = scan.create_stream("cam", "uint16", (256, 256))
+    scan.prepare()
+    scan.start()
+    frames = np.random.default_rng(4).poisson(30, (8, 256, 256)).astype(np.uint16)
+    for _ in range(3):
+        cam.send(frames)
+    used = store.redis.info("memory")["used_memory"]
+    store.redis.config_set("maxmemory", used - MB)  # full: every write is refused now
+    with pytest.raises(redis.OutOfMemoryError):
+        store.redis.set("probe", 1)
+    producer = threading.Thread(target=cam.send, args=(frames,))  # waits for room
+    producer.start()
+    command = [sys.executable, "-m", "blissdata.memory_tracker", "--redis", small_redis,
+               "--budget", "16", "--hard-limit", "64", "--interval", "0.05"]
+    tracker = subprocess.Popen(command, stderr=subprocess.PIPE)
+    service, writer_thread = start_writer(small_redis, root, max_lag_s=0.2)
+    try:
+        time.sleep(2.0)
+        assert tracker.poll() is None, tracker.stderr.read().decode()[-2000:]
+        store.redis.config_set("maxmemory", 48 * MB)
+        producer.join(60)
+        assert not producer.is_alive()
+        scan.close()
+        assert wait_status(store, scan.key, timeout=60).state == "done"
+        got = DataStore(small_redis).load_scan(scan.key).streams["cam"][:]
+        assert got.shape == (32, 256, 256)
+        for i in range(4):
+            assert np.array_equal(got[8 * i:8 * i + 8], frames)
+    finally:
+        tracker.terminate()
+        tracker.wait(10)
         service.stop()
         writer_thread.join(30)
 

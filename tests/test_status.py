@@ -77,8 +77,14 @@ def test_metrics_endpoint(store, data_root, redis_url):
         time.sleep(0.1)
         scan, _ = seed_scan(store, data_root / "m.h5", npoints=30)
         assert wait_status(store, scan.key).state == "done"
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-        text = text.decode()
+        # the scan counts as finished once its thread is done, just after its last status
+        deadline = time.monotonic() + 10
+        while True:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                          timeout=5).read().decode()
+            if "blisswriter_scans_active 0.0" in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert "blisswriter_points_written_total 90.0" in text  # 3 streams x 30 points
         assert 'blisswriter_scans_finished_total{state="done"} 1.0' in text
         assert "blisswriter_scans_active 0.0" in text

@@ -300,14 +300,16 @@ class ScanWriter(threading.Thread):
                     dirty = True
                 idle = not views
                 if dirty and (idle or now - last_flush >= half_lag or self._over_budget()):
-                    self._flush()
-                    last_flush, dirty = now, False
+                    dirty = not self._flush()  # not published (Redis full): again soon
+                    last_flush = now
                 if now - last_state_check > 0.5:
                     last_state_check = now
                     self._check_scan()
         finally:
             ahead.close()
-        self._flush(final=True)  # every stream ended: last chunks compressed
+        while not self._flush(final=True):  # last chunks compressed; Redis full: retry
+            self._check_scan()
+            time.sleep(0.1)
 
     def _entries_per_read(self, n_streams: int) -> int:
         """Redis entries read per stream per call, so the reads alive at once (one being
@@ -368,7 +370,9 @@ class ScanWriter(threading.Thread):
         except ValueError as exc:
             raise ScanFailed(f"stream {name!r} at point {view.index}: {exc}") from None
 
-    def _flush(self, final: bool = False) -> None:
+    def _flush(self, final: bool = False) -> bool:
+        """Make every point appended durable and publish the watermarks; False if Redis was
+        too full to take them (the caller flushes again soon)."""
         with self.file.lock:
             durable = {name: a.flush(final) for name, a in self.appenders.items()}
             self.file.h5.flush()
@@ -379,7 +383,12 @@ class ScanWriter(threading.Thread):
             # lets anything be trimmed: make room by trimming what is now in the file.
             for name, points in durable.items():
                 trim_durable(self.service.redis, self.scan.streams[name].key, points)
-            self._mark_durable(durable)
+            try:
+                self._mark_durable(durable)
+            except redis.OutOfMemoryError:  # still above maxmemory: next flush, more trimmed
+                log.debug("scan %s: Redis full, watermark not published this time",
+                          self.scan_key)
+                return False
         t = time.time()
         written = sum(points * (self.definitions[n].point_nbytes or 0)
                       for n, points in durable.items())
@@ -391,11 +400,9 @@ class ScanWriter(threading.Thread):
         self.status.lag_points = max(0, published - sum(durable.values()))
         self.status.bytes_written = written
         self.status.points = durable
-        try:
-            writer_status.publish(self.service.redis, self.status)
-        except redis.OutOfMemoryError:  # Redis full: the status waits for the next flush
-            log.debug("scan %s: Redis full, status not published this time", self.scan_key)
+        writer_status.publish(self.service.redis, self.status)  # Redis full: next time
         self.service.record_flush(self.scan_key, new_points, new_bytes, self.status.lag_points)
+        return True
 
     def _mark_durable(self, durable: dict) -> None:
         for name, points in durable.items():
@@ -436,12 +443,23 @@ class ScanWriter(threading.Thread):
             self.status.state = "done"
             writer_status.write_note(self.entry, self.status)
             self.file.h5.flush()
-        writer_status.publish(self.service.redis, self.status)
+        self._publish_final_status()
         total = sum(self.status.points.values())
         log.info("scan %s %s:%s done: %d points in %d streams, %.1f MB -> %s::/%s (%s)",
                  self.scan_key, self.scan.session, self.scan.number, total,
                  len(self.appenders), self.status.bytes_written / 1e6, self.file_path,
                  self.entry_name, self.scan.info.get("end_reason"))
+
+    def _publish_final_status(self, patience_s: float = 30.0) -> None:
+        """The last status of a scan must get out: while Redis is full, try again (the
+        memory tracker makes room) for a while."""
+        deadline = time.monotonic() + patience_s
+        while not writer_status.publish(self.service.redis, self.status):
+            if time.monotonic() > deadline:
+                log.error("scan %s: Redis stayed full for %.0f s; its final status (%s) is "
+                          "only in the file", self.scan_key, patience_s, self.status.state)
+                return
+            time.sleep(0.1)
 
     def _fail(self, reason: str) -> None:
         self.status.state = "failed"
@@ -467,7 +485,11 @@ class ScanWriter(threading.Thread):
         try:
             if self.status.points and self.service.redis.exists(self.scan_key):
                 self._mark_durable(self.status.points)  # readers get the kept points
-            writer_status.publish(self.service.redis, self.status)
+        except redis.RedisError as exc:
+            log.error("scan %s: could not publish the points kept to Redis: %s",
+                      self.scan_key, exc)
+        try:
+            self._publish_final_status()
         except redis.RedisError as exc:
             log.error("scan %s: could not publish the failure to Redis: %s", self.scan_key, exc)
 

@@ -55,13 +55,19 @@ class ScanStatus:
         return cls(**known)
 
 
-def publish(client: redis.Redis, status: ScanStatus) -> None:
+def publish(client: redis.Redis, status: ScanStatus) -> bool:
+    """Put a scan's status in Redis. False when Redis is full (maxmemory): a status is not
+    worth failing a scan for; it goes out with the next publish."""
     status.updated = time.time()
     pipe = client.pipeline(transaction=False)
     pipe.hset(keys.writer_key(status.scan_key), "status", status.to_json())
     pipe.zadd(WRITER_SCANS, {status.scan_key: status.updated})
     pipe.zremrangebyscore(WRITER_SCANS, 0, status.updated - RECENT_S)
-    pipe.execute()
+    try:
+        pipe.execute()
+    except redis.OutOfMemoryError:
+        return False
+    return True
 
 
 def read(client: redis.Redis, scan_key: str) -> ScanStatus | None:
