@@ -82,6 +82,7 @@ class DataStore:
         self.full_timeout_s = float(full_timeout_s)
         self._redis = connect(url, **redis_kwargs)
         self._files = FileCache()  # files holding points trimmed from Redis, opened once
+        self._script_flags = None  # known once asked (script_flags())
         self._check_protocol()
 
     def _check_protocol(self) -> None:
@@ -95,6 +96,13 @@ class DataStore:
             raise ProtocolVersionError(
                 f"Redis at {self.url} holds blissdata protocol version {found.decode()}, "
                 f"this library speaks version {keys.PROTOCOL_VERSION}")
+
+    def script_flags(self) -> bool:
+        """Whether the server takes Lua script flags (``#!lua flags=...``, Redis >= 7)."""
+        if self._script_flags is None:
+            version = self._redis.info("server").get("redis_version", "0")
+            self._script_flags = int(str(version).split(".")[0]) >= 7
+        return self._script_flags
 
     def while_full(self, write, what: str):
         """``write()``, retried while Redis is full (maxmemory: the memory tracker waits for

@@ -24,6 +24,9 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return new['points']
 """
+# The same, run even when Redis is full (script flags, Redis >= 7): the watermark is what
+# lets the memory tracker make room, so it must get in then most of all.
+_MARK_FILE_BACKED_ALLOW_OOM = "#!lua flags=allow-oom" + _MARK_FILE_BACKED
 
 
 class Stream:
@@ -256,8 +259,10 @@ class Stream:
     def mark_file_backed(self, file: str, dataset: str, points: int) -> int:
         """Say that points [0, points) are durable in `file`:`dataset`. Never lowers."""
         value = json.dumps({"file": file, "dataset": dataset, "points": int(points)})
-        return int(self._redis.eval(_MARK_FILE_BACKED, 1, keys.durable_key(self._scan.key),
-                                    self.name, value))
+        script = (_MARK_FILE_BACKED_ALLOW_OOM if self._scan._store.script_flags()
+                  else _MARK_FILE_BACKED)
+        return int(self._redis.eval(script, 1, keys.durable_key(self._scan.key), self.name,
+                                    value))
 
     @property
     def file_backing(self) -> dict | None:

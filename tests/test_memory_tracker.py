@@ -129,6 +129,27 @@ def test_tracker_killed_and_restarted_mid_scan(small_redis, tmp_path):
         writer_thread.join(30)
 
 
+def test_watermark_gets_in_while_redis_is_full(small_redis):
+    """The durable watermark is what lets the tracker make room: it is published even when
+    Redis refuses every other write (a script flagged allow-oom)."""
+    store = DataStore(small_redis)
+    assert store.script_flags()  # Valkey here; Redis < 7 gets the plain script
+    scan = store.create_scan({"session": "s", "name": "ct", "number": 1, "path": "/tmp/x.h5"},
+                             info={"title": "t", "type": "ct", "scan_nb": 1})
+    stream = scan.create_stream("diode", "float64")
+    scan.prepare()
+    scan.start()
+    stream.send(np.arange(300_000.0))  # 2.4 MB: enough to set maxmemory 1 MB below it
+    store.redis.config_set("maxmemory", store.redis.info("memory")["used_memory"] - MB)
+    try:
+        with pytest.raises(redis.OutOfMemoryError):
+            store.redis.set("probe", 1)
+        assert stream.mark_file_backed("/tmp/x.h5", "/1.1/measurement/diode", 10) == 10
+        assert stream.file_backing["points"] == 10
+    finally:
+        store.redis.config_set("maxmemory", 48 * MB)
+
+
 def test_tracker_and_writer_start_while_redis_is_full(small_redis, tmp_path):
     """Redis over maxmemory (it refuses every write), no tracker and no writer running: both
     start anyway (starting must not need a write), and together they make room again for
