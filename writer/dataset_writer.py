@@ -55,7 +55,7 @@ from .chunking import chunk_shape
 from .compression import dataset_is_bslz4, parse_compression
 from .partial_chunks import ChunkCompressor, capacity_for, padded, padding_tolerated
 
-__all__ = ["DatasetAppender", "check_last_chunks", "default_fill_value"]
+__all__ = ["DatasetAppender", "default_fill_value", "last_chunks"]
 
 
 def default_fill_value(dtype):
@@ -77,27 +77,32 @@ def _compress_in_worker(part: np.ndarray) -> bytes:
     return bslz4.compress(part)
 
 
-def check_last_chunks(dset: h5py.Dataset) -> None:
-    """Raise ValueError if the last chunk row of a Bitshuffle+LZ4 dataset is torn (what a
-    write cut short leaves): HDF5's decoder would crash the process on it, so check its
-    structure before anything reads it (resuming, or shrinking the dataset)."""
+def last_chunks(dset: h5py.Dataset) -> dict[tuple, tuple[int, bytes]]:
+    """The chunks of the last chunk row as stored: {offset in the point axes: (filter mask,
+    bytes)}. Raises ValueError if one of a Bitshuffle+LZ4 dataset is torn (what a write cut
+    short leaves): HDF5's decoder would crash the process on it, so this runs before
+    anything reads that row (resuming, or shrinking the dataset)."""
     n, points = dset.chunks[0], dset.shape[0]
-    if not points or not dataset_is_bslz4(dset):
-        return
+    if not points:
+        return {}
     start = (points - 1) // n * n
+    check = dataset_is_bslz4(dset)
     grids = [range(0, s, c) for s, c in zip(dset.shape[1:], dset.chunks[1:])]
+    found = {}
     for offset in itertools.product(*grids):
         try:
             mask, data = dset.id.read_direct_chunk((start, *offset))
         except (KeyError, OSError, RuntimeError):  # never written: reads as fill value
             continue
-        if mask:
-            continue
-        try:
-            bslz4.check_chunk(data, dset.dtype, dset.chunks, padded=True)
-        except ValueError as exc:
-            raise ValueError(f"dataset {dset.name!r} in {dset.file.filename}: its last chunk "
-                             f"is damaged ({exc}); cannot resume appending to it") from None
+        if check and not mask:
+            try:
+                bslz4.check_chunk(data, dset.dtype, dset.chunks, padded=True)
+            except ValueError as exc:
+                raise ValueError(f"dataset {dset.name!r} in {dset.file.filename}: its last "
+                                 f"chunk is damaged ({exc}); cannot resume appending to "
+                                 "it") from None
+        found[offset] = (mask, data)
+    return found
 
 
 def _immutable(arr: np.ndarray) -> bool:
@@ -194,14 +199,9 @@ class DatasetAppender:
         # offset in the point axes -> (filter mask, compressed bytes, stored size)
         self._held: dict[tuple, tuple[int, bytes, int]] = {}
         if self._k:  # resuming on a partial chunk: what the file holds is what to protect
-            for offset, _ in self._split(self._tail):
-                try:
-                    mask, data = dset.id.read_direct_chunk((self._tail_start, *offset))
-                except (KeyError, OSError, RuntimeError):  # no such chunk: nothing to protect
-                    continue
+            for offset, (mask, data) in last_chunks(dset).items():
                 if self._pad:
                     self._held[offset] = (mask, data, len(data))
-            check_last_chunks(dset)
             self._tail[:self._k] = dset[self._tail_start:stored]
         self._point_nbytes = self.dtype.itemsize * int(np.prod(self._cur, dtype=np.int64))
 

@@ -25,7 +25,7 @@ from blissdata.encoding import StreamDefinition
 from blissdata.memory_tracker import trim_durable
 
 from . import status as writer_status
-from .dataset_writer import DatasetAppender, check_last_chunks
+from .dataset_writer import DatasetAppender, last_chunks
 from .default_mapping import default_mapping
 from .files import is_file_error, os_reason
 from .grid_plot import write_grid_plot
@@ -247,18 +247,18 @@ class ScanWriter(threading.Thread):
         """Resume on a dataset written before a crash: keep only the points published as
         durable (what came after may be half-written); Redis still has the rest."""
         keep = min(durable, dataset.shape[0])
-        try:
-            check_last_chunks(dataset)  # before the resize reads it
+        try:  # a ValueError says what in the file cannot be appended to (a torn chunk, ...)
+            if dataset.shape[0] != keep:
+                last_chunks(dataset)  # a torn last row must not reach the resize's decoder
+                dataset.resize(keep, axis=0)
+            if definition.encoding == "json":
+                return TextAppender.open(dataset)
+            if definition.encoding == "references":
+                return ReferencesAppender.open(dataset, self.file_path, self._check_source)
+            return DatasetAppender.open(dataset, executor=self.service.pool,
+                                        workers=self.config.compression_threads)
         except ValueError as exc:
             raise ScanFailed(str(exc)) from None
-        if dataset.shape[0] != keep:
-            dataset.resize(keep, axis=0)
-        if definition.encoding == "json":
-            return TextAppender.open(dataset)
-        if definition.encoding == "references":
-            return ReferencesAppender.open(dataset, self.file_path, self._check_source)
-        return DatasetAppender.open(dataset, executor=self.service.pool,
-                                    workers=self.config.compression_threads)
 
     def _check_source(self, path: str) -> None:
         check_link_target(path, str(self.file_path), self.config.data_roots)
