@@ -1,13 +1,13 @@
 """blissdata: unified access to acquisition data, live in Redis or archived in files."""
 
 from .exceptions import (EndOfStream, IndexNoMoreThereError, IndexNotYetThereError,
-                         IndexWontBeThereError, NoScanAvailable, ScanNotFoundError,
-                         ScanStateError, SchemaError, StreamError, StreamSealedError)
+                         IndexWontBeThereError, NoScanAvailable, RedisUnreachableError,
+                         ScanNotFoundError, ScanStateError, SchemaError, StreamError, StreamSealedError)
 from .scan import EndReason, Scan, ScanState
 from .store import DataStore
 from .stream import CursorGroup, Stream, StreamView
 
 __all__ = ["DataStore", "Scan", "ScanState", "EndReason", "Stream", "StreamView",
            "CursorGroup", "EndOfStream", "IndexNoMoreThereError", "IndexNotYetThereError",
-           "IndexWontBeThereError", "NoScanAvailable", "ScanNotFoundError", "ScanStateError",
+           "IndexWontBeThereError", "NoScanAvailable", "RedisUnreachableError", "ScanNotFoundError", "ScanStateError",
            "SchemaError", "StreamError", "StreamSealedError"]

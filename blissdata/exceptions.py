@@ -1,5 +1,7 @@
 """Errors users of blissdata can catch. Each message says what was wrong and where."""
 
+import redis
+
 
 class BlissdataError(Exception):
     """Base class of every blissdata error."""
@@ -58,3 +60,9 @@ class EndOfStream(BlissdataError):
 
 class RedisFullError(BlissdataError):
     """Redis stayed at maxmemory longer than the store's full_timeout_s; nothing was written."""
+
+
+class RedisUnreachableError(BlissdataError, redis.ConnectionError, ConnectionError):
+    """A wait lost its Redis connection and could not get it back: Redis stayed unreachable
+    for the store's `reconnect_timeout_s`, or until the wait's own timeout passed. Also a
+    `redis.ConnectionError` and a builtin `ConnectionError`, for code that catches those."""

@@ -47,11 +47,14 @@ class EmbeddedRedis:
     """Start a private server: ``with EmbeddedRedis() as server: DataStore(server.url)``.
 
     `maxmemory` (bytes) and `extra_args` are passed to the server, e.g. to test trimming
-    under a small memory budget.
+    under a small memory budget. `port`: a given TCP port (default: a free one, kept across
+    `stop()` and `start()`, so a restarted server has the same URL).
     """
 
     def __init__(self, unix_socket: bool = False, maxmemory: int | None = None,
-                 extra_args: list[str] | None = None, startup_timeout: float = 10.0):
+                 extra_args: list[str] | None = None, startup_timeout: float = 10.0,
+                 port: int | None = None):
+        self.port = port
         self.unix_socket = unix_socket
         self.maxmemory = maxmemory
         self.extra_args = list(extra_args or [])
@@ -70,9 +73,9 @@ class EmbeddedRedis:
             args += ["--port", "0", "--unixsocket", sock, "--unixsocketperm", "700"]
             self.url = f"unix://{sock}"
         else:
-            port = _free_port()
-            args += ["--port", str(port), "--bind", "127.0.0.1"]
-            self.url = f"redis://127.0.0.1:{port}"
+            self.port = self.port or _free_port()
+            args += ["--port", str(self.port), "--bind", "127.0.0.1"]
+            self.url = f"redis://127.0.0.1:{self.port}"
         if self.maxmemory:
             args += ["--maxmemory", str(self.maxmemory), "--maxmemory-policy", "noeviction"]
         args += self.extra_args

@@ -13,6 +13,7 @@ from .encoding import StreamDefinition, make_definition
 from .exceptions import ScanNotFoundError, ScanStateError, StreamError
 from .schemas import validate_scan_info
 from .stream import CursorGroup, Stream
+from .waiting import Deadline, wait_for
 
 
 class ScanState(enum.IntEnum):
@@ -123,14 +124,23 @@ class Scan:
 
     # ---- waiting for changes (readers) -------------------------------------------------
     def update(self, block: bool = True, timeout: float | None = None) -> bool:
-        """Wait for the next state change; True if the state changed (info reloaded)."""
-        block_ms = None if not block else (0 if timeout is None else max(1, int(timeout * 1000)))
+        """Wait for the next state change; True if the state changed (info reloaded), False
+        when `timeout` seconds (None: for ever) passed without one, or at once if not
+        `block`. A lost connection is retried (RedisUnreachableError if it stays lost)."""
+        if not block:
+            return self._next_state(None)
+        changed = wait_for(self._store, lambda block_ms: self._next_state(block_ms) or None,
+                           Deadline(timeout), f"waiting for a state change of scan {self.key}")
+        return bool(changed)
+
+    def _next_state(self, block_ms: int | None) -> bool:
+        """One XREAD of the state stream; reloads the scan if the state changed."""
         reply = self._store._redis.xread({keys.state_key(self.key): self._state_id},
                                          block=block_ms)
         if not reply:
             return False
-        self._state_id = reply[0][1][-1][0]
         self._reload()
+        self._state_id = reply[0][1][-1][0]  # after the reload: a retry reads it again
         return True
 
     # ---- producer ------------------------------------------------------------------------

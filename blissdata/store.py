@@ -16,6 +16,7 @@ from .file_backing import FileCache
 from .exceptions import (NoScanAvailable, ProtocolVersionError, RedisFullError,
                          ScanNotFoundError, ScanStateError)
 from .scan import EndReason, Scan, ScanState
+from .waiting import Deadline, call_retrying, longest_block_s, wait_for
 
 DEFAULT_MAX_EVENT_BYTES = 64 * 2**20
 LOCAL_URL = "redis://127.0.0.1:6379"
@@ -73,14 +74,21 @@ class DataStore:
     `max_event_bytes` bounds one Redis entry: batches are split below it and a single point
     above it is refused. `full_timeout_s`: how long `send()`, `seal()` and state changes
     wait, retrying, while Redis is full (maxmemory) before they raise RedisFullError.
+    `reconnect_timeout_s`: how long a blocking wait (`get_next_scan`, `Scan.update`,
+    `cursor.read`) keeps reconnecting, with backoff, after losing Redis before it raises
+    RedisUnreachableError (None: for ever). Waits of any length work whatever the socket
+    timeout (`socket_timeout`, redis-py's default 5 s): see blissdata/waiting.py.
     """
 
     def __init__(self, url: str, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-                 full_timeout_s: float = 60.0, **redis_kwargs):
+                 full_timeout_s: float = 60.0, reconnect_timeout_s: float | None = 60.0,
+                 **redis_kwargs):
         self.url = url
         self.max_event_bytes = int(max_event_bytes)
         self.full_timeout_s = float(full_timeout_s)
+        self.reconnect_timeout_s = reconnect_timeout_s
         self._redis = connect(url, **redis_kwargs)
+        self.longest_block_s = longest_block_s(self._redis)  # one blocking call, at most
         self._files = FileCache()  # files holding points trimmed from Redis, opened once
         self._script_flags = None  # known once asked (script_flags())
         self._check_protocol()
@@ -176,29 +184,51 @@ class DataStore:
 
         Pass the returned `since` to the next call to miss no scan between calls.
         `since=None` means "from now"; `since="0-0"` replays every scan still listed.
-        NoScanAvailable when `timeout` (seconds) passes, or at once if not `block`.
+        NoScanAvailable when `timeout` (seconds; None: wait for ever) passes, or at once if
+        not `block`. A lost connection is retried (RedisUnreachableError if it stays lost).
         """
+        if not block:
+            found = self._next_scan_after(since, None, session)
+            while found is not None and found[1] is None:  # other sessions' scans only
+                found = self._next_scan_after(found[0], None, session)
+            if found is None:
+                raise NoScanAvailable(f"no new scan{self._in(session)}")
+            return found
+        deadline = Deadline(timeout)
         if since is None:
-            last = self._redis.xrevrange(keys.SCANS_STREAM, "+", "-", count=1)
-            since = last[0][0].decode() if last else "0-0"
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if block:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise NoScanAvailable(f"no new scan{self._in(session)} within {timeout} s")
-                block_ms = 0 if left is None else max(1, int(left * 1000))
-            else:
-                block_ms = None
-            reply = self._redis.xread({keys.SCANS_STREAM: since}, block=block_ms, count=100)
-            if not reply:
-                if not block:
-                    raise NoScanAvailable(f"no new scan{self._in(session)}")
-                continue
-            for eid, fields in reply[0][1]:
-                since = eid.decode()
-                if session is None or fields[b"session"].decode() == session:
-                    return since, fields[b"key"].decode()
+            since = call_retrying(self, lambda: self._scans_end(), deadline,
+                                  "waiting for a new scan")
+        position = [since]  # advanced past scans of other sessions between calls
+
+        def poll(block_ms: int):
+            found = self._next_scan_after(position[0], block_ms, session)
+            if found is not None and found[1] is None:  # only other sessions' scans
+                position[0] = found[0]
+                return None
+            return found
+
+        found = wait_for(self, poll, deadline, f"waiting for a new scan{self._in(session)}")
+        if found is None:
+            raise NoScanAvailable(f"no new scan{self._in(session)} within {timeout} s")
+        return found
+
+    def _scans_end(self) -> str:
+        last = self._redis.xrevrange(keys.SCANS_STREAM, "+", "-", count=1)
+        return last[0][0].decode() if last else "0-0"
+
+    def _next_scan_after(self, since: str | None, block_ms: int | None, session):
+        """One XREAD of the scans stream: (since, key) of the first scan of `session`;
+        (since, None) if only other sessions' scans came; None if none came."""
+        if since is None:
+            since = self._scans_end()
+        reply = self._redis.xread({keys.SCANS_STREAM: since}, block=block_ms, count=100)
+        if not reply:
+            return None
+        for eid, fields in reply[0][1]:
+            since = eid.decode()
+            if session is None or fields[b"session"].decode() == session:
+                return since, fields[b"key"].decode()
+        return since, None
 
     @staticmethod
     def _in(session):

@@ -9,6 +9,7 @@ import redis
 
 from . import file_backing, keys
 from .encoding import StreamDefinition, decode, encode, raw_chunks
+from .waiting import Deadline, wait_for
 from .exceptions import (EndOfStream, IndexNotYetThereError, IndexWontBeThereError,
                          StreamError, StreamSealedError)
 
@@ -54,8 +55,12 @@ class Stream:
         return np.dtype(self.definition.dtype) if self.definition.dtype else None
 
     @property
+    def _store(self):
+        return self._scan._store
+
+    @property
     def _redis(self) -> redis.Redis:
-        return self._scan._store._redis
+        return self._store._redis
 
     def __repr__(self):
         return f"<Stream {self.name!r} {self.encoding} {self.definition.dtype} {self.shape}>"
@@ -179,7 +184,7 @@ class Stream:
         """Iterate over points published so far, then wait for new ones until the seal."""
         cursor = CursorGroup([self])
         while True:
-            views = cursor.read(block=True, timeout=1.0)
+            views = cursor.read(block=True, timeout=None)
             for view in views.values():
                 yield from view.data
             if cursor.ended:
@@ -311,7 +316,9 @@ class CursorGroup:
     def __init__(self, streams, start: int | dict = 0, raw_chunks: bool = False):
         """`start`: index to read from, for every stream or per stream name (default 0)."""
         self.streams = {s.name: s for s in streams}
-        self._redis = next(iter(self.streams.values()))._redis if self.streams else None
+        first = next(iter(self.streams.values()), None)
+        self._redis = first._redis if first is not None else None
+        self._store = first._store if first is not None else None
         starts = start if isinstance(start, dict) else {}
         self._next = {name: int(starts.get(name, 0 if starts else start))
                       for name in self.streams}
@@ -338,7 +345,10 @@ class CursorGroup:
 
     def read(self, block: bool = True, timeout: float | None = None,
              count: int | None = None) -> dict[str, StreamView]:
-        """New points of every open stream; {} after `timeout` seconds with nothing new.
+        """New points of every open stream; {} after `timeout` seconds (None: wait for
+        ever) with nothing new, or at once if not `block`. Also {} when the only news is the
+        end of a stream: check `ended`. A lost connection is retried
+        (RedisUnreachableError if it stays lost).
 
         `count` bounds the number of Redis entries read per stream in one call.
         """
@@ -346,18 +356,34 @@ class CursorGroup:
         if not open_streams:
             raise EndOfStream(f"every stream of this cursor is sealed and read: "
                               f"{sorted(self.streams)}")
-        block_ms = None
-        if block:
-            block_ms = 0 if timeout is None else max(1, int(timeout * 1000))
+        if not block:
+            return self._read_once(open_streams, count, None) or {}
+        views = wait_for(self._store, lambda block_ms: self._read_once(open_streams, count,
+                                                                       block_ms),
+                         Deadline(timeout), f"reading {sorted(open_streams.values())}")
+        return views or {}
+
+    def _read_once(self, open_streams: dict, count: int | None,
+                   block_ms: int | None) -> dict[str, StreamView] | None:
+        """One XREAD of the open streams: their views ({} if the reply held only ends or
+        points already returned), None if nothing came. All or nothing: on an error the
+        cursor stays where it was, so the read can be retried."""
         reply = self._redis.xread({k: self._last_id[n] for k, n in open_streams.items()},
                                   count=count, block=block_ms)
-        views = {}
-        for key, entries in reply or []:
-            name = open_streams[key.decode() if isinstance(key, bytes) else key]
-            view = self._consume(name, entries)
-            if view is not None:
-                views[name] = view
-        return views
+        if not reply:
+            return None
+        before = dict(self._last_id), dict(self._next), set(self.ended)
+        try:
+            views = {}
+            for key, entries in reply:
+                name = open_streams[key.decode() if isinstance(key, bytes) else key]
+                view = self._consume(name, entries)
+                if view is not None:
+                    views[name] = view
+            return views
+        except BaseException:  # a gap read from the file or Redis failed: read again
+            self._last_id, self._next, self.ended = before
+            raise
 
     def _is_raw(self, stream) -> bool:
         return self.raw_chunks and stream.encoding == "bslz4"

@@ -56,3 +56,9 @@ def new_scan(store):
                                   "path": path}, info=base)
 
     return make
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "waits: real waits longer than the socket timeout (~20 s in all); "
+                   "-m 'not waits' skips them, the plain test command runs them")
