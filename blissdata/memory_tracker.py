@@ -197,14 +197,19 @@ class MemoryTracker:
     def run(self) -> None:
         log.info("memory tracker on %s: budget %d MB, hard limit %d MB", self.store.url,
                  self.budget // MB, self.hard_limit // MB)
+        pause = self.interval_s
         while not self._stop.is_set():
             try:
                 done = self.step()
                 if done["trimmed_entries"] or done["expired"] or done["deleted"]:
                     log.info("round: %s, used %d MB", done, self.used_memory() // MB)
-            except redis.ConnectionError as exc:
-                log.warning("Redis at %s unreachable: %s", self.store.url, exc)
-            self._stop.wait(self.interval_s)
+                pause = self.interval_s
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # Redis restarting or gone: try again, less and less often (at most 30 s)
+                pause = min(30.0, max(pause * 2, self.interval_s))
+                log.warning("Redis at %s unreachable: %s; next try in %.0f s",
+                            self.store.url, exc, pause)
+            self._stop.wait(pause)
 
     def stop(self) -> None:
         self._stop.set()

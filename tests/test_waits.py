@@ -22,6 +22,7 @@ import pytest
 
 from blissdata import DataStore, NoScanAvailable, RedisUnreachableError, ScanState
 from blissdata.h5api import File
+from blissdata.memory_tracker import MemoryTracker
 from blissdata.redis_server import EmbeddedRedis
 
 pytestmark = pytest.mark.waits
@@ -229,3 +230,44 @@ def test_ctrl_c_interrupts_a_wait_for_ever(redis_url, tmp_path):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0 and out.split() == ["interrupted", "usable"], out
+
+
+class CountingTracker(MemoryTracker):
+    rounds = 0
+
+    def step(self):
+        done = super().step()
+        self.rounds += 1
+        return done
+
+
+def test_a_frozen_redis_is_waited_out_by_followers_and_the_memory_tracker():
+    """The server stops answering (SIGSTOP) for 7 s, longer than the socket timeout: replies
+    time out at the socket. A follower waiting for ever and the memory tracker both carry on
+    once it answers again."""
+    with EmbeddedRedis() as server:
+        follower = DataStore(server.url)
+        tracker = CountingTracker(DataStore(server.url), interval_s=0.2)
+        tracking = threading.Thread(target=tracker.run)
+        tracking.start()
+        waits = Concurrently()
+        waits.run("follower", follower.get_next_scan, None, True, None, "frozen")
+        time.sleep(1)
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(7)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        rounds_before = tracker.rounds
+        producer = DataStore(server.url)
+        created = _scan(producer, "frozen")
+        (since, key), _ = waits.join()["follower"]
+        assert key == created.key
+        deadline = time.monotonic() + 60
+        while tracker.rounds <= rounds_before + 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert tracking.is_alive() and tracker.rounds > rounds_before + 1
+        tracker.stop()
+        tracking.join(30)
+        producer.close()
+        follower.close()
