@@ -271,3 +271,24 @@ def test_a_frozen_redis_is_waited_out_by_followers_and_the_memory_tracker():
         tracking.join(30)
         producer.close()
         follower.close()
+
+
+def test_the_writer_service_follows_scans_across_a_redis_restart(tmp_path):
+    """The writer waits for scans through a Redis restart (down 3 s), then writes the next
+    scan created on the restarted server."""
+    from writer_helpers import seed_scan, start_writer, wait_status
+
+    with EmbeddedRedis() as server:
+        service, thread = start_writer(server.url, tmp_path)
+        time.sleep(1)
+        server.stop()
+        time.sleep(3)
+        server.start()
+        store = DataStore(server.url)
+        scan, _ = seed_scan(store, tmp_path / "after_restart.h5", npoints=5)
+        status = wait_status(store, scan.key, timeout=60)
+        assert status.state == "done", status.error
+        assert thread.is_alive()
+        service.stop()
+        thread.join(30)
+        store.close()

@@ -111,14 +111,16 @@ class WriterService:
                 except redis.RedisError:
                     pass
             try:
-                since, key = self.store.get_next_scan(since=since, timeout=0.5)
+                found_at, key = self.store.get_next_scan(since=since, timeout=0.5)
+                identity = self.redis.hget(key, "identity")
+                since = found_at  # only once it is handled: a lost Redis retries this scan
             except NoScanAvailable:
                 continue
             except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # lost for the whole wait (the store retried meanwhile): keep following
                 log.warning("Redis at %s unreachable (%s); retrying", self.config.redis_url, exc)
                 self._stop.wait(1.0)
                 continue
-            identity = self.redis.hget(key, "identity")
             if identity is not None and self.wants(json.loads(identity)["session"]):
                 self.start_scan(key)
         self._shutdown()
