@@ -67,14 +67,17 @@ class Deadline:
 def call_retrying(store, call: Callable[[], T], deadline: Deadline, what: str) -> T:
     """`call()`; on a lost connection, again with backoff until it works, `deadline` passes
     or Redis stayed unreachable `store.reconnect_timeout_s`: then RedisUnreachableError."""
+    try:
+        return call()  # the usual case, without the retry machinery
+    except LOST_CONNECTION as exc:
+        log.warning("Redis at %s: connection lost while %s (%s); reconnecting", store.url,
+                    what, exc)
+    lost_at = time.monotonic()
     give_up_s = store.reconnect_timeout_s
-    lost_at = []  # when the first attempt failed (the call itself may have blocked long)
 
     def stop(state) -> bool:
-        if not lost_at:
-            lost_at.append(time.monotonic())
         return deadline.passed() or (give_up_s is not None
-                                     and time.monotonic() - lost_at[0] >= give_up_s)
+                                     and time.monotonic() - lost_at >= give_up_s)
 
     def wait(state) -> float:  # never sleep past the caller's deadline
         pause = min(2.0, 0.05 * 2 ** (state.attempt_number - 1))
@@ -82,18 +85,21 @@ def call_retrying(store, call: Callable[[], T], deadline: Deadline, what: str) -
         return pause if left is None else max(0.0, min(pause, left))
 
     def before_sleep(state) -> None:
-        log.warning("Redis at %s: connection lost while %s (%s); retrying in %.2f s",
-                    store.url, what, state.outcome.exception(), state.next_action.sleep)
+        log.debug("Redis at %s still unreachable (%s); next try in %.2f s", store.url,
+                  state.outcome.exception(), state.next_action.sleep)
 
     retrying = tenacity.Retrying(retry=tenacity.retry_if_exception_type(LOST_CONNECTION),
                                  stop=stop, wait=wait, before_sleep=before_sleep)
     try:
-        return retrying(call)
+        got = retrying(call)
     except tenacity.RetryError as exc:
         lost = exc.last_attempt.exception()
         raise RedisUnreachableError(
-            f"Redis at {store.url} unreachable while {what} "
-            f"(gave up after {exc.last_attempt.attempt_number} attempts): {lost}") from lost
+            f"Redis at {store.url} unreachable while {what} for "
+            f"{time.monotonic() - lost_at:.1f} s ({exc.last_attempt.attempt_number} "
+            f"attempts to reconnect): {lost}") from lost
+    log.warning("Redis at %s: reconnected after %.1f s", store.url, time.monotonic() - lost_at)
+    return got
 
 
 def wait_for(store, poll: Callable[[int], T | None], deadline: Deadline,
