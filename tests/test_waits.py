@@ -148,11 +148,15 @@ def test_waits_block_in_redis_not_in_a_busy_loop(redis_url, redis_client):
     store.close()
 
 
-def test_a_redis_restart_during_a_long_wait():
-    """The server stops 2 s into a wait for ever, starts again (same port, empty) 3 s later;
-    the follower reconnects and gets the scan created after the restart."""
+def test_a_redis_restart_during_a_long_wait(tmp_path):
+    """The server stops 2 s into a wait for ever and starts again (same port, empty) 3 s
+    later: a follower and the writer service reconnect, get the scan created after the
+    restart, and the writer writes it."""
+    from writer_helpers import seed_scan, start_writer, wait_status
+
     with EmbeddedRedis() as server:
         follower = DataStore(server.url)
+        service, writing = start_writer(server.url, tmp_path)
         waits = Concurrently()
         waits.run("follower", follower.get_next_scan, None, True, None, "restarted")
         time.sleep(2)
@@ -161,11 +165,16 @@ def test_a_redis_restart_during_a_long_wait():
         server.start()
         producer = DataStore(server.url)
         time.sleep(1)  # the follower has reconnected and waits again
-        created = _scan(producer, "restarted")
+        scan, _ = seed_scan(producer, tmp_path / "after_restart.h5", npoints=5,
+                            session="restarted")
         (since, key), waited = waits.join()["follower"]
-        assert key == created.key and waited >= 6
-        # a cursor and a state wait after the restart work on the same store
-        assert follower.load_scan(key).update(block=True, timeout=0.2) is False
+        assert key == scan.key and waited >= 6
+        assert follower.load_scan(key).state == ScanState.CLOSED  # the same store reads on
+        status = wait_status(producer, scan.key, timeout=60)
+        assert status.state == "done", status.error
+        assert writing.is_alive()
+        service.stop()
+        writing.join(30)
         producer.close()
         follower.close()
 
@@ -271,24 +280,3 @@ def test_a_frozen_redis_is_waited_out_by_followers_and_the_memory_tracker():
         tracking.join(30)
         producer.close()
         follower.close()
-
-
-def test_the_writer_service_follows_scans_across_a_redis_restart(tmp_path):
-    """The writer waits for scans through a Redis restart (down 3 s), then writes the next
-    scan created on the restarted server."""
-    from writer_helpers import seed_scan, start_writer, wait_status
-
-    with EmbeddedRedis() as server:
-        service, thread = start_writer(server.url, tmp_path)
-        time.sleep(1)
-        server.stop()
-        time.sleep(3)
-        server.start()
-        store = DataStore(server.url)
-        scan, _ = seed_scan(store, tmp_path / "after_restart.h5", npoints=5)
-        status = wait_status(store, scan.key, timeout=60)
-        assert status.state == "done", status.error
-        assert thread.is_alive()
-        service.stop()
-        thread.join(30)
-        store.close()
