@@ -7,11 +7,12 @@ How a page runs (the convention, also in docs/api.md "Examples are tested"):
   first), the project's commands are on PATH. A block fails the test if it exits non-zero.
 - An HTML comment right before a block changes how it runs (use sparingly):
   - ``<!-- docs-test: background -->``: started, and the next blocks run while it does (a
-    reader that follows the scans the next block publishes). It goes on once the block
-    waits in Redis (a blocked client) or wrote a line; it must end by itself, exit 0, by
-    the end of the page.
-  - ``<!-- docs-test: service -->``: the same for a service that runs until Ctrl-C: at the
-    end of the page it gets SIGINT and must exit 0.
+    reader that follows the scans the next block publishes), once it waits in Redis (a
+    blocked client: it will see what comes next). It must end by itself, exit 0, by the end
+    of the page.
+  - ``<!-- docs-test: service -->``: a service that runs until Ctrl-C, started the same way
+    (ready once it waits in Redis or wrote a line, e.g. its start-up log). At the end of
+    the page it gets SIGINT and must exit 0.
   - ``<!-- docs-test: skip: REASON -->``: not run; the reason is required.
 """
 
@@ -135,10 +136,14 @@ class PageRun:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 self.fail(block, log, f"ended (exit {proc.returncode}) before the next blocks")
-            if _blocked_clients(self.redis) > blocked_before or log.stat().st_size:
+            if _blocked_clients(self.redis) > blocked_before:
+                return
+            if block.mode == "service" and log.stat().st_size:
                 return
             time.sleep(0.05)
-        self.fail(block, log, "neither waited in Redis nor wrote a line within 30 s")
+        self.fail(block, log, "did not get ready (wait in Redis"
+                              f"{' or write a line' if block.mode == 'service' else ''}) "
+                              f"within 30 s")
 
     def finish(self) -> None:
         """Services get Ctrl-C; every background block must have ended, exit 0."""
