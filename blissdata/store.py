@@ -86,6 +86,9 @@ class DataStore:
         self.url = url
         self.max_event_bytes = int(max_event_bytes)
         self.full_timeout_s = float(full_timeout_s)
+        if reconnect_timeout_s is not None and not reconnect_timeout_s >= 0:
+            raise ValueError(f"reconnect_timeout_s must be a number of seconds >= 0 or None "
+                             f"(for ever), got {reconnect_timeout_s!r}")
         self.reconnect_timeout_s = reconnect_timeout_s
         self._redis = connect(url, **redis_kwargs)
         self.longest_block_s = longest_block_s(self._redis)  # one blocking call, at most

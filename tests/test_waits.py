@@ -218,6 +218,8 @@ def test_bad_wait_arguments_are_reported(store, new_scan):
             store.get_next_scan(timeout=bad)
         with pytest.raises(ValueError, match="timeout must be"):
             reader.cursor().read(timeout=bad)
+        with pytest.raises(ValueError, match="reconnect_timeout_s must be a number of secon"):
+            DataStore(store.url, reconnect_timeout_s=bad)
 
 
 def test_ctrl_c_interrupts_a_wait_for_ever(redis_url, tmp_path):
