@@ -35,6 +35,9 @@ def ensure_venv() -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     if not argv or argv[0] not in ("demo", "test"):
         print(__doc__)
         return 2

@@ -59,6 +59,9 @@ def _validate(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["rewrite"]:  # its own parser, with its own --help (argparse's REMAINDER
+        return _rewrite(argparse.Namespace(args=argv[1:]))  # would refuse a leading option)
     parser = argparse.ArgumentParser(prog="blisswriter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -78,10 +81,8 @@ def main(argv=None) -> int:
     status.add_argument("--interval", type=float, default=1.0)
     status.set_defaults(func=_status)
 
-    rewrite = sub.add_parser("rewrite", help="rewrite a file with other storage settings",
-                             add_help=False)
-    rewrite.add_argument("args", nargs=argparse.REMAINDER)
-    rewrite.set_defaults(func=_rewrite)
+    # listed here for `blisswriter --help`; main() hands its arguments to rewrite.main
+    sub.add_parser("rewrite", help="rewrite a file with other storage settings", add_help=False)
 
     validate = sub.add_parser("validate", help="validate files against the NeXus definitions")
     validate.add_argument("files", nargs="+")
