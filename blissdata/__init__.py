@@ -3,6 +3,7 @@
 from .exceptions import (EndOfStream, IndexNoMoreThereError, IndexNotYetThereError,
                          IndexWontBeThereError, NoScanAvailable, RedisUnreachableError,
                          ScanNotFoundError, ScanStateError, SchemaError, StreamError, StreamSealedError)
+from .mapping import EXTERNAL_LINK, RAW, SOFT_LINK, STREAM
 from .scan import EndReason, Scan, ScanState
 from .store import DataStore
 from .stream import CursorGroup, Stream, StreamView
@@ -10,4 +11,5 @@ from .stream import CursorGroup, Stream, StreamView
 __all__ = ["DataStore", "Scan", "ScanState", "EndReason", "Stream", "StreamView",
            "CursorGroup", "EndOfStream", "IndexNoMoreThereError", "IndexNotYetThereError",
            "IndexWontBeThereError", "NoScanAvailable", "RedisUnreachableError", "ScanNotFoundError", "ScanStateError",
-           "SchemaError", "StreamError", "StreamSealedError"]
+           "SchemaError", "StreamError", "StreamSealedError",
+           "RAW", "STREAM", "SOFT_LINK", "EXTERNAL_LINK"]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .exceptions import EventTooLargeError
+from .exceptions import EventTooLargeError, MalformedEntryError
 
 ENCODINGS = ("numeric", "bslz4", "json", "references")
 
@@ -193,40 +193,121 @@ def _check_reference(defn, point) -> dict:
     return point
 
 
-def decode(defn: StreamDefinition, fields: dict):
-    """Entry fields -> points: an array (n, *shape), or a list for json/varying streams."""
-    n = int(fields[b"n"])
+def decode(defn: StreamDefinition, fields: dict, first: int | None = None):
+    """Entry fields -> points: an array (n, *shape), or a list for json/varying streams.
+
+    `first`: index of the entry's first point, for the message of the MalformedEntryError
+    raised when the fields do not fit the definition."""
+    n = _count(defn, fields, first)
     payload = fields.get(b"d", b"")
     if defn.encoding in ("json", "references"):
-        return json.loads(payload)
+        try:
+            points = json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _malformed(defn, first, n, f"payload is not JSON ({exc})") from None
+        if not isinstance(points, list) or len(points) != n:
+            got = f"{len(points)} points" if isinstance(points, list) else type(points).__name__
+            raise _malformed(defn, first, n, f"payload holds {got}, expected a list of {n}")
+        return points
     dt = np.dtype(defn.dtype)
     if defn.encoding == "bslz4":
         from . import bslz4
 
-        sizes = json.loads(fields[b"z"])
         out = np.empty((n, *defn.shape), dt)
-        pos = 0
-        for i, size in enumerate(sizes):
-            out[i] = bslz4.decompress(payload[pos:pos + size], dt, defn.shape)
-            pos += size
+        for i, chunk in enumerate(raw_chunks(fields, defn, first)):
+            try:
+                out[i] = bslz4.decompress(chunk, dt, defn.shape)
+            except ValueError as exc:
+                raise _malformed(defn, first, n, f"chunk {i}: {exc}") from None
         return out
     if defn.varying:
-        shapes = json.loads(fields[b"s"])
+        shapes = _json_field(defn, fields, b"s", first, n)
+        if not isinstance(shapes, list) or len(shapes) != n or not all(
+                isinstance(s, list) and len(s) == len(defn.shape)
+                and all(isinstance(d, int) and d >= 0 for d in s)
+                and all(w in (-1, d) for w, d in zip(defn.shape, s)) for s in shapes):
+            raise _malformed(defn, first, n, f"point shapes {str(shapes)[:80]} do not fit "
+                                             f"{n} points of shape {defn.shape} (-1 = any)")
+        counts = [int(np.prod(shape, dtype=np.int64)) for shape in shapes]
+        if sum(counts) * dt.itemsize != len(payload):
+            raise _malformed(defn, first, n, f"{len(payload)} bytes of payload, the point "
+                                             f"shapes need {sum(counts) * dt.itemsize} "
+                                             f"({dt})")
         points, pos = [], 0
-        for shape in shapes:
-            count = int(np.prod(shape, dtype=np.int64))
+        for shape, count in zip(shapes, counts):
             points.append(np.frombuffer(payload, dt, count, pos).reshape(shape))
             pos += count * dt.itemsize
         return points
+    if len(payload) != n * defn.point_nbytes:
+        raise _malformed(defn, first, n, f"{len(payload)} bytes of payload, expected "
+                                         f"{n * defn.point_nbytes} ({n} points of {dt} "
+                                         f"{defn.shape}, {defn.point_nbytes} bytes each)")
     return np.frombuffer(payload, dt).reshape((n, *defn.shape))
 
 
-def raw_chunks(fields: dict) -> list[bytes]:
+def raw_chunks(fields: dict, defn: StreamDefinition | None = None,
+               first: int | None = None) -> list[bytes]:
     """The compressed chunks of a bslz4 entry, untouched (for the writer): zero-copy
-    memoryviews into the entry's payload."""
-    payload = memoryview(fields[b"d"])
+    memoryviews into the entry's payload. With `defn`, each chunk's header is checked
+    against the frame size (MalformedEntryError if it does not fit)."""
+    payload = memoryview(fields.get(b"d", b""))
+    if defn is None:
+        sizes = json.loads(fields[b"z"])
+    else:
+        n = _count(defn, fields, first)
+        sizes = _json_field(defn, fields, b"z", first, n)
+        if not isinstance(sizes, list) or len(sizes) != n or not all(
+                isinstance(z, int) and z >= 0 for z in sizes):
+            raise _malformed(defn, first, n, f"chunk sizes {str(sizes)[:80]} are not {n} "
+                                             f"byte counts")
+        if sum(sizes) != len(payload):
+            raise _malformed(defn, first, n, f"{len(payload)} bytes of payload, the chunk "
+                                             f"sizes add up to {sum(sizes)}")
     chunks, pos = [], 0
-    for size in json.loads(fields[b"z"]):
+    for size in sizes:
         chunks.append(payload[pos:pos + size])
         pos += size
+    if defn is not None:
+        from . import bslz4
+
+        for i, chunk in enumerate(chunks):
+            try:
+                nbytes = bslz4.uncompressed_nbytes(chunk)
+            except ValueError as exc:
+                raise _malformed(defn, first, len(chunks), f"chunk {i}: {exc}") from None
+            if nbytes != defn.point_nbytes:
+                raise _malformed(defn, first, len(chunks),
+                                 f"chunk {i} holds {nbytes} bytes once decompressed, a frame "
+                                 f"of {defn.dtype} {defn.shape} is {defn.point_nbytes}")
     return chunks
+
+
+def _count(defn, fields, first) -> int:
+    try:
+        n = int(fields[b"n"])
+    except (KeyError, ValueError):
+        raise _malformed(defn, first, None, f"field n (number of points) is "
+                                            f"{fields.get(b'n')!r}") from None
+    if n < 0:
+        raise _malformed(defn, first, None, f"field n (number of points) is {n}")
+    return n
+
+
+def _json_field(defn, fields, name: bytes, first, n):
+    try:
+        return json.loads(fields[name])
+    except KeyError:
+        raise _malformed(defn, first, n, f"field {name.decode()} is missing") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _malformed(defn, first, n, f"field {name.decode()} is not JSON ({exc})") from None
+
+
+def _malformed(defn, first, n, what: str) -> MalformedEntryError:
+    if first is None:
+        where = "an entry"
+    elif n is None:
+        where = f"the entry from point {first}"
+    else:
+        where = f"points [{first}, {first + n})"
+    return MalformedEntryError(f"stream {defn.name!r}: {where}: {what} (the stream is "
+                               f"{defn.encoding} {defn.dtype or ''} {defn.shape})")

@@ -26,6 +26,12 @@ class StreamError(BlissdataError):
     """Misuse of a stream (unknown stream, send after seal, second seal...)."""
 
 
+class MalformedEntryError(StreamError, ValueError):
+    """A stream entry whose fields do not fit the stream's definition (written by a buggy
+    producer or another protocol version); the message names the stream, the points and
+    what did not fit."""
+
+
 class StreamSealedError(StreamError):
     """The stream is sealed: nothing can be sent to it any more."""
 

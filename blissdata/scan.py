@@ -11,6 +11,7 @@ import redis
 from . import keys
 from .encoding import StreamDefinition, make_definition
 from .exceptions import ScanNotFoundError, ScanStateError, StreamError
+from .mapping import json_compatible
 from .schemas import validate_scan_info
 from .stream import CursorGroup, Stream
 from .waiting import Deadline, wait_for
@@ -33,7 +34,9 @@ class EndReason(str, enum.Enum):
 
 # Move a scan from one state to the next atomically, so two processes cannot both do it.
 # KEYS: scan hash, state stream. ARGV: allowed current states (comma list), new state,
-# then field/value pairs to set on the hash.
+# then field/value pairs to set on the hash. The stream declarations ("streams", set at
+# PREPARED) also go into the state entry: stream entries cannot be rewritten, so readers
+# always know the definitions the points were sent with (see Scan.redefined).
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return redis.error_reply('NOSCAN') end
@@ -41,8 +44,12 @@ local allowed = false
 for s in string.gmatch(ARGV[1], '[^,]+') do if s == current then allowed = true end end
 if not allowed then return redis.error_reply('BADSTATE ' .. current) end
 redis.call('HSET', KEYS[1], 'state', ARGV[2])
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('XADD', KEYS[2], '*', 'state', ARGV[2])
+local entry = {'state', ARGV[2]}
+for i = 3, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  if ARGV[i] == 'streams' then table.insert(entry, 'streams'); table.insert(entry, ARGV[i + 1]) end
+end
+redis.call('XADD', KEYS[2], '*', unpack(entry))
 return current
 """
 
@@ -67,6 +74,9 @@ class Scan:
         self.key = key
         self._state_id = state_id  # last state entry seen, for update()
         self._streams: dict[str, Stream] = {}
+        # streams whose declaration in Redis changed after prepare: name -> new definition
+        # (their points are still decoded with the definition they were prepared with)
+        self.redefined: dict[str, StreamDefinition] = {}
         self._load(fields)
 
     def __repr__(self):
@@ -79,13 +89,28 @@ class Scan:
         self.identity = json.loads(fields[b"identity"])
         self.info = json.loads(fields[b"info"])
         self.state = ScanState[fields[b"state"].decode()]
-        definitions = json.loads(fields.get(b"streams", b"{}"))
-        for name, d in definitions.items():
+        current = json.loads(fields.get(b"streams", b"{}"))
+        if self.state >= ScanState.PREPARED and not self._streams:
+            prepared = self._prepared_definitions() or current
+            for name, d in prepared.items():
+                self._streams[name] = Stream(self, StreamDefinition.from_json(d))
+        # A stream keeps the definition it was prepared with: its points were sent with it.
+        # A faulty producer rewriting the declarations later shows up in `redefined`
+        # instead of making readers decode the points already sent with the new one.
+        for name, d in current.items():
             definition = StreamDefinition.from_json(d)
             if name not in self._streams:
                 self._streams[name] = Stream(self, definition)
-            else:  # a reader sees a (bad) redefinition instead of misreading the data
-                self._streams[name].definition = definition
+            elif definition != self._streams[name].definition:
+                self.redefined[name] = definition
+
+    def _prepared_definitions(self) -> dict | None:
+        """The declarations as published at PREPARED (in the state stream), or None if that
+        entry is gone or came from a producer that did not record them there."""
+        for _, fields in self._store._redis.xrange(keys.state_key(self.key), count=16):
+            if b"streams" in fields:
+                return json.loads(fields[b"streams"])
+        return None
 
     def _reload(self) -> None:
         fields = self._store._redis.hgetall(self.key)
@@ -182,6 +207,8 @@ class Scan:
         if self.state != ScanState.CREATED:
             raise ScanStateError(f"scan {self.key}: cannot go to PREPARED from "
                                  f"{self.state.name}")
+        # tuples (the talk's way of writing a mapping) and numpy values become JSON
+        self.info = json_compatible(self.info, where=f"scan {self.key}: info $")
         validate_scan_info(self.info, where=f"scan {self.key}")
         streams = {n: s.definition.to_json() for n, s in self._streams.items()}
         self._transition(ScanState.PREPARED, info=json.dumps(self.info),

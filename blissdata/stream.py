@@ -11,7 +11,7 @@ from . import file_backing, keys
 from .encoding import StreamDefinition, decode, encode, raw_chunks
 from .waiting import Deadline, wait_for
 from .exceptions import (EndOfStream, IndexNotYetThereError, IndexWontBeThereError,
-                         StreamError, StreamSealedError)
+                         MalformedEntryError, StreamError, StreamSealedError)
 
 # Raise the durable watermark of a stream, never lower it. KEYS[1] durable hash;
 # ARGV: stream name, JSON {"file", "dataset", "points"}.
@@ -243,7 +243,7 @@ class Stream:
             if have_from is None:
                 have_from = first
             lo, hi = max(start, first) - first, min(stop, first + n) - first
-            points = decode(self.definition, fields)[lo:hi]
+            points = decode(self.definition, fields, first)[lo:hi]
             if self.encoding == "references":
                 points = file_backing.reference_frames(self, points)
             parts.append(points)
@@ -328,6 +328,8 @@ class CursorGroup:
         # bslz4 streams: give the compressed chunks as they are (list of bytes), for a
         # consumer that stores them without recompressing (the writer).
         self.raw_chunks = raw_chunks
+        # an entry that does not fit its stream: raised once the points before it are read
+        self._malformed: MalformedEntryError | None = None
 
     @staticmethod
     def _id_before(stream, start: int) -> str:
@@ -352,6 +354,8 @@ class CursorGroup:
 
         `count` bounds the number of Redis entries read per stream in one call.
         """
+        if self._malformed is not None:  # the points before it were handed out last time
+            raise self._malformed
         open_streams = {self.streams[n].key: n for n in self.streams if n not in self.ended}
         if not open_streams:
             raise EndOfStream(f"every stream of this cursor is sealed and read: "
@@ -380,10 +384,12 @@ class CursorGroup:
                 view = self._consume(name, entries)
                 if view is not None:
                     views[name] = view
-            return views
         except BaseException:  # a gap read from the file or Redis failed: read again
             self._last_id, self._next, self.ended = before
             raise
+        if self._malformed is not None and not views:
+            raise self._malformed
+        return views
 
     def _is_raw(self, stream) -> bool:
         return self.raw_chunks and stream.encoding == "bslz4"
@@ -393,7 +399,6 @@ class CursorGroup:
         start = self._next[name]
         parts = []
         for eid, fields in entries:
-            self._last_id[name] = eid
             first = keys.first_index(eid)
             if first > self._next[name]:  # trimmed from Redis before this reader got it
                 gap = stream._read(self._next[name], first)
@@ -403,15 +408,25 @@ class CursorGroup:
                 parts.append(gap)
                 self._next[name] = first
             if b"end" in fields:
+                self._last_id[name] = eid
                 self.ended.add(name)
                 continue
-            n = int(fields[b"n"])
             skip = self._next[name] - first  # the cursor started inside this entry
-            if skip >= n:
+            n = fields.get(b"n", b"")
+            if n.isdigit() and skip >= int(n):
+                self._last_id[name] = eid
                 continue
-            points = raw_chunks(fields) if self._is_raw(stream) else decode(stream.definition, fields)
+            try:
+                if self._is_raw(stream):
+                    points = raw_chunks(fields, stream.definition, first)
+                else:
+                    points = decode(stream.definition, fields, first)
+            except MalformedEntryError as exc:
+                self._malformed = exc
+                break
+            self._last_id[name] = eid
             parts.append(points[skip:])
-            self._next[name] = first + n
+            self._next[name] = first + len(points)
         if self._next[name] == start:
             return None
         return StreamView(stream, start, parts, raw=self._is_raw(stream))

@@ -21,6 +21,7 @@ import redis
 import tenacity
 
 from blissdata import ScanNotFoundError, ScanState
+from blissdata.exceptions import MalformedEntryError
 from blissdata.encoding import StreamDefinition
 from blissdata.memory_tracker import trim_durable
 
@@ -74,6 +75,7 @@ class ScanWriter(threading.Thread):
         self._last_event = time.monotonic()
         self._stop_requested = threading.Event()
         self._largest_entry = 0  # bytes of the largest Redis entry read (sizes the reads)
+        self._redefined_at = None  # stream name -> points published when seen redefined
 
     # ---- thread body -----------------------------------------------------------------
     def run(self) -> None:
@@ -84,6 +86,8 @@ class ScanWriter(threading.Thread):
         except WriterStopping:
             self._pause()
         except (ScanFailed, MappingError, PathRefused, EntryExistsError) as exc:
+            self._fail(str(exc))
+        except MalformedEntryError as exc:  # the points before that entry are in the file
             self._fail(str(exc))
         except ScanNotFoundError as exc:
             self._fail(f"scan deleted from Redis while being written: {exc}")
@@ -288,7 +292,12 @@ class ScanWriter(threading.Thread):
             while not ahead.ended:
                 # With data waiting to be flushed, a short wait tells "the producer paused":
                 # flush then (low latency at low rates); under a steady flow, every half lag.
-                views = ahead.get(timeout=min(0.02 if dirty else 0.1, half_lag))
+                try:
+                    views = ahead.get(timeout=min(0.02 if dirty else 0.1, half_lag))
+                except MalformedEntryError:
+                    self.scan.update(block=False)
+                    self._check_definitions(final=True)  # a redefinition explains it
+                    raise
                 now = time.monotonic()
                 if views:
                     self._last_event = now
@@ -310,6 +319,7 @@ class ScanWriter(threading.Thread):
         while not self._flush(final=True):  # last chunks compressed; Redis full: retry
             self._check_scan()
             time.sleep(0.1)
+        self._check_definitions(final=True)
 
     def _entries_per_read(self, n_streams: int) -> int:
         """Redis entries read per stream per call, so the reads alive at once (one being
@@ -420,12 +430,27 @@ class ScanWriter(threading.Thread):
             if start_time and "start_time" not in self.entry:
                 with self.file.lock:
                     self.entry["start_time"] = str(start_time)
-            for name, before in self.definitions.items():
-                now = self.scan.streams[name].definition
-                if now != before:
-                    raise ScanFailed(f"stream {name!r}: its definition changed mid-scan (was "
-                                     f"{before.dtype} {before.shape}, now {now.dtype} "
-                                     f"{now.shape}); points before the change are kept")
+        self._check_definitions()
+
+    def _check_definitions(self, final: bool = False) -> None:
+        """A stream redeclared mid-scan (a faulty producer): readers keep decoding with the
+        definition it was prepared with, which the points sent before were sent with. The
+        scan fails once the points published when the change was seen are in the file (or
+        at once when `final`)."""
+        changed = [n for n in self.scan.redefined if n in self.definitions]
+        if not changed:
+            return
+        if self._redefined_at is None:
+            self._redefined_at = {n: len(self.scan.streams[n]) for n in changed}
+        if not final and any(self.appenders[n].npoints < published
+                             for n, published in self._redefined_at.items()):
+            return  # still reading what was published before
+        name = changed[0]
+        before, now = self.definitions[name], self.scan.redefined[name]
+        raise ScanFailed(f"stream {name!r}: definition changed mid-scan (was {before.encoding} "
+                         f"{before.dtype} {before.shape}, now {now.encoding} {now.dtype} "
+                         f"{now.shape}); the points published before were written with the "
+                         f"definition they were sent with")
 
     # ---- the end ---------------------------------------------------------------------
     def _finalize(self) -> None:

@@ -1,0 +1,205 @@
+"""Bad input from producers, met by a real `blisswriter run` process: each bad scan fails with
+a reason naming what was wrong and where, keeps what came before, and the writer goes on
+serving the next scan. Also the talk's own way of writing a mapping (Python tuples)."""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from blissdata import EXTERNAL_LINK, RAW, SOFT_LINK, STREAM, EndReason, SchemaError, keys
+from blissdata.encoding import decode, make_definition, raw_chunks
+from blissdata.exceptions import MalformedEntryError
+from writer_helpers import SEED_STREAMS, seed_scan, wait_status
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def writer_process(store, data_root, tmp_path):
+    """Factory: start a real writer process (it also takes the scans already unfinished)."""
+    procs = []
+
+    def start():
+        log = open(tmp_path / f"writer{len(procs)}.log", "ab")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "writer.cli", "run", "--redis", store.url,
+             "--data-root", str(data_root)], stdout=log, stderr=subprocess.STDOUT))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def next_scan_is_written(store, data_root, number=99):
+    """The writer still serves: a good scan after the bad one is written in full."""
+    scan, data = seed_scan(store, data_root / f"next{number}.h5", number=number, npoints=9)
+    st = wait_status(store, scan.key, timeout=60)
+    assert st.state == "done", st.error
+    with h5py.File(data_root / f"next{number}.h5", "r", locking=False) as f:
+        assert np.array_equal(f[f"{number}.1/instrument/diode/data"][()], data[SEED_STREAMS[0]])
+
+
+# ---- 1. the talk's mapping, with tuples and the kinds as constants ---------------------------
+
+def test_talk_mapping_with_tuples_is_stored_as_json_and_written(store, writer_process,
+                                                                data_root):
+    writer_process()
+    path = data_root / "talk.h5"
+    scan = store.create_scan({"session": "id00", "name": "loopscan", "number": 1,
+                              "path": str(path)}, info={"title": "loopscan 5 0.1", "type": "loopscan", "scan_nb": 1})
+    scan.info["mapping"] = (   # as in the talk, word for word but for the constants' import
+        {"NX_class": "NXentry"},
+        {
+            "instrument": (
+                {"NX_class": "NXinstrument"},
+                {
+                    "name": ({"short_name": "id00"}, RAW, "esrf-id00a"),
+                    "diode": ({"NX_class": "NXdetector"},
+                              {"data": ({}, STREAM, "simulation_diode_sampling_controller:diode")}),
+                    "elapsed_time": ({"NX_class": "NXpositioner"},
+                                     {"value": ({"units": "s"}, STREAM, "timer:elapsed_time")}),
+                    "epoch": ({"NX_class": "NXpositioner"},
+                              {"value": ({"units": "s"}, STREAM, "timer:epoch")}),
+                },
+            ),
+            "measurement": (
+                {},
+                {
+                    "diode": ({}, STREAM, "simulation_diode_sampling_controller:diode"),
+                    "elapsed_time": ({"units": "s"}, STREAM, "timer:elapsed_time"),
+                    "epoch": ({"units": "s"}, STREAM, "timer:epoch"),
+                    "again": ({}, SOFT_LINK, "/instrument/diode/data"),
+                    "shape": ({}, RAW, (np.int64(5), 1)),
+                },
+            ),
+        },
+    )
+    streams = [scan.create_stream(n, "float64") for n in SEED_STREAMS]
+    scan.prepare()
+    stored = json.loads(store.redis.hget(scan.key, "info"))["mapping"]
+    assert stored[1]["instrument"][1]["name"] == [{"short_name": "id00"}, "RAW", "esrf-id00a"]
+    assert stored[1]["measurement"][1]["shape"][2] == [5, 1]
+    scan.start()
+    for s in streams:
+        s.send(np.arange(5.0))
+    scan.close()
+    st = wait_status(store, scan.key, timeout=60)
+    assert st.state == "done", st.error
+    with h5py.File(path, "r", locking=False) as f:
+        entry = f["1.1"]
+        assert entry["instrument/name"][()] == b"esrf-id00a"
+        assert np.array_equal(entry["measurement/again"][()], np.arange(5.0))
+        assert entry["measurement/elapsed_time"].attrs["units"] == "s"
+    assert (RAW, STREAM, SOFT_LINK, EXTERNAL_LINK) == ("RAW", "STREAM", "SOFT_LINK",
+                                                       "EXTERNAL_LINK")
+
+
+def test_info_value_json_cannot_hold_is_refused_naming_it(new_scan):
+    scan = new_scan()
+    scan.info["mapping"] = ({}, {"x": ({}, RAW, {1, 2})})
+    with pytest.raises(SchemaError, match=r"\$\.mapping\[1\]\.x\[2\]: a set"):
+        scan.prepare()
+
+
+# ---- 2. a payload that does not fit its stream ----------------------------------------------
+
+def test_malformed_payload_fails_the_scan_naming_stream_and_points(store, writer_process,
+                                                                   data_root):
+    writer_process()
+    path = data_root / "malformed.h5"
+    scan = store.create_scan({"session": "s", "name": "ct", "number": 1, "path": str(path)},
+                             info={"title": "ct", "type": "ct", "scan_nb": 1})
+    counts = scan.create_stream("counts", "int32")
+    scan.prepare()
+    scan.start()
+    counts.send(np.arange(4, dtype=np.int32))
+    # another producer (version) writes 5 bytes declared as 2 int32 points
+    store.redis.xadd(keys.data_key(scan.key, "counts"), {"n": 2, "d": b"\x01" * 5},
+                     id=keys.entry_id(4))
+    st = wait_status(store, scan.key, timeout=60)
+    assert st.state == "failed"
+    assert "'counts'" in st.error and "points [4, 6)" in st.error
+    assert "5 bytes of payload, expected 8" in st.error and "internal error" not in st.error
+    assert "4 points kept" in st.error
+    with h5py.File(path, "r", locking=False) as f:
+        assert np.array_equal(f["1.1/measurement/counts"][()], np.arange(4))
+    next_scan_is_written(store, data_root)
+
+
+@pytest.mark.parametrize("encoding, fields, expected", [
+    ("numeric", {b"n": b"2", b"d": b"12345"}, "5 bytes of payload, expected 8"),
+    ("numeric", {b"d": b"12345678"}, "field n (number of points) is None"),
+    ("varying", {b"n": b"1", b"s": b"[[3]]", b"d": b"1234"}, "the point shapes need 12"),
+    ("varying", {b"n": b"2", b"s": b"[[3]]", b"d": b""}, "do not fit 2 points"),
+    ("json", {b"n": b"2", b"d": b"[1,"}, "payload is not JSON"),
+    ("json", {b"n": b"2", b"d": b"[1]"}, "payload holds 1 points, expected a list of 2"),
+    ("bslz4", {b"n": b"1", b"z": b"[20]", b"d": b"x" * 12}, "the chunk sizes add up to 20"),
+    ("bslz4", {b"n": b"1", b"z": b"[4]", b"d": b"xxxx"}, "chunk 0: bslz4 chunk truncated"),
+])
+def test_decode_names_what_does_not_fit(encoding, fields, expected):
+    defn = {"numeric": make_definition("c", "int32"),
+            "varying": make_definition("m", "int32", (-1,)),
+            "json": make_definition("j", encoding="json"),
+            "bslz4": make_definition("f", "uint16", (4, 4), encoding="bslz4")}[encoding]
+    with pytest.raises(MalformedEntryError,
+                       match=rf"stream '{defn.name}': .*{re.escape(expected)}"):
+        decode(defn, fields, 10)
+    if encoding == "bslz4":
+        with pytest.raises(MalformedEntryError, match="points \\[10, 11\\)"):
+            raw_chunks(fields, defn, 10)
+
+
+# ---- 3. a stream redefined mid-scan ---------------------------------------------------------
+
+def _redefine(store, scan, name, dtype):
+    streams = json.loads(store.redis.hget(scan.key, "streams"))
+    streams[name]["dtype"] = dtype
+    store.redis.hset(scan.key, "streams", json.dumps(streams))
+
+
+@pytest.mark.parametrize("writer_starts", ["before", "after the change"])
+def test_redefined_stream_keeps_the_points_sent_before(store, writer_process, data_root,
+                                                       writer_starts):
+    """The same outcome whether the writer read the definitions before or after another
+    producer rewrote them (the race behind test_dtype_changed_mid_stream's random failure)."""
+    if writer_starts == "before":
+        writer_process()
+    path = data_root / "changed.h5"
+    scan, data = seed_scan(store, path, close=False, npoints=5)
+    _redefine(store, scan, SEED_STREAMS[0], "<i4")
+    scan.stop()
+    if writer_starts != "before":
+        writer_process()
+    st = wait_status(store, scan.key, timeout=60)
+    assert st.state == "failed" and "definition changed" in st.error, st.error
+    assert repr(SEED_STREAMS[0]) in st.error and "was numeric <f8 ()" in st.error
+    assert "15 points kept" in st.error  # 5 points x 3 streams
+    with h5py.File(path, "r", locking=False) as f:
+        assert np.array_equal(f["1.1/instrument/diode/data"][()], data[SEED_STREAMS[0]])
+    next_scan_is_written(store, data_root)
+
+
+def test_reader_decodes_with_the_prepared_definition(store, data_root):
+    scan, data = seed_scan(store, data_root / "r.h5", close=False, npoints=5)
+    _redefine(store, scan, SEED_STREAMS[0], "<i4")
+    reader = store.load_scan(scan.key)
+    diode = reader.streams[SEED_STREAMS[0]]
+    assert diode.dtype == np.float64 and np.array_equal(diode[:], data[SEED_STREAMS[0]])
+    assert reader.redefined[SEED_STREAMS[0]].dtype == "<i4"
