@@ -203,3 +203,57 @@ def test_reader_decodes_with_the_prepared_definition(store, data_root):
     diode = reader.streams[SEED_STREAMS[0]]
     assert diode.dtype == np.float64 and np.array_equal(diode[:], data[SEED_STREAMS[0]])
     assert reader.redefined[SEED_STREAMS[0]].dtype == "<i4"
+
+
+# ---- 4. names the writer derives are valid NeXus names --------------------------------------
+
+def test_derived_names_are_valid_nexus_unique_and_keep_the_stream_name(store, writer_process,
+                                                                       data_root):
+    from writer.validate import validate_file
+
+    writer_process()
+    path = data_root / "names.h5"
+    scan = store.create_scan({"session": "s", "name": "ct", "number": 1, "path": str(path)},
+                             info={"title": "ct", "type": "ct", "scan_nb": 1})
+    names = ["ü:ñ", "😀:emoji", "a:b", "a_b", "a/b", "1st", "diode"]
+    streams = [scan.create_stream(n, "float64") for n in names]
+    scan.prepare()
+    scan.start()
+    for i, s in enumerate(streams):
+        s.send(np.full(3, float(i)))
+    scan.close()
+    st = wait_status(store, scan.key, timeout=60)
+    assert st.state == "done", st.error
+    assert not st.warnings
+    expected = {"u_n": "ü:ñ", "__emoji": "😀:emoji", "a_b": "a:b", "a_b_": "a_b",
+                "a_b__": "a/b", "_1st": "1st", "diode": "diode"}
+    with h5py.File(path, "r", locking=False) as f:
+        measurement = f["1.1/measurement"]
+        assert sorted(measurement) == sorted(expected)
+        for i, name in enumerate(names):
+            dataset = next(k for k, v in expected.items() if v == name)
+            assert np.array_equal(measurement[dataset][()], np.full(3, float(i)))
+            if dataset != name:
+                assert measurement[dataset].attrs["stream_name"] == name
+            else:
+                assert "stream_name" not in measurement[dataset].attrs
+    report = validate_file(path)
+    assert report.ok, report.errors
+    assert not [w for w in report.warnings if "name" in w and "'1.1'" not in w], \
+        report.warnings
+
+
+def test_explicit_names_are_kept_with_a_warning(store, writer_process, data_root):
+    writer_process()
+    path = data_root / "explicit.h5"
+    mapping = ({"NX_class": "NXentry"}, {"measurement": ({"NX_class": "NXcollection"}, {
+        "ü:ñ": ({}, STREAM, SEED_STREAMS[0]), "2theta": ({}, STREAM, SEED_STREAMS[1]),
+        "epoch": ({}, STREAM, SEED_STREAMS[2])})})
+    scan, data = seed_scan(store, path, npoints=4, mapping=mapping)
+    st = wait_status(store, scan.key, timeout=60)
+    assert st.state == "done", st.error
+    assert any("/measurement/ü:ñ" in w and "/measurement/2theta" in w and "epoch" not in w
+               for w in st.warnings), st.warnings
+    with h5py.File(path, "r", locking=False) as f:
+        assert np.array_equal(f["1.1/measurement/ü:ñ"][()], data[SEED_STREAMS[0]])
+        assert "2theta" in f["1.1/measurement"]

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import re
+from .names import nexus_name
 
 
 def default_mapping(streams: dict) -> list:
     """{stream name: Stream} -> NXentry mapping with an NXcollection `measurement` holding one
-    STREAM leaf per stream (name: the stream name with characters HDF5 dislikes replaced)."""
+    STREAM leaf per stream, named after the stream as a valid NeXus name (`nexus_name`; made
+    unique by appending "_"); a leaf whose name differs keeps the stream's name in its
+    `stream_name` attribute."""
     children = {}
     for name in streams:
-        leaf = re.sub(r"[/.\s]", "_", name).replace(":", "_") or "stream"
+        leaf = nexus_name(name)
         while leaf in children:
             leaf += "_"
-        children[leaf] = [{}, "STREAM", name]
+        children[leaf] = [{} if leaf == name else {"stream_name": name}, "STREAM", name]
     return [{"NX_class": "NXentry"},
             {"measurement": [{"NX_class": "NXcollection"}, children]}]

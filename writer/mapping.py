@@ -83,6 +83,11 @@ class Layout:
     def stream_paths(self, stream: str) -> list[str]:
         return [s.path for s in self.streams if s.stream == stream]
 
+    def node_paths(self) -> list[str]:
+        """Every group and leaf of the mapping, entry-relative, parents first."""
+        return [n.path for kind in (self.groups, self.raws, self.streams, self.soft_links,
+                                    self.external_links) for n in kind]
+
 
 @functools.lru_cache(maxsize=None)
 def _fast_validator():

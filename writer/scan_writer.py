@@ -31,6 +31,7 @@ from .default_mapping import default_mapping
 from .files import is_file_error, os_reason
 from .grid_plot import write_grid_plot
 from .mapping import MappingError, parse_mapping
+from .names import invalid_names
 from .nexus_skeleton import (EntryExistsError, finalize_entry, stream_dataset_parent,
                              write_entry)
 from .paths import PathRefused, check_link_target, resolve_scan_file
@@ -161,6 +162,11 @@ class ScanWriter(threading.Thread):
         if mapping is None:
             mapping = default_mapping(self.scan.streams)
         layout = parse_mapping(mapping, stream_names=set(self.scan.streams))
+        odd = invalid_names(layout.node_paths())
+        if odd:  # the producer chose them: kept as given, said once
+            self.status.warn(f"mapping names kept as given, not valid NeXus names (ASCII "
+                             f"letters, digits, _, no leading digit): {', '.join(odd[:10])}"
+                             + (f" and {len(odd) - 10} more" if len(odd) > 10 else ""))
         self.file_path = self._file_path()
         for link in getattr(layout, "external_links", []):
             check_link_target(link.file, self.file_path, self.config.data_roots)
