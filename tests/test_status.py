@@ -39,7 +39,8 @@ def test_status_lists_scans_with_progress(store, data_root, redis_url, capsys):
         assert cli_main(["status", "--redis", redis_url]) == 0
         out = capsys.readouterr().out
         assert "sess1" in out and "sess2" in out
-        assert "[" + "#" * 20 + "] 20/20" in out  # finished scan: full bar
+        assert "━" * 20 in out and "20/20" in out  # finished scan: full bar
+        assert "\x1b" not in out and "\r" not in out  # not a terminal: no colours/moves
         assert "/40" in out and "writing" in out
         assert str(data_root / "a.h5") in out
         running.close()

@@ -12,6 +12,8 @@ from blissdata.store import url_from
 from .config import ConfigError, load_config
 from .logs import setup_logging
 from .metrics import MetricsError
+from . import status_command
+from .status_command import MIN_INTERVAL_S, check_interval
 
 
 def _run(args) -> int:
@@ -40,10 +42,8 @@ def _run(args) -> int:
 
 
 def _status(args) -> int:
-    from .status_command import main as status_main
-
     url = url_from(args.redis)
-    return status_main(url, watch=args.watch, interval=args.interval)
+    return status_command.main(url, watch=args.watch, interval=args.interval, as_json=args.json)
 
 
 def _rewrite(args) -> int:
@@ -77,8 +77,13 @@ def main(argv=None) -> int:
 
     status = sub.add_parser("status", help="scans being written and recently finished")
     status.add_argument("--redis", help="Redis URL (default: REDIS_URL, then localhost)")
-    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
-    status.add_argument("--interval", type=float, default=1.0)
+    status.add_argument("--watch", action="store_true",
+                        help="refresh until Ctrl-C (reconnects if Redis restarts)")
+    status.add_argument("--interval", type=check_interval, default=1.0,
+                        help=f"seconds between refreshes with --watch (default 1, at least "
+                             f"{MIN_INTERVAL_S})")
+    status.add_argument("--json", action="store_true",
+                        help="the statuses as JSON, for scripts (one line per refresh)")
     status.set_defaults(func=_status)
 
     # listed here for `blisswriter --help`; main() hands its arguments to rewrite.main

@@ -20,6 +20,8 @@ import h5py
 
 from blissdata import DataStore
 from blissdata.redis_server import EmbeddedRedis
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 DEFAULT_FIXTURES = ["ascan", "mesh", "timescan_lima", "mca", "external_frames", "aborted"]
 
@@ -55,6 +57,29 @@ def print_tree(group: h5py.Group, indent: str = "  ", depth: int = 3) -> None:
             print(f"{indent}{name}  {item.dtype} [{shape}]{kind}")
 
 
+def _publish_with_progress(console: Console, store, fixture, name, path, npoints, number):
+    """Publish one fixture: a live progress bar on a terminal, one line when piped (a log
+    gets no carriage returns or colours)."""
+    from blissdata.fixtures import publish
+
+    label = f"   publishing {name:15s}"
+    if not console.is_terminal:
+        counts = [0, 0]
+        published = publish(store, fixture, session="demo", path=str(path), npoints=npoints,
+                            progress=lambda done, total: counts.__setitem__(slice(None),
+                                                                            [done, total]),
+                            number=number)
+        print(f"{label} {counts[0]:5d}/{counts[1]} points", flush=True)
+        return published
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("points"))
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(name, total=None)
+        return publish(store, fixture, session="demo", path=str(path), npoints=npoints,
+                       progress=lambda done, total: bar.update(task, completed=done,
+                                                               total=total),
+                       number=number)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python3 dev.py demo", description=__doc__)
     parser.add_argument("--output", help="folder for the files (default: ./demo-output)")
@@ -62,7 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--points", type=int, help="points per scan (default: the fixture's)")
     args = parser.parse_args(argv)
 
-    from blissdata.fixtures import publish, load_fixture
+    from blissdata.fixtures import load_fixture
     from writer import status as writer_status
     from writer.validate import validate_file
 
@@ -71,6 +96,7 @@ def main(argv=None) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     logs = Path(tempfile.mkdtemp(prefix="blissdata-demo-logs-"))
+    console = Console(highlight=False)
     with EmbeddedRedis() as server:
         print(f"1. embedded Redis-compatible server: {server.url}")
         writer = _start(["writer.cli", "run", "--redis", server.url, "--data-root", str(out),
@@ -87,14 +113,8 @@ def main(argv=None) -> int:
                 fixture = load_fixture(name)
                 path = out / "demo" / f"{name}.h5"
 
-                def progress(done, total, name=name):
-                    print(f"\r   publishing {name:15s} {done:5d}/{total} points", end="",
-                          flush=True)
-
-                published = publish(store, fixture, session="demo", path=str(path),
-                                    npoints=args.points, progress=progress, number=number)
-                print()
-                scans.extend(published)
+                scans.extend(_publish_with_progress(console, store, fixture, name, path,
+                                                    args.points, number))
             print(f"3. published {len(scans)} scans; waiting for the writer")
             deadline = time.monotonic() + 120
             statuses = {}

@@ -1,67 +1,148 @@
-"""`blisswriter status [--watch]`: what the writer is doing, read from Redis (any machine)."""
+"""`blisswriter status [--watch] [--json]`: what the writer is doing, read from Redis (any
+machine).
+
+Drawn with `rich`: a table with a progress bar per scan, redrawn in place with `--watch` on a
+terminal; plain text without colours or cursor moves when the output is piped (one table per
+refresh then). `--json` prints the statuses as JSON (one line per refresh with `--watch`) for
+scripts. `--watch` survives a Redis restart: it says so and reconnects.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import sys
 import time
+from dataclasses import asdict
 
 import redis
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
 
 from . import status as writer_status
 
+MIN_INTERVAL_S = 0.1  # below this a watch would only load Redis and the terminal
 BAR = 20
+RETRY_MAX_S = 5.0  # longest wait between reconnection attempts
 
 
-def progress_bar(done: int, expected: int | None) -> str:
-    if not expected:
-        return f"[{'?' * BAR}] {done} pts"
-    frac = min(1.0, done / expected)
-    full = int(frac * BAR)
-    return f"[{'#' * full}{'.' * (BAR - full)}] {done}/{expected}"
+def check_interval(text: str) -> float:
+    """`--interval` as argparse type: seconds, at least MIN_INTERVAL_S (refused, not clamped:
+    the user asked for something else and should know)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= MIN_INTERVAL_S:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_INTERVAL_S} s, got {text}")
+    return value
 
 
-def render(statuses: list, now: float | None = None) -> str:
+def done_points(st: writer_status.ScanStatus) -> int:
+    return min(st.points.values()) if st.points else 0
+
+
+def status_table(statuses: list, now: float | None = None):
+    """A rich renderable: one row per scan, then its file, warnings and error."""
     now = now or time.time()
     if not statuses:
-        return "no scan written in the last 24 h"
-    lines = [f"{'session':12s} {'scan':>5s} {'name':12s} {'state':8s} {'progress':34s} "
-             f"{'MB':>8s} {'MB/s':>7s} {'lag pts':>8s}  age"]
+        return Text("no scan written in the last 24 h")
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name, justify in (("session", "left"), ("scan", "right"), ("name", "left"),
+                          ("state", "left"), ("progress", "left"), ("points", "right"),
+                          ("MB", "right"), ("MB/s", "right"), ("lag pts", "right"),
+                          ("age", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)
+    notes = []
     for st in statuses:
-        done = min(st.points.values()) if st.points else 0
-        age = now - st.updated
-        lines.append(
-            f"{st.session[:12]:12s} {st.number:5d} {st.name[:12]:12s} {st.state:8s} "
-            f"{progress_bar(done, st.expected_points):34s} {st.bytes_written / 1e6:8.1f} "
-            f"{st.write_rate_mb_s if st.state == 'writing' else 0:7.1f} {st.lag_points:8d}  "
-            f"{age:.0f}s")
-        for warning in st.warnings:
-            lines.append(f"{'':19s}warning: {warning}")
-        if st.error:
-            lines.append(f"{'':19s}ERROR: {st.error}")
+        done = done_points(st)
+        bar = (ProgressBar(total=st.expected_points, completed=done, width=BAR)
+               if st.expected_points else Text("?" * BAR))
+        points = f"{done}/{st.expected_points}" if st.expected_points else f"{done}"
+        state = Text(st.state, style={"failed": "red", "done": "green",
+                                      "writing": "cyan"}.get(st.state, ""))
+        rate = st.write_rate_mb_s if st.state == "writing" else 0.0
+        table.add_row(st.session, str(st.number), st.name, state, bar, points,
+                      f"{st.bytes_written / 1e6:.1f}", f"{rate:.1f}", str(st.lag_points),
+                      f"{now - st.updated:.0f}s")
+        where = f"{st.session}:{st.number} {st.name}"
         if st.file:
-            lines.append(f"{'':19s}{st.file}::/{st.entry}")
-    return "\n".join(lines)
+            notes.append(Text(f"{where}: {st.file}::/{st.entry}"))
+        for warning in st.warnings:
+            notes.append(Text(f"{where}: warning: {warning}", style="yellow"))
+        if st.error:
+            notes.append(Text(f"{where}: ERROR: {st.error}", style="red"))
+    return Group(table, *notes)
 
 
-def main(url: str, watch: bool = False, interval: float = 1.0) -> int:
+def statuses_json(statuses: list) -> str:
+    return json.dumps([asdict(st) for st in statuses])
+
+
+def main(url: str, watch: bool = False, interval: float = 1.0, as_json: bool = False,
+         console: Console | None = None) -> int:
+    console = console or Console(highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # a log line is not wrapped at 80 columns
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=2)
-        client.ping()
+        statuses = writer_status.read_recent(client)
     except (redis.RedisError, OSError, ValueError) as exc:
         print(f"blisswriter status: cannot reach Redis at {url}: {exc}", file=sys.stderr)
         return 1
-    try:
-        while True:
-            text = render(writer_status.read_recent(client))
-            if watch:
-                print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + url + "\n" + text,
-                      flush=True)
-                time.sleep(interval)
-            else:
-                print(text)
-                return 0
-    except KeyboardInterrupt:
+    if not watch:
+        if as_json:
+            print(statuses_json(statuses))
+        else:
+            console.print(status_table(statuses))
         return 0
-    except redis.RedisError as exc:
-        print(f"blisswriter status: lost Redis at {url}: {exc}", file=sys.stderr)
+    try:
+        _watch(client, url, interval, as_json, console, statuses)
+    except KeyboardInterrupt:
+        pass
+    except redis.RedisError as exc:  # not a lost connection: an answer we cannot use
+        print(f"blisswriter status: Redis at {url}: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _watch(client, url: str, interval: float, as_json: bool, console: Console,
+           statuses: list) -> None:
+    """Refresh until Ctrl-C; a lost connection is said once, retried with backoff, and its
+    end said too."""
+    live = Live(console=console, auto_refresh=False) if (
+        console.is_terminal and not as_json) else None
+    lost_since, retry_s = None, interval
+    with live or contextlib.nullcontext():
+        while True:
+            if statuses is not None:
+                header = Text(time.strftime("%H:%M:%S ") + url, style="bold")
+                if as_json:
+                    print(statuses_json(statuses), flush=True)
+                elif live is not None:
+                    live.update(Group(header, status_table(statuses)), refresh=True)
+                else:
+                    console.print(header, status_table(statuses), "")
+                time.sleep(interval)
+            try:
+                statuses = writer_status.read_recent(client)
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                statuses = None
+                if lost_since is None:
+                    lost_since = time.time()
+                    message = f"blisswriter status: lost Redis at {url} ({exc}); reconnecting"
+                    if live is not None:
+                        live.update(Text(message, style="red"), refresh=True)
+                    else:
+                        print(message, file=sys.stderr, flush=True)
+                time.sleep(retry_s)
+                retry_s = min(RETRY_MAX_S, retry_s * 2)
+                continue
+            if lost_since is not None:
+                print(f"blisswriter status: Redis at {url} is back after "
+                      f"{time.time() - lost_since:.0f} s", file=sys.stderr, flush=True)
+                lost_since, retry_s = None, interval

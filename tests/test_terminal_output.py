@@ -1,0 +1,147 @@
+"""What the commands print: `blisswriter status` (--json, --watch through a Redis restart,
+--interval checks) and the demo, on a terminal or piped into a log."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from blissdata.redis_server import find_server_binary
+from writer_helpers import seed_scan, wait_status
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    return root
+
+
+def status(*args, redis_url):
+    return subprocess.run([str(BIN / "blisswriter"), "status", "--redis", redis_url, *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_status_json_and_piped_table(store, redis_url, data_root):
+    writer = subprocess.Popen([str(BIN / "blisswriter"), "run", "--redis", redis_url,
+                               "--data-root", str(data_root)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        scan, _ = seed_scan(store, data_root / "s.h5", number=7, npoints=12, session="jsn")
+        assert wait_status(store, scan.key, timeout=60).state == "done"
+    finally:
+        writer.terminate()
+        writer.wait(20)
+    done = status("--json", redis_url=redis_url)
+    assert done.returncode == 0, done.stderr
+    (got,) = [st for st in json.loads(done.stdout) if st["scan_key"] == scan.key]
+    assert got["state"] == "done" and got["number"] == 7 and got["session"] == "jsn"
+    assert got["points"] == {name: 12 for name in got["points"]} and got["file"]
+    table = status(redis_url=redis_url)
+    assert table.returncode == 0 and "jsn" in table.stdout and "12/12" in table.stdout
+    assert "\x1b" not in table.stdout and "\r" not in table.stdout
+
+
+@pytest.mark.parametrize("value, why", [("-1", "at least 0.1 s, got -1"),
+                                        ("0", "at least 0.1 s, got 0"),
+                                        ("nan", "at least 0.1 s, got nan"),
+                                        ("soon", "'soon' is not a number of seconds")])
+def test_status_interval_refused_clearly(value, why):
+    done = subprocess.run([str(BIN / "blisswriter"), "status", "--watch", "--interval", value],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and why in done.stderr and "Traceback" not in done.stderr
+
+
+class Lines:
+    """Collects a pipe's lines in a thread, so the test can wait for one."""
+
+    def __init__(self, pipe):
+        self.lines = []
+        threading.Thread(target=lambda: self.lines.extend(iter(pipe.readline, "")),
+                         daemon=True).start()
+
+    def wait_for(self, predicate, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [line for line in list(self.lines) if predicate(line)]
+            if found:
+                return found[-1]
+            time.sleep(0.05)
+        raise AssertionError(f"nothing expected within {timeout} s in {self.lines[-10:]}")
+
+
+def _server(port, tmp_path):
+    return subprocess.Popen([find_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_up(url):
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return client
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_status_watch_survives_a_redis_restart(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"redis://127.0.0.1:{port}"
+    server = _server(port, tmp_path)
+    watcher = None
+    try:
+        _wait_up(url)
+        watcher = subprocess.Popen([str(BIN / "blisswriter"), "status", "--watch", "--json",
+                                    "--interval", "0.2", "--redis", url],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = Lines(watcher.stdout), Lines(watcher.stderr)
+        out.wait_for(lambda line: line.strip() == "[]")
+        server.terminate()
+        server.wait(10)
+        err.wait_for(lambda line: "lost Redis" in line and url in line)
+        assert watcher.poll() is None  # still watching
+        server = _server(port, tmp_path)
+        client = _wait_up(url)
+        client.zadd("blissdata:writer:scans", {"blissdata:scan:{x}": time.time()})
+        client.hset("blissdata:scan:{x}:writer", "status",
+                    json.dumps({"scan_key": "blissdata:scan:{x}", "state": "writing"}))
+        err.wait_for(lambda line: "is back" in line)
+        line = out.wait_for(lambda line: "blissdata:scan:{x}" in line)
+        assert json.loads(line)[0]["state"] == "writing"
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(10) == 0
+        assert not [line for line in err.lines if "Traceback" in line]
+    finally:
+        if watcher is not None and watcher.poll() is None:
+            watcher.kill()
+        server.terminate()
+        server.wait(10)
+
+
+def test_demo_piped_writes_plain_lines(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "writer.demo", "--fixtures", "ascan", "mca",
+                           "--points", "4", "--output", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                          env={**os.environ, "TERM": "xterm-256color"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "\r" not in done.stdout and "\x1b" not in done.stdout
+    lines = done.stdout.splitlines()
+    assert any(line.split() == ["publishing", "ascan", "4/4", "points"] for line in lines)
+    assert any(line.split() == ["publishing", "mca", "4/4", "points"] for line in lines)
