@@ -154,8 +154,20 @@ def _write_external(recipe, k, scan_file: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     shape = tuple(recipe["shape"])
     with h5py.File(path, "a") as f:
-        d = f.require_dataset("/entry_0000/data", shape=(recipe["frames_per_file"], *shape),
-                              dtype=recipe["dtype"])
+        if "entry_0000" not in f:  # a NeXus file with a default plot, as Lima writes them
+            d = f.create_dataset("/entry_0000/data", shape=(recipe["frames_per_file"], *shape),
+                                 dtype=recipe["dtype"])
+            f.attrs.update({"NX_class": "NXroot", "default": "entry_0000"})
+            f["entry_0000"].attrs.update({"NX_class": "NXentry", "default": "plot"})
+            plot = f.create_group("entry_0000/plot")
+            plot.attrs.update({"NX_class": "NXdata", "signal": "data",
+                               "interpretation": "image", "axes": ["frame", "y", "x"]})
+            plot["data"] = d  # the same dataset, a second name
+            for axis, size in zip(("frame", "y", "x"), d.shape):  # indices: no "." axes,
+                plot[axis] = np.arange(size, dtype=float)         # which punx refuses
+                if axis != "frame":
+                    plot[axis].attrs["units"] = "pixel"
+        d = f["/entry_0000/data"]
         d[k % recipe["frames_per_file"]] = external_frame(recipe, k)
 
 

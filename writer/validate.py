@@ -14,7 +14,10 @@ path it is about, with two adjustments:
   (``^[a-zA-Z0-9_]([a-zA-Z0-9_.]*[a-zA-Z0-9_])?$``) also allows names such as the entry
   ``"3.1"`` this writer makes (the BLISS convention users asked for): warnings here;
 - nexusformat misreads the shape of a virtual dataset made of several source files: an axis
-  "inconsistent with the signal shape" whose sizes h5py finds consistent is a warning.
+  "inconsistent with the signal shape" whose sizes h5py finds consistent is a warning;
+- added, as punx checks it (NeXus "default plot", NIAC2014 rule): the file's ``@default``
+  must name an NXentry, and every NXentry's ``@default`` an NXdata in it whose ``@signal``
+  names a field there; anything else is an error naming the group.
 """
 
 from __future__ import annotations
@@ -100,7 +103,51 @@ def validate_file(path) -> Report:
     if result is None and not report.errors:
         report.errors.append("/: nexusformat could not validate the file")
     _recheck_axis_sizes(report)
+    _check_default_plots(report)
     return report
+
+
+def _text(value) -> str | None:
+    return value.decode() if isinstance(value, bytes) else (None if value is None
+                                                            else str(value))
+
+
+def _check_default_plots(report: Report) -> None:
+    """A viewer opening the file must find something to plot: root @default -> an NXentry,
+    each NXentry's @default -> an NXdata with an existing @signal field."""
+    with h5py.File(report.path, "r", locking=False) as f:
+        entries = [name for name, link in f.items()
+                   if isinstance(link, h5py.Group)
+                   and _text(link.attrs.get("NX_class")) == "NXentry"]
+        default = _text(f.attrs.get("default"))
+        if not entries:
+            report.errors.append("/: no NXentry, so no default plot")
+            return
+        if default is None:
+            report.errors.append(f"/: no default plot: @default is missing (it should name "
+                                 f"one of the entries {entries[:5]})")
+        elif default not in entries:
+            report.errors.append(f"/: no default plot: @default = {default!r} is not an "
+                                 f"NXentry of this file")
+        for name in entries:
+            problem = _entry_plot_problem(f[name])
+            if problem:
+                report.errors.append(f"/{name}: no default plot: {problem}")
+
+
+def _entry_plot_problem(entry: h5py.Group) -> str | None:
+    default = _text(entry.attrs.get("default"))
+    if default is None:
+        return "@default is missing (it should name an NXdata group of the entry)"
+    group = entry.get(default)
+    if not isinstance(group, h5py.Group) or _text(group.attrs.get("NX_class")) != "NXdata":
+        return f"@default = {default!r} is not an NXdata group of the entry"
+    signal = _text(group.attrs.get("signal"))
+    if signal is None:
+        return f"{group.name} has no @signal"
+    if not isinstance(group.get(signal), h5py.Dataset):
+        return f"{group.name}@signal = {signal!r} is not a field of that group"
+    return None
 
 
 _AXIS_SIZE = re.compile(r'^(/\S*): Axis "([^"]+)" size is inconsistent with the signal shape')
