@@ -257,3 +257,49 @@ def test_explicit_names_are_kept_with_a_warning(store, writer_process, data_root
     with h5py.File(path, "r", locking=False) as f:
         assert np.array_equal(f["1.1/measurement/ü:ñ"][()], data[SEED_STREAMS[0]])
         assert "2theta" in f["1.1/measurement"]
+
+
+# ---- 5. a default plot everywhere ------------------------------------------------------------
+
+def test_every_file_written_has_a_default_plot(store, writer_process, data_root):
+    from blissdata.fixtures import publish
+    from writer.validate import validate_file
+
+    writer_process()
+    path = data_root / "frames" / "external.h5"
+    (scan,) = publish(store, "external_frames", session="s", path=str(path), npoints=12)
+    assert wait_status(store, scan.key, timeout=60).state == "done"
+    files = sorted(path.parent.glob("*.h5"))
+    assert [p.name for p in files] == ["eiger_0000.h5", "eiger_0001.h5", "external.h5"]
+    for p in files:  # the writer's file and the simulated detector's own files
+        report = validate_file(p)
+        assert report.ok, (p, report.errors)
+    with h5py.File(files[0], "r") as f:
+        plot = f[f.attrs["default"]][f[f.attrs["default"]].attrs["default"]]
+        assert plot["data"].shape == f["entry_0000/data"].shape
+
+
+def test_validate_reports_a_missing_default_plot(tmp_path):
+    from writer.validate import validate_file
+
+    path = tmp_path / "f.h5"
+    with h5py.File(path, "w") as f:
+        for name in ("a", "b"):
+            entry = f.create_group(name)
+            entry.attrs["NX_class"] = "NXentry"
+            data = entry.create_group("data")
+            data.attrs.update({"NX_class": "NXdata", "signal": "y"})
+            data["y"] = np.arange(3.0)
+        f["a"].attrs["default"] = "data"
+        f["b"].attrs["default"] = "nothing"
+    errors = validate_file(path).errors
+    assert any(e.startswith("/: no default plot: @default is missing") for e in errors)
+    assert any(e.startswith("/b: no default plot: @default = 'nothing'") for e in errors)
+    assert not [e for e in errors if e.startswith("/a:")]
+    with h5py.File(path, "a") as f:
+        f.attrs["default"] = "a"
+        f["b"].attrs["default"] = "data"
+        f["b/data"].attrs["signal"] = "z"
+    errors = validate_file(path).errors
+    assert [e for e in errors if "default plot" in e] == [
+        "/b: no default plot: /b/data@signal = 'z' is not a field of that group"]
