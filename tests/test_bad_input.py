@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from blissdata import EXTERNAL_LINK, RAW, SOFT_LINK, STREAM, EndReason, SchemaError, keys
+from blissdata import EXTERNAL_LINK, RAW, SOFT_LINK, STREAM, SchemaError, bslz4, keys
 from blissdata.encoding import decode, make_definition, raw_chunks
 from blissdata.exceptions import MalformedEntryError
 from writer_helpers import SEED_STREAMS, seed_scan, wait_status
@@ -120,26 +120,35 @@ def test_info_value_json_cannot_hold_is_refused_naming_it(new_scan):
 
 # ---- 2. a payload that does not fit its stream ----------------------------------------------
 
-def test_malformed_payload_fails_the_scan_naming_stream_and_points(store, writer_process,
-                                                                   data_root):
+@pytest.mark.parametrize("encoding, bad_entry, reason", [
+    # another producer (version) writes 5 bytes declared as 2 int32 points
+    ("numeric", {"n": 2, "d": b"\x01" * 5}, "5 bytes of payload, expected 8"),
+    # ... or a compressed frame of another size
+    ("bslz4", {"n": 1, "z": None, "d": bslz4.compress(np.zeros((2, 2), np.int32))},
+     "chunk 0 holds 16 bytes once decompressed, a frame of <i4 (4, 4) is 64"),
+])
+def test_malformed_payload_fails_the_scan_naming_stream_and_points(
+        store, writer_process, data_root, encoding, bad_entry, reason):
     writer_process()
     path = data_root / "malformed.h5"
     scan = store.create_scan({"session": "s", "name": "ct", "number": 1, "path": str(path)},
                              info={"title": "ct", "type": "ct", "scan_nb": 1})
-    counts = scan.create_stream("counts", "int32")
+    shape = () if encoding == "numeric" else (4, 4)
+    counts = scan.create_stream("counts", "int32", shape, encoding=encoding)
     scan.prepare()
     scan.start()
-    counts.send(np.arange(4, dtype=np.int32))
-    # another producer (version) writes 5 bytes declared as 2 int32 points
-    store.redis.xadd(keys.data_key(scan.key, "counts"), {"n": 2, "d": b"\x01" * 5},
-                     id=keys.entry_id(4))
+    good = np.arange(4 * int(np.prod(shape)), dtype=np.int32).reshape((4, *shape))
+    counts.send(good)
+    if encoding == "bslz4":
+        bad_entry["z"] = json.dumps([len(bad_entry["d"])])
+    store.redis.xadd(keys.data_key(scan.key, "counts"), bad_entry, id=keys.entry_id(4))
     st = wait_status(store, scan.key, timeout=60)
     assert st.state == "failed"
-    assert "'counts'" in st.error and "points [4, 6)" in st.error
-    assert "5 bytes of payload, expected 8" in st.error and "internal error" not in st.error
+    assert "'counts'" in st.error and f"points [4, {4 + bad_entry['n']})" in st.error
+    assert reason in st.error and "internal error" not in st.error
     assert "4 points kept" in st.error
     with h5py.File(path, "r", locking=False) as f:
-        assert np.array_equal(f["1.1/measurement/counts"][()], np.arange(4))
+        assert np.array_equal(f["1.1/measurement/counts"][()], good)
     next_scan_is_written(store, data_root)
 
 

@@ -9,6 +9,7 @@ tree of one file and where the files are, then stops everything it started.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import h5py
 from blissdata import DataStore
 from blissdata.redis_server import EmbeddedRedis
 from rich.console import Console
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 DEFAULT_FIXTURES = ["ascan", "mesh", "timescan_lima", "mca", "external_frames", "aborted"]
@@ -89,6 +91,7 @@ def main(argv=None) -> int:
 
     from blissdata.fixtures import load_fixture
     from writer import status as writer_status
+    from writer.status_command import status_table
     from writer.validate import validate_file
 
     out = Path(args.output or "demo-output").resolve()
@@ -118,12 +121,17 @@ def main(argv=None) -> int:
             print(f"3. published {len(scans)} scans; waiting for the writer")
             deadline = time.monotonic() + 120
             statuses = {}
-            while time.monotonic() < deadline and len(statuses) < len(scans):
-                for scan in scans:
-                    st = writer_status.read(store.redis, scan.key)
-                    if st is not None and st.finished:
-                        statuses[scan.key] = st
-                time.sleep(0.1)
+            # on a terminal, the writer's progress as `blisswriter status --watch` shows it
+            live = Live(console=console, transient=True) if console.is_terminal else None
+            with live or contextlib.nullcontext():
+                while time.monotonic() < deadline and len(statuses) < len(scans):
+                    current = [writer_status.read(store.redis, scan.key) for scan in scans]
+                    for scan, st in zip(scans, current):
+                        if st is not None and st.finished:
+                            statuses[scan.key] = st
+                    if live is not None:
+                        live.update(status_table([st for st in current if st]), refresh=True)
+                    time.sleep(0.1)
             files = sorted({Path(st.file) for st in statuses.values() if st.file})
             for scan in scans:
                 st = statuses.get(scan.key)
