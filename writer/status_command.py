@@ -52,16 +52,16 @@ def status_table(statuses: list, now: float | None = None):
     if not statuses:
         return Text("no scan written in the last 24 h")
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for name, justify in (("session", "left"), ("scan", "right"), ("name", "left"),
-                          ("state", "left"), ("progress", "left"), ("points", "right"),
-                          ("MB", "right"), ("MB/s", "right"), ("lag pts", "right"),
-                          ("age", "right")):
-        table.add_column(name, justify=justify, no_wrap=True)
+    for name in ("session", "scan", "name", "state"):  # words wrap on a narrow terminal
+        table.add_column(name, justify="right" if name == "scan" else "left")
+    table.add_column("progress", min_width=8, max_width=BAR)  # a bar shrinks too
+    for name in ("points", "MB", "MB/s", "lag pts", "age"):  # numbers never do
+        table.add_column(name, justify="right", no_wrap=True)
     notes = []
     for st in statuses:
         done = done_points(st)
-        bar = (ProgressBar(total=st.expected_points, completed=done, width=BAR)
-               if st.expected_points else Text("?" * BAR))
+        bar = (ProgressBar(total=st.expected_points, completed=done)
+               if st.expected_points else Text("?" * BAR, overflow="crop"))
         points = f"{done}/{st.expected_points}" if st.expected_points else f"{done}"
         state = Text(st.state, style={"failed": "red", "done": "green",
                                       "writing": "cyan"}.get(st.state, ""))
