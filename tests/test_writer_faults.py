@@ -140,7 +140,7 @@ def test_disk_full_with_the_reserve_off(store, roots, redis_url):
         assert st.state == "failed"
         assert "disk full (No space left on device)" in st.error and str(path) in st.error
         kept = durable_points(store, scan.key, "cam")
-        assert 8 <= kept < 80 and f"{kept} points" in st.error
+        assert 8 <= kept < 80 and f"{kept} points" in st.error, (kept, st.error)
         other, _ = seed_scan(store, root / "ok" / "other.h5", number=2)
         assert wait_status(store, other.key).state == "done"  # the writer went on
     finally:

@@ -498,6 +498,7 @@ class ScanWriter(threading.Thread):
         log.error("scan %s: failed: %s", self.scan_key, reason)
         kept = ""
         if self.entry is not None and self.file is not None:
+            durable_before = dict(self.status.points)  # what the last good flush published
             try:
                 with self.file.lock:
                     durable = {n: a.flush() for n, a in self.appenders.items()}
@@ -509,6 +510,8 @@ class ScanWriter(threading.Thread):
                     self.file.h5.flush()
                 kept = f"; {sum(durable.values())} points kept in {self.file_path}"
             except Exception as exc:  # the disk may be the problem: keep what is there
+                # the points handed to HDF5 above may not be on disk: never publish them
+                self.status.points = durable_before
                 kept = (f"; {sum(self.status.points.values())} points durable in "
                         f"{self.file_path} before that; the failure could not be recorded in "
                         f"the file: {os_reason(exc)}")
