@@ -13,6 +13,7 @@ any other sequence, as the producer likes: ``Scan.prepare()`` stores them as JSO
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -39,11 +40,13 @@ def json_compatible(value, where: str = "$"):
     if isinstance(value, Mapping):
         out = {}
         for key, item in value.items():
-            if not isinstance(key, str):
+            if isinstance(key, (int, float, bool)) or key is None:
+                key = json.dumps(key)  # as json.dumps would store it
+            elif not isinstance(key, str):
                 raise SchemaError(f"{where}: key {key!r} is not a string (JSON keys are)")
             out[key] = json_compatible(item, f"{where}.{key}")
         return out
     if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
         return [json_compatible(item, f"{where}[{i}]") for i, item in enumerate(value)]
-    raise SchemaError(f"{where}: a {type(value).__name__} ({value!r:.60}) cannot be stored "
-                      f"as JSON")
+    raise SchemaError(f"{where}: a value of type {type(value).__name__} ({value!r:.60}) "
+                      f"cannot be stored as JSON")

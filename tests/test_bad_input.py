@@ -114,7 +114,7 @@ def test_talk_mapping_with_tuples_is_stored_as_json_and_written(store, writer_pr
 def test_info_value_json_cannot_hold_is_refused_naming_it(new_scan):
     scan = new_scan()
     scan.info["mapping"] = ({}, {"x": ({}, RAW, {1, 2})})
-    with pytest.raises(SchemaError, match=r"\$\.mapping\[1\]\.x\[2\]: a set"):
+    with pytest.raises(SchemaError, match=r"\$\.mapping\[1\]\.x\[2\]: a value of type set"):
         scan.prepare()
 
 
