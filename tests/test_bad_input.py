@@ -312,3 +312,24 @@ def test_validate_reports_a_missing_default_plot(tmp_path):
     errors = validate_file(path).errors
     assert [e for e in errors if "default plot" in e] == [
         "/b: no default plot: /b/data@signal = 'z' is not a field of that group"]
+
+
+def test_grid_axes_named_after_streams_are_valid_and_distinct(tmp_path):
+    from writer.grid_plot import write_grid_plot
+    from writer.names import NEXUS_NAME
+
+    with h5py.File(tmp_path / "g.h5", "w") as f:
+        entry = f.create_group("1.1")
+        plot = entry.create_group("plot")
+        plot.attrs.update({"NX_class": "NXdata", "signal": "x"})
+        plot["x"] = np.arange(6.0)
+        entry.attrs["default"] = "plot"
+        streams = {"a:2theta": entry.create_dataset("m1", data=np.repeat([0.0, 1.0], 3)),
+                   "b:2theta": entry.create_dataset("m2", data=np.tile([5.0, 6.0, 7.0], 2))}
+        assert write_grid_plot(entry, {"grid_shape": [2, 3], "grid_axes": list(streams)},
+                               streams) is None
+        grid = entry["grid"]
+        axes = list(grid.attrs["axes"])
+        assert axes == ["_2theta", "_2theta_"] and all(NEXUS_NAME.match(a) for a in axes)
+        assert [grid[a].attrs["stream_name"] for a in axes] == list(streams)
+        assert np.array_equal(grid["_2theta_"][()], [5.0, 6.0, 7.0])

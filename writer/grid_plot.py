@@ -9,6 +9,8 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
+from .names import nexus_name
+
 
 def write_grid_plot(entry: h5py.Group, info: dict, stream_datasets: dict) -> str | None:
     """Make `<entry>/grid`; returns why not when it cannot (None when done).
@@ -39,12 +41,19 @@ def write_grid_plot(entry: h5py.Group, info: dict, stream_datasets: dict) -> str
         layout[row] = source[row * nx:(row + 1) * nx]
     name = plot.attrs["signal"]
     group.create_virtual_dataset(name, layout)
-    slow_name, fast_name = (a.rsplit(":", 1)[-1] for a in axes)
+    # field names from the stream names ("axis:samy" -> "samy"), valid NeXus and distinct
+    slow_name, fast_name = (nexus_name(a.rsplit(":", 1)[-1]) for a in axes)
+    while slow_name == name:
+        slow_name += "_"
+    while fast_name in (slow_name, name):
+        fast_name += "_"
     group[slow_name] = np.asarray(slow[::nx])
     group[fast_name] = np.asarray(fast[:nx])
-    for field, dataset in ((slow_name, slow), (fast_name, fast)):
+    for field, dataset, stream in ((slow_name, slow, axes[0]), (fast_name, fast, axes[1])):
         if "units" in dataset.attrs:
             group[field].attrs["units"] = dataset.attrs["units"]
+        if field != stream:
+            group[field].attrs["stream_name"] = stream
     group.attrs["signal"] = name
     group.attrs["axes"] = [slow_name, fast_name]
     group.attrs["interpretation"] = "image"
