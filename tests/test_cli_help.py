@@ -32,6 +32,14 @@ def test_help(command, flag):
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_redis_server(flag):
+    done = subprocess.run([sys.executable, "-m", "blissdata.redis_server", flag],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith(
+        "usage: python3 -m blissdata.redis_server"), done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_demo_and_dev(flag):
     demo = subprocess.run([sys.executable, "-m", "writer.demo", flag], capture_output=True,
                           text=True, timeout=60, cwd=ROOT)
