@@ -4,7 +4,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from blissdata.redis_server import find_server_binary
+from blissdata.redis_server import EmbeddedRedis
 from writer_helpers import seed_scan, wait_status
 
 BIN = Path(sys.executable).parent
@@ -81,44 +80,22 @@ class Lines:
         raise AssertionError(f"nothing expected within {timeout} s in {self.lines[-10:]}")
 
 
-def _server(port, tmp_path):
-    return subprocess.Popen([find_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _wait_up(url):
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            return client
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-
-
 def test_status_watch_survives_a_redis_restart(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"redis://127.0.0.1:{port}"
-    server = _server(port, tmp_path)
-    watcher = None
+    first = EmbeddedRedis().start()
+    url = first.url
+    port = int(url.rsplit(":", 1)[1])
+    watcher, second = None, None
     try:
-        _wait_up(url)
         watcher = subprocess.Popen([str(BIN / "blisswriter"), "status", "--watch", "--json",
                                     "--interval", "0.2", "--redis", url],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = Lines(watcher.stdout), Lines(watcher.stderr)
         out.wait_for(lambda line: line.strip() == "[]")
-        server.terminate()
-        server.wait(10)
+        first.stop()
         err.wait_for(lambda line: "lost Redis" in line and url in line)
         assert watcher.poll() is None  # still watching
-        server = _server(port, tmp_path)
-        client = _wait_up(url)
+        second = EmbeddedRedis(port=port).start()
+        client = redis.Redis.from_url(url)
         client.zadd("blissdata:writer:scans", {"blissdata:scan:{x}": time.time()})
         client.hset("blissdata:scan:{x}:writer", "status",
                     json.dumps({"scan_key": "blissdata:scan:{x}", "state": "writing"}))
@@ -131,8 +108,9 @@ def test_status_watch_survives_a_redis_restart(tmp_path):
     finally:
         if watcher is not None and watcher.poll() is None:
             watcher.kill()
-        server.terminate()
-        server.wait(10)
+        first.stop()
+        if second is not None:
+            second.stop()
 
 
 def test_demo_piped_writes_plain_lines(tmp_path):
