@@ -66,20 +66,24 @@ def _publish_with_progress(console: Console, store, fixture, name, path, npoints
 
     label = f"   publishing {name:15s}"
     if not console.is_terminal:
-        counts = [0, 0]
+        last = {"done": 0, "total": 0}
+
+        def remember(done, total):
+            last.update(done=done, total=total)
+
         published = publish(store, fixture, session="demo", path=str(path), npoints=npoints,
-                            progress=lambda done, total: counts.__setitem__(slice(None),
-                                                                            [done, total]),
-                            number=number)
-        print(f"{label} {counts[0]:5d}/{counts[1]} points", flush=True)
+                            progress=remember, number=number)
+        print(f"{label} {last['done']:5d}/{last['total']} points", flush=True)
         return published
     columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("points"))
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(name, total=None)
+
+        def advance(done, total):
+            bar.update(task, completed=done, total=total)
+
         return publish(store, fixture, session="demo", path=str(path), npoints=npoints,
-                       progress=lambda done, total: bar.update(task, completed=done,
-                                                               total=total),
-                       number=number)
+                       progress=advance, number=number)
 
 
 def main(argv=None) -> int:
