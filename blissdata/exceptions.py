@@ -72,3 +72,8 @@ class RedisUnreachableError(BlissdataError, redis.ConnectionError, ConnectionErr
     """A wait lost its Redis connection and could not get it back: Redis stayed unreachable
     for the store's `reconnect_timeout_s`, or until the wait's own timeout passed. Also a
     `redis.ConnectionError` and a builtin `ConnectionError`, for code that catches those."""
+
+
+class LeaseLostError(BlissdataError):
+    """A writer no longer holds the lease of a scan (another writer took it over): it must
+    not write that scan or its file again (fencing)."""

@@ -38,6 +38,11 @@ def writer_key(key: str) -> str:
     return f"{key}:writer"
 
 
+def lease_key(key: str) -> str:
+    """The writer lease of a scan: the token of the writer process allowed to write it."""
+    return f"{key}:lease"
+
+
 def entry_id(first_index: int) -> str:
     """ID of the stream entry whose first point is `first_index` (seq is always 1)."""
     return f"{first_index}-1"

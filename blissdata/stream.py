@@ -11,11 +11,16 @@ from . import file_backing, keys
 from .encoding import StreamDefinition, decode, encode, raw_chunks
 from .waiting import Deadline, wait_for
 from .exceptions import (EndOfStream, IndexNotYetThereError, IndexWontBeThereError,
-                         MalformedEntryError, StreamError, StreamSealedError)
+                         LeaseLostError, MalformedEntryError, StreamError,
+                         StreamSealedError)
 
 # Raise the durable watermark of a stream, never lower it. KEYS[1] durable hash;
-# ARGV: stream name, JSON {"file", "dataset", "points"}.
+# ARGV: stream name, JSON {"file", "dataset", "points"}. Fenced: with KEYS[2] (the scan's
+# lease) and ARGV[3] (a writer's token), only while that lease holds that token.
 _MARK_FILE_BACKED = """
+if KEYS[2] and redis.call('GET', KEYS[2]) ~= ARGV[3] then
+  return redis.error_reply('LEASELOST')
+end
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 local new = cjson.decode(ARGV[2])
 if old then
@@ -261,13 +266,28 @@ class Stream:
         return [p for part in parts for p in part]
 
     # ---- file backing (published by the writer) ---------------------------------------
-    def mark_file_backed(self, file: str, dataset: str, points: int) -> int:
-        """Say that points [0, points) are durable in `file`:`dataset`. Never lowers."""
+    def mark_file_backed(self, file: str, dataset: str, points: int,
+                         fence: tuple[str, str] | None = None) -> int:
+        """Say that points [0, points) are durable in `file`:`dataset`. Never lowers.
+
+        `fence` = (lease key, token): published only while that lease holds that token,
+        atomically; else LeaseLostError and nothing is changed."""
         value = json.dumps({"file": file, "dataset": dataset, "points": int(points)})
         script = (_MARK_FILE_BACKED_ALLOW_OOM if self._scan._store.script_flags()
                   else _MARK_FILE_BACKED)
-        return int(self._redis.eval(script, 1, keys.durable_key(self._scan.key), self.name,
-                                    value))
+        script_keys = [keys.durable_key(self._scan.key)]
+        args = [self.name, value]
+        if fence is not None:
+            script_keys.append(fence[0])
+            args.append(fence[1])
+        try:
+            return int(self._redis.eval(script, len(script_keys), *script_keys, *args))
+        except redis.ResponseError as exc:
+            if "LEASELOST" not in str(exc):
+                raise
+            raise LeaseLostError(f"scan {self._scan.key}: watermark of {self.name!r} not "
+                                 f"published, this writer no longer holds the scan's "
+                                 f"lease") from None
 
     @property
     def file_backing(self) -> dict | None:

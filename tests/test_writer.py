@@ -252,6 +252,7 @@ def test_scan_deleted_mid_way(store, writer, data_root):
 def test_dtype_changed_mid_stream(store, writer, data_root):
     writer()
     scan, _ = seed_scan(store, data_root / "changed.h5", close=False, npoints=5)
+    wait_status(store, scan.key, states=("writing",))  # the writer has read the definitions
     # another producer version redefines a stream after prepare
     streams = json.loads(store.redis.hget(scan.key, "streams"))
     streams[SEED_STREAMS[0]]["dtype"] = "<i4"

@@ -28,6 +28,7 @@ class WriterConfig:
     memory_budget_mb: float = 512
     disk_reserve_mb: float = 64
     inactivity_timeout_s: float = 600
+    lease_ttl_s: float = 5.0
     compression_threads: int = 2
     fill_value_int: int = 0
     compression: dict = field(default_factory=lambda: {"default": "bitshuffle-lz4"})

@@ -66,6 +66,10 @@ def is_file_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "errno = " in str(exc))
 
 
+class FileLockedError(OSError):
+    """Another process has the file open for writing (its exclusive lock is taken)."""
+
+
 @dataclass
 class OpenFile:
     path: Path
@@ -115,7 +119,7 @@ class OpenFiles:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise OSError(f"cannot open {path} for writing: it is locked by another "
+            raise FileLockedError(f"cannot open {path} for writing: it is locked by another "
                           f"program that has it open") from None
         try:
             h5 = h5py.File(path, "r+", locking=False)

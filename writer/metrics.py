@@ -29,6 +29,17 @@ class WriterMetrics:
                                 registry=r)
         self.redis_memory = Gauge("blisswriter_redis_used_memory_bytes",
                                   "Redis used_memory as last seen by the writer", registry=r)
+        # the writer pool (several writers on the same sessions, writer/pool.py)
+        self.writers_alive = Gauge("blisswriter_pool_writers_alive",
+                                   "Writers whose heartbeat is within their lease ttl",
+                                   registry=r)
+        self.scans_held = Gauge("blisswriter_pool_scans_held",
+                                "Scans whose lease this writer holds", registry=r)
+        self.takeovers = Counter("blisswriter_pool_takeovers",
+                                 "Scans taken over from a writer that stopped renewing",
+                                 registry=r)
+        self.leases_lost = Gauge("blisswriter_pool_leases_lost",
+                                 "File leases this writer lost to another one", registry=r)
         self.server = None
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:

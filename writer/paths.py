@@ -43,6 +43,15 @@ def resolve_scan_file(path: str, data_roots) -> Path:
     return real
 
 
+def scan_file_path(path: str, number: int, file_layout: str, data_roots) -> Path:
+    """The file a scan goes to: its path ("shared" layout) or "<stem>_<number>.h5" beside
+    it ("per_scan"), resolved; PathRefused outside the data roots."""
+    wanted = Path(path)
+    if file_layout == "per_scan":
+        wanted = wanted.with_name(f"{wanted.stem}_{number:04d}{wanted.suffix or '.h5'}")
+    return resolve_scan_file(str(wanted), data_roots)
+
+
 def check_link_target(target: str, scan_file: str, data_roots) -> Path:
     """External link files and virtual-dataset sources: relative ones start at the scan
     file's folder; the same rule as for scan files."""

@@ -21,7 +21,7 @@ import redis
 import tenacity
 
 from blissdata import ScanNotFoundError, ScanState
-from blissdata.exceptions import MalformedEntryError
+from blissdata.exceptions import LeaseLostError, MalformedEntryError
 from blissdata.encoding import StreamDefinition
 from blissdata.memory_tracker import trim_durable
 
@@ -34,7 +34,8 @@ from .mapping import MappingError, parse_mapping
 from .names import invalid_names
 from .nexus_skeleton import (EntryExistsError, finalize_entry, stream_dataset_parent,
                              write_entry)
-from .paths import PathRefused, check_link_target, resolve_scan_file
+from .paths import PathRefused, check_link_target, scan_file_path
+from .pool import wait_for_file
 from .read_ahead import ReadAhead
 from .references import ReferencesAppender
 from .text_appender import TextAppender
@@ -66,7 +67,11 @@ class ScanWriter(threading.Thread):
         self.config = service.config
         self.scan_key = scan_key
         self.scan = None
-        self.status = writer_status.ScanStatus(scan_key, writer=service.identity)
+        # fencing: check() before writing; the status and watermarks are published only
+        # while the lease holds our token (writer/lease.py)
+        self.lease = service.writer_pool.lease(scan_key)
+        self.status = writer_status.ScanStatus(scan_key, writer=service.identity,
+                                               lease=self.lease.token)
         self.appenders: dict[str, DatasetAppender] = {}  # stream name -> appender
         self.definitions: dict[str, StreamDefinition] = {}  # as they were when writing began
         self.dataset_paths: dict[str, str] = {}  # stream name -> dataset path in the file
@@ -84,6 +89,8 @@ class ScanWriter(threading.Thread):
             for attempt in self._redis_retrying():
                 with attempt:
                     self._write_scan()
+        except LeaseLostError as exc:  # another writer has it now: write nothing more
+            log.warning("scan %s: %s", self.scan_key, exc)
         except WriterStopping:
             self._pause()
         except (ScanFailed, MappingError, PathRefused, EntryExistsError) as exc:
@@ -173,16 +180,15 @@ class ScanWriter(threading.Thread):
         return layout
 
     def _file_path(self) -> Path:
-        path = Path(self.scan.path)
-        if self.config.file_layout == "per_scan":
-            path = path.with_name(f"{path.stem}_{self.scan.number:04d}{path.suffix or '.h5'}")
-        return resolve_scan_file(str(path), self.config.data_roots)
+        return scan_file_path(self.scan.path, self.scan.number, self.config.file_layout,
+                              self.config.data_roots)
 
     @property
     def entry_name(self) -> str:
         return self.scan.info.get("entry_name") or f"{self.scan.number}.1"
 
     def _open_entry(self, layout, previous) -> None:
+        self.lease.check()
         self.status.file, self.status.entry = str(self.file_path), self.entry_name
         resuming = (previous is not None and previous.state == "writing"
                     and previous.file == str(self.file_path)
@@ -196,7 +202,7 @@ class ScanWriter(threading.Thread):
             self.status.state = "writing"
             self.status.warnings = previous.warnings + ["resumed after a writer restart"]
         self.file_path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self.service.files.acquire(self.file_path)
+        self.file = self._acquire_file()
         with self.file.lock:
             h5 = self.file.h5
             if resuming and self.entry_name in h5:
@@ -212,6 +218,21 @@ class ScanWriter(threading.Thread):
         log.info("scan %s %s:%s %s -> %s::/%s%s", self.scan_key, self.scan.session,
                  self.scan.number, self.scan.name, self.file_path, self.entry_name,
                  " (resumed)" if resuming else "")
+
+    def _acquire_file(self):
+        """The file, open for writing. Taken over from another writer that still has it
+        locked (paused, or about to notice it lost the lease): wait for it to let go."""
+        acquire = lambda: self.service.files.acquire(self.file_path)  # noqa: E731
+        if not self.service.writer_pool.file_claimed_by_another(str(self.file_path)):
+            return acquire()
+
+        def tell():
+            self.status.warn(f"waiting for the writer this scan was taken from to close "
+                             f"{self.file_path}")
+            writer_status.publish(self.service.redis, self.status)
+
+        return wait_for_file(acquire, self.lease, self.config.inactivity_timeout_s,
+                             self._stop_requested, tell)
 
     def _check_entry_is_ours(self) -> None:
         note = self.entry.get("writer_status/data")
@@ -310,6 +331,7 @@ class ScanWriter(threading.Thread):
                     self._check_disk_room(sum(_nbytes(part) for view in views.values()
                                               for part in view.parts))
                     with self.file.lock:
+                        self.lease.check()
                         for name, view in views.items():
                             self._append(name, view)
                     dirty = True
@@ -389,6 +411,7 @@ class ScanWriter(threading.Thread):
     def _flush(self, final: bool = False) -> bool:
         """Make every point appended durable and publish the watermarks; False if Redis was
         too full to take them (the caller flushes again soon)."""
+        self.lease.check()
         with self.file.lock:
             durable = {name: a.flush(final) for name, a in self.appenders.items()}
             self.file.h5.flush()
@@ -423,7 +446,8 @@ class ScanWriter(threading.Thread):
     def _mark_durable(self, durable: dict) -> None:
         for name, points in durable.items():
             self.scan.streams[name].mark_file_backed(str(self.file_path),
-                                                     self.dataset_paths[name], points)
+                                                     self.dataset_paths[name], points,
+                                                     fence=self.lease.fence)
 
     def _check_scan(self) -> None:
         """Between reads: deleted scan, inactivity, a changed stream definition."""
@@ -462,6 +486,7 @@ class ScanWriter(threading.Thread):
     def _finalize(self) -> None:
         self._wait_for(ScanState.CLOSED)
         with self.file.lock:
+            self.lease.check()
             end_reason = self.scan.info.get("end_reason", "SUCCESS")
             if self.scan.info.get("grid_shape") and end_reason == "SUCCESS":
                 why_not = write_grid_plot(self.entry, self.scan.info,
@@ -493,6 +518,10 @@ class ScanWriter(threading.Thread):
             time.sleep(0.1)
 
     def _fail(self, reason: str) -> None:
+        if not self.lease.holds():  # another writer has the scan: its story, not ours
+            log.warning("scan %s: %s; not recorded: this writer lost the scan's lease",
+                        self.scan_key, reason)
+            return
         self.status.state = "failed"
         self.status.error = reason
         log.error("scan %s: failed: %s", self.scan_key, reason)
@@ -519,18 +548,21 @@ class ScanWriter(threading.Thread):
         try:
             if self.status.points and self.service.redis.exists(self.scan_key):
                 self._mark_durable(self.status.points)  # readers get the kept points
-        except redis.RedisError as exc:
+        except (redis.RedisError, LeaseLostError) as exc:
             log.error("scan %s: could not publish the points kept to Redis: %s",
                       self.scan_key, exc)
         try:
             self._publish_final_status()
-        except redis.RedisError as exc:
+        except (redis.RedisError, LeaseLostError) as exc:
             log.error("scan %s: could not publish the failure to Redis: %s", self.scan_key, exc)
 
     def _pause(self) -> None:
         """Service stopping mid-scan: make what we have durable; a restart resumes."""
-        if self.file is not None and self.appenders:
-            self._flush()
+        if self.file is not None and self.appenders and self.lease.holds():
+            try:
+                self._flush()
+            except LeaseLostError:
+                return
         log.info("scan %s: writer stopping, %d points durable; a restart resumes it",
                  self.scan_key, sum(self.status.points.values()))
 

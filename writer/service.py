@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +17,8 @@ from . import status as writer_status
 from .config import WriterConfig
 from .files import OpenFiles
 from .metrics import WriterMetrics
+from .paths import PathRefused, scan_file_path
+from .pool import WriterPool, read_writers
 from .scan_writer import ScanWriter
 
 log = logging.getLogger("blisswriter")
@@ -30,7 +30,10 @@ class WriterService:
         # big socket reads: frames arrive in MiB-sized entries
         self.store = DataStore(config.redis_url, socket_read_size=1 << 20)
         self.redis = self.store.redis
-        self.identity = f"{socket.gethostname()}:{os.getpid()}"
+        # leases shared with the other writers of these sessions (writer/pool.py)
+        self.writer_pool = WriterPool(self.redis, config.lease_ttl_s, config.sessions,
+                                      allow_oom=self.store.script_flags())
+        self.identity = self.writer_pool.id  # host:pid
         self.pool = (ThreadPoolExecutor(config.compression_threads, "compress")
                      if config.compression_threads > 0 else None)
         self.files = OpenFiles()
@@ -42,24 +45,67 @@ class WriterService:
         self._writers_lock = threading.Lock()
         self._stop = threading.Event()
         self._lag_labels: set[str] = set()
+        self._not_wanted: set[str] = set()  # scans of sessions this writer does not follow
+        self._claims: dict[str, float] = {}  # new scan key -> when to try to take it
 
     # ---- scans -----------------------------------------------------------------------
     def wants(self, session: str) -> bool:
         return not self.config.sessions or session in self.config.sessions
 
-    def start_scan(self, scan_key: str) -> None:
+    def claim(self, scan_key: str) -> bool:
+        """Take the scan if no other writer has it (leases of its file and of the scan) and
+        start writing it; False if it is not for us or someone else has it."""
+        if scan_key in self.writers or scan_key in self._not_wanted or self._stop.is_set():
+            return False
+        raw = self.redis.hget(scan_key, "identity")
+        if raw is None:  # deleted
+            self.writer_pool.finished(scan_key)
+            return False
+        identity = json.loads(raw)
+        if not self.wants(identity["session"]):
+            self._not_wanted.add(scan_key)
+            return False
+        try:
+            path = str(scan_file_path(identity["path"], identity["number"],
+                                      self.config.file_layout, self.config.data_roots))
+        except PathRefused:  # whoever takes it fails it, saying why
+            path = identity["path"]
+        if self.writer_pool.acquire(scan_key, path) is None:
+            return False
+        previous = writer_status.read(self.redis, scan_key)
+        if previous is not None and previous.finished:
+            self.writer_pool.release(scan_key)
+            self.writer_pool.finished(scan_key)
+            return False
+        if previous is not None and previous.state == "writing" and \
+                previous.writer != self.identity:
+            self.writer_pool.takeover_count += 1
+            self.metrics.takeovers.inc()
+            log.info("scan %s: taking it over from writer %s", scan_key, previous.writer)
+        return self.start_scan(scan_key)
+
+    def start_scan(self, scan_key: str) -> bool:
+        """Start writing a scan whose lease this writer holds (claim() takes it)."""
         with self._writers_lock:
             if scan_key in self.writers or self._stop.is_set():
-                return
+                self.writer_pool.release(scan_key)
+                return False
             writer = ScanWriter(self, scan_key)
             self.writers[scan_key] = writer
             self.metrics.scans_active.set(len(self.writers))
         writer.start()
+        return True
 
     def scan_finished(self, writer: ScanWriter) -> None:
         with self._writers_lock:
             self.writers.pop(writer.scan_key, None)
             self.metrics.scans_active.set(len(self.writers))
+        try:
+            if writer.status.finished and writer.lease.holds():
+                self.writer_pool.finished(writer.scan_key)
+        except redis.RedisError as exc:  # stays listed: a writer sees it is done and skips
+            log.warning("scan %s: not taken off the unfinished list: %s", writer.scan_key, exc)
+        self.writer_pool.release(writer.scan_key)
         self.metrics.scans_finished.labels(writer.status.state).inc()
         if writer.scan_key in self._lag_labels:
             self._lag_labels.discard(writer.scan_key)
@@ -76,8 +122,9 @@ class WriterService:
         return max(1, len(self.writers))
 
     def resume_unfinished(self) -> int:
-        """Start a writer for every listed scan whose writing is not done or failed: those a
-        crash interrupted and those created while the service was down."""
+        """List every indexed scan whose writing is not done or failed (those a crash
+        interrupted and those created while no writer ran) as unfinished, for the writers
+        of the pool to take; returns how many this one took."""
         started = 0
         sessions = self.config.sessions or [None]
         for session in sessions:
@@ -85,9 +132,32 @@ class WriterService:
                 previous = writer_status.read(self.redis, key)
                 if previous is not None and previous.finished:
                     continue
-                self.start_scan(key)
-                started += 1
+                self.writer_pool.offer(key)
+                started += self.claim(key)
         return started
+
+    def _sweep(self) -> None:
+        """Take the unfinished scans nobody holds (new ones, and those of a writer that
+        stopped renewing its leases); new scans after a delay that grows with our load,
+        so that idle writers take them first."""
+        now = time.monotonic()
+        for key in self.writer_pool.candidates():
+            due = self._claims.get(key)
+            if due is None:
+                due = self._claims[key] = now + self._claim_delay()
+            if now >= due and self.claim(key):
+                self._claims.pop(key, None)
+        for key in [k for k, due in self._claims.items() if now - due > 60]:
+            del self._claims[key]  # taken by another writer long ago
+
+    def _claim_delay(self) -> float:
+        return min(1.0, 0.1 * len(self.writers))
+
+    def _publish_pool_metrics(self) -> None:
+        writers = read_writers(self.redis)
+        self.metrics.writers_alive.set(sum(w["alive"] for w in writers))
+        self.metrics.scans_held.set(len(self.writer_pool.scans))
+        self.metrics.leases_lost.set(self.writer_pool.lost_count)
 
     # ---- main loop -------------------------------------------------------------------
     def run(self) -> None:
@@ -98,20 +168,26 @@ class WriterService:
         since = None
         for attempt in self._retrying():
             with attempt:
+                self.writer_pool.start()
                 since = self._current_end()
                 resumed = self.resume_unfinished()
                 if resumed:
                     log.info("resuming %d unfinished scan(s)", resumed)
-        last_memory_check = 0.0
+        last_memory_check = last_sweep = 0.0
         while not self._stop.is_set():
             if time.monotonic() - last_memory_check > 5:
                 last_memory_check = time.monotonic()
                 try:
                     self.metrics.redis_memory.set(self.redis.info("memory")["used_memory"])
+                    self._publish_pool_metrics()
                 except redis.RedisError:
                     pass
             try:
-                found_at, key = self.store.get_next_scan(since=since, timeout=0.5)
+                if time.monotonic() - last_sweep >= self.writer_pool.sweep_s:
+                    last_sweep = time.monotonic()
+                    self._sweep()
+                found_at, key = self.store.get_next_scan(
+                    since=since, timeout=min(0.5, self.writer_pool.sweep_s))
                 identity = self.redis.hget(key, "identity")
                 since = found_at  # only once it is handled: a lost Redis retries this scan
             except NoScanAvailable:
@@ -122,7 +198,9 @@ class WriterService:
                 self._stop.wait(1.0)
                 continue
             if identity is not None and self.wants(json.loads(identity)["session"]):
-                self.start_scan(key)
+                self.writer_pool.offer(key)
+                if not self.writers:  # idle: take it now; else at the next sweep, if free
+                    self.claim(key)
         self._shutdown()
 
     def _current_end(self) -> str:
@@ -147,6 +225,7 @@ class WriterService:
         for writer in writers:
             writer.join(30)
         self.files.close_all()
+        self.writer_pool.stop()
         self.metrics.stop()
         if self.pool is not None:
             self.pool.shutdown()

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import redis
 
 from blissdata import keys
+from blissdata.exceptions import LeaseLostError
 
 # Sorted set: scan key -> time of the writer's last status update. `blisswriter status` lists it.
 WRITER_SCANS = "blissdata:writer:scans"
@@ -36,6 +37,7 @@ class ScanStatus:
     started: float = 0.0
     updated: float = 0.0
     writer: str = ""  # host:pid of the writer process
+    lease: str = ""  # token of the writer's lease on the scan: publish() is fenced by it
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
@@ -55,12 +57,35 @@ class ScanStatus:
         return cls(**known)
 
 
+# Set the status only while the scan's lease holds the writer's token (fencing: a writer
+# that lost the scan to another must not overwrite that one's status).
+_FENCED_HSET = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return redis.error_reply('LEASELOST') end
+return redis.call('HSET', KEYS[1], 'status', ARGV[2])
+"""
+
+
 def publish(client: redis.Redis, status: ScanStatus) -> bool:
     """Put a scan's status in Redis. False when Redis is full (maxmemory): a status is not
-    worth failing a scan for; it goes out with the next publish."""
+    worth failing a scan for; it goes out with the next publish. With ``status.lease`` set,
+    LeaseLostError (and nothing written) if the scan's lease holds another token."""
     status.updated = time.time()
+    if status.lease:
+        try:
+            client.eval(_FENCED_HSET, 2, keys.writer_key(status.scan_key),
+                        keys.lease_key(status.scan_key), status.lease, status.to_json())
+        except redis.OutOfMemoryError:
+            return False
+        except redis.ResponseError as exc:
+            if "OOM" in str(exc):  # refused inside the script
+                return False
+            if "LEASELOST" not in str(exc):
+                raise
+            raise LeaseLostError(f"scan {status.scan_key}: status not published, this "
+                                 f"writer no longer holds the scan's lease") from None
     pipe = client.pipeline(transaction=False)
-    pipe.hset(keys.writer_key(status.scan_key), "status", status.to_json())
+    if not status.lease:
+        pipe.hset(keys.writer_key(status.scan_key), "status", status.to_json())
     pipe.zadd(WRITER_SCANS, {status.scan_key: status.updated})
     pipe.zremrangebyscore(WRITER_SCANS, 0, status.updated - RECENT_S)
     try:
