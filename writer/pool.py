@@ -98,6 +98,17 @@ class WriterPool:
     def acquire(self, scan_key: str, path: str) -> ScanLease | None:
         """The scan's lease and its file's (if not ours already); None if another writer
         holds either."""
+        lease = self._acquire(scan_key, path)
+        if lease is not None and len(lease.file_lease.scans) == 1:
+            # a new file: in the registry before we open it, so that a writer taking it over
+            # from us later knows to wait for our lock on it (wait_for_file)
+            try:
+                self.heartbeat()
+            except redis.RedisError as exc:
+                log.debug("heartbeat not published: %s", exc)
+        return lease
+
+    def _acquire(self, scan_key: str, path: str) -> ScanLease | None:
         with self._lock:
             if scan_key in self.scans:
                 return None
@@ -236,6 +247,17 @@ def read_writers(client: redis.Redis) -> list[dict]:
                       "scans": json.loads(entry.get("scans", "[]")),
                       "files": json.loads(entry.get("files", "[]"))})
     return found
+
+
+def scan_holders(client: redis.Redis, scan_keys: list) -> dict:
+    """scan key -> id of the writer holding its lease (scans nobody holds are left out)."""
+    if not scan_keys:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for key in scan_keys:
+        pipe.get(keys.lease_key(key))
+    return {key: token.decode().split("/")[0]
+            for key, token in zip(scan_keys, pipe.execute()) if token}
 
 
 def wait_for_file(acquire, lease: ScanLease, patience_s: float, stop: threading.Event,

@@ -158,6 +158,7 @@ class ScanWriter(threading.Thread):
     def _check_alive(self) -> None:
         if self._stop_requested.is_set():
             raise WriterStopping()
+        self.lease.check()  # lost to another writer: let go of the file now, idle or not
         idle = time.monotonic() - self._last_event
         if idle > self.config.inactivity_timeout_s:
             raise ScanFailed(f"no event from the scan for {idle:.0f} s "

@@ -52,9 +52,11 @@ class WriterService:
     def wants(self, session: str) -> bool:
         return not self.config.sessions or session in self.config.sessions
 
-    def claim(self, scan_key: str) -> bool:
+    def claim(self, scan_key: str, now: bool = False) -> bool:
         """Take the scan if no other writer has it (leases of its file and of the scan) and
-        start writing it; False if it is not for us or someone else has it."""
+        start writing it; False if it is not for us or someone else has it. Unless `now`
+        or the file is ours already, a busy writer leaves a new scan to idle ones for a
+        while (longer the more scans it writes)."""
         if scan_key in self.writers or scan_key in self._not_wanted or self._stop.is_set():
             return False
         raw = self.redis.hget(scan_key, "identity")
@@ -70,8 +72,13 @@ class WriterService:
                                       self.config.file_layout, self.config.data_roots))
         except PathRefused:  # whoever takes it fails it, saying why
             path = identity["path"]
+        first_seen = self._claims.setdefault(scan_key, time.monotonic())
+        if not (now or path in self.writer_pool.files
+                or time.monotonic() >= first_seen + self._claim_delay()):
+            return False
         if self.writer_pool.acquire(scan_key, path) is None:
             return False
+        self._claims.pop(scan_key, None)
         previous = writer_status.read(self.redis, scan_key)
         if previous is not None and previous.finished:
             self.writer_pool.release(scan_key)
@@ -137,18 +144,13 @@ class WriterService:
         return started
 
     def _sweep(self) -> None:
-        """Take the unfinished scans nobody holds (new ones, and those of a writer that
-        stopped renewing its leases); new scans after a delay that grows with our load,
-        so that idle writers take them first."""
-        now = time.monotonic()
-        for key in self.writer_pool.candidates():
-            due = self._claims.get(key)
-            if due is None:
-                due = self._claims[key] = now + self._claim_delay()
-            if now >= due and self.claim(key):
-                self._claims.pop(key, None)
-        for key in [k for k, due in self._claims.items() if now - due > 60]:
-            del self._claims[key]  # taken by another writer long ago
+        """Take the unfinished scans nobody holds: new ones, and those of a writer that
+        stopped renewing its leases."""
+        candidates = self.writer_pool.candidates()
+        for key in set(self._claims) - set(candidates):
+            del self._claims[key]  # another writer took it
+        for key in candidates:
+            self.claim(key)
 
     def _claim_delay(self) -> float:
         return min(1.0, 0.1 * len(self.writers))
@@ -183,11 +185,12 @@ class WriterService:
                 except redis.RedisError:
                     pass
             try:
-                if time.monotonic() - last_sweep >= self.writer_pool.sweep_s:
+                # new scans left to idle writers: look again soon whether one took them
+                every = 0.1 if self._claims else self.writer_pool.sweep_s
+                if time.monotonic() - last_sweep >= every:
                     last_sweep = time.monotonic()
                     self._sweep()
-                found_at, key = self.store.get_next_scan(
-                    since=since, timeout=min(0.5, self.writer_pool.sweep_s))
+                found_at, key = self.store.get_next_scan(since=since, timeout=min(0.5, every))
                 identity = self.redis.hget(key, "identity")
                 since = found_at  # only once it is handled: a lost Redis retries this scan
             except NoScanAvailable:
@@ -199,8 +202,7 @@ class WriterService:
                 continue
             if identity is not None and self.wants(json.loads(identity)["session"]):
                 self.writer_pool.offer(key)
-                if not self.writers:  # idle: take it now; else at the next sweep, if free
-                    self.claim(key)
+                self.claim(key)
         self._shutdown()
 
     def _current_end(self) -> str:
