@@ -76,7 +76,7 @@ class MemoryTracker:
         self._stop = threading.Event()
 
     def used_memory(self) -> int:
-        return int(self.redis.info("memory")["used_memory"])
+        return self.store.used_memory()
 
     # ---- one round -------------------------------------------------------------------------
     def step(self) -> dict:

@@ -138,6 +138,125 @@ class EmbeddedRedis:
         self.stop()
 
 
+class EmbeddedCluster:
+    """A private Redis Cluster of `masters` primaries (and `replicas` replicas of each), from
+    the same binary, on loopback ports: ``with EmbeddedCluster() as cluster:
+    DataStore(cluster.url)`` (``redis+cluster://127.0.0.1:<port>``). Slots are spread evenly
+    over the primaries; `node_timeout_ms` is how long a silent primary takes to fail over."""
+
+    SLOTS = 16384
+
+    def __init__(self, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 1000,
+                 maxmemory: int | None = None, startup_timeout: float = 20.0):
+        if masters < 1 or replicas < 0:
+            raise ValueError(f"a cluster needs >= 1 master and >= 0 replicas per master, "
+                             f"got {masters} and {replicas}")
+        self.masters, self.replicas = masters, replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.maxmemory = maxmemory
+        self.startup_timeout = startup_timeout
+        self.nodes: list[EmbeddedRedis] = []
+        self._bus_ports: list[int] = []
+        self.url = ""
+
+    def start(self) -> "EmbeddedCluster":
+        try:
+            for _ in range(self.masters * (1 + self.replicas)):
+                self._bus_ports.append(_free_port())
+                node = EmbeddedRedis(maxmemory=self.maxmemory, extra_args=[
+                    "--cluster-enabled", "yes", "--cluster-node-timeout",
+                    str(self.node_timeout_ms), "--cluster-config-file", "nodes.conf",
+                    "--cluster-require-full-coverage", "no",
+                    "--cluster-port", str(self._bus_ports[-1])])  # default: port + 10000
+                self.nodes.append(node.start())
+            self._form()
+        except BaseException:
+            self.stop()
+            raise
+        self.url = "redis+cluster://" + self.nodes[0].url[len("redis://"):]
+        return self
+
+    def client(self, node: "EmbeddedRedis") -> redis.Redis:
+        return redis.Redis.from_url(node.url, socket_connect_timeout=1)
+
+    def _form(self) -> None:
+        clients = [self.client(n) for n in self.nodes]
+        try:
+            primaries = clients[:self.masters]
+            per = self.SLOTS // self.masters
+            for i, c in enumerate(primaries):
+                last = self.SLOTS - 1 if i == self.masters - 1 else (i + 1) * per - 1
+                c.execute_command("CLUSTER ADDSLOTSRANGE", i * per, last)
+            first = self.nodes[0]
+            port0 = int(first.url.rsplit(":", 1)[1])
+            for c in clients[1:]:
+                c.execute_command("CLUSTER MEET", "127.0.0.1", port0, self._bus_ports[0])
+            self._wait(lambda: all(len(self._known(c)) == len(clients) for c in clients),
+                       "every node sees every other")
+            ids = [c.execute_command("CLUSTER MYID").decode() for c in primaries]
+            for j, c in enumerate(clients[self.masters:]):
+                c.execute_command("CLUSTER REPLICATE", ids[j % self.masters])
+            self._wait(lambda: all(c.execute_command("CLUSTER INFO").get("cluster_state") == "ok"
+                                   for c in clients), "cluster_state:ok")
+            if self.replicas:
+                self._wait(lambda: all(self._role(c) == "slave" and self._synced(c)
+                                       for c in clients[self.masters:]), "replicas in sync")
+        finally:
+            for c in clients:
+                c.close()
+
+    @staticmethod
+    def _known(client) -> dict:
+        return client.execute_command("CLUSTER NODES")  # parsed: address -> node
+
+    @staticmethod
+    def _role(client) -> str:
+        return client.info("replication")["role"]
+
+    @staticmethod
+    def _synced(client) -> bool:
+        return client.info("replication").get("master_link_status") == "up"
+
+    def _wait(self, predicate, what: str) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            try:
+                if predicate():
+                    return
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Redis cluster: {what}: not after {self.startup_timeout} s")
+            time.sleep(0.05)
+
+    def primary_of(self, key: str) -> "EmbeddedRedis":
+        """The node serving `key` now (asked to a live node)."""
+        for node in self.nodes:
+            if node.process is None or node.process.poll() is not None:
+                continue
+            try:
+                with self.client(node) as c:
+                    slot = c.execute_command("CLUSTER KEYSLOT", key)
+                    for start, stop, *hosts in c.execute_command("CLUSTER SLOTS"):
+                        if start <= slot <= stop:
+                            port = int(hosts[0][1])
+                            return next(n for n in self.nodes if n.url.endswith(f":{port}"))
+            except redis.RedisError:
+                continue
+        raise RuntimeError(f"no live node says which primary serves {key!r}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.nodes = []
+
+    def __enter__(self) -> "EmbeddedCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m blissdata.redis_server",
                                      description="A private Redis-compatible server, until "

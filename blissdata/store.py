@@ -8,6 +8,7 @@ import time
 import uuid
 
 import redis
+import redis.cluster
 from redis.connection import (HIREDIS_AVAILABLE, Encoder, HiredisRespSerializer,
                               PythonRespSerializer)
 
@@ -51,16 +52,31 @@ class _Packer:
         return self._hiredis.pack(*args)
 
 
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
+def is_cluster(client) -> bool:
+    return isinstance(client, redis.cluster.RedisCluster)
+
+
 def connect(url: str, **kwargs) -> redis.Redis:
-    """A redis-py client for `url`; a ConnectionError that names the URL if it is down."""
-    kwargs.setdefault("command_packer", _Packer(kwargs.get("encoding", "utf-8"),
-                                                kwargs.get("encoding_errors", "strict")))
+    """A redis-py client for `url`; a ConnectionError that names the URL if it is down.
+
+    ``redis+cluster://host:port`` (``rediss+cluster://`` with TLS) gives a RedisCluster
+    that finds the other nodes from that one; every other URL a Redis client."""
     try:
-        client = redis.Redis.from_url(url, **kwargs)
+        if url.startswith(CLUSTER_SCHEMES):
+            client = redis.cluster.RedisCluster.from_url(url.replace("+cluster", "", 1),
+                                                         **kwargs)
+        else:
+            kwargs.setdefault("command_packer", _Packer(
+                kwargs.get("encoding", "utf-8"), kwargs.get("encoding_errors", "strict")))
+            client = redis.Redis.from_url(url, **kwargs)
         client.ping()
     except redis.AuthenticationError as exc:
         raise ConnectionError(f"Redis at {url}: authentication failed: {exc}") from None
-    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+    except (redis.ConnectionError, redis.TimeoutError, redis.RedisClusterException,
+            OSError) as exc:
         raise ConnectionError(f"cannot reach Redis at {url}: {exc}") from None
     except ValueError as exc:
         raise ValueError(f"not a Redis URL: {url!r} ({exc})") from None
@@ -69,6 +85,7 @@ def connect(url: str, **kwargs) -> redis.Redis:
 
 class DataStore:
     """``DataStore("redis://host:6379")``; also ``rediss://``, ``unix:///path.sock``,
+    ``redis+cluster://host:port`` (a Redis/Valkey Cluster, any node),
     ``redis://user:password@host``.
 
     `max_event_bytes` bounds one Redis entry: batches are split below it and a single point
@@ -107,6 +124,14 @@ class DataStore:
             raise ProtocolVersionError(
                 f"Redis at {self.url} holds blissdata protocol version {found.decode()}, "
                 f"this library speaks version {keys.PROTOCOL_VERSION}")
+
+    def used_memory(self) -> int:
+        """Bytes Redis uses (INFO used_memory); on a cluster, the fullest primary's (each
+        node has its own maxmemory)."""
+        if is_cluster(self._redis):
+            found = self._redis.info("memory", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+            return max(int(info["used_memory"]) for info in found.values())
+        return int(self._redis.info("memory")["used_memory"])
 
     def script_flags(self) -> bool:
         """Whether the server takes Lua script flags (``#!lua flags=...``, Redis >= 7)."""
@@ -279,7 +304,8 @@ class DataStore:
         doomed = [key, keys.state_key(key), keys.durable_key(key), keys.lost_key(key),
                   keys.writer_key(key)] + [s.key for s in scan.streams.values()]
         pipe = self._redis.pipeline(transaction=False)
-        pipe.delete(*doomed)
+        for doomed_key in doomed:  # one by one: a cluster pipeline deletes one key a command
+            pipe.delete(doomed_key)
         pipe.zrem(keys.INDEX_ALL, key)
         pipe.zrem(keys.session_index_key(scan.session), key)
         pipe.execute()

@@ -35,6 +35,13 @@ return new['points']
 _MARK_FILE_BACKED_ALLOW_OOM = "#!lua flags=allow-oom" + _MARK_FILE_BACKED
 
 
+def _entries(reply) -> list:
+    """XRANGE entries as (id, {field: value}): redis-py's cluster transactions (MULTI/EXEC
+    on a RedisCluster) give them unparsed, fields as a flat list."""
+    return [(eid, fields if isinstance(fields, dict) else
+             dict(zip(fields[::2], fields[1::2]))) for eid, fields in reply]
+
+
 class Stream:
     """One stream of a scan. Producers `send()` and `seal()`; readers index and slice.
 
@@ -238,7 +245,7 @@ class Stream:
         pipe.hget(keys.durable_key(self._scan.key), self.name)
         pipe.hget(keys.lost_key(self._scan.key), self.name)
         before, after, backing, lost = pipe.execute()
-        entries = [e for e in before + after if b"end" not in e[1]]
+        entries = [e for e in _entries(before + after) if b"end" not in e[1]]
         parts, have_from = [], None
         for eid, fields in entries:
             first = keys.first_index(eid)

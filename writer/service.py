@@ -180,7 +180,7 @@ class WriterService:
             if time.monotonic() - last_memory_check > 5:
                 last_memory_check = time.monotonic()
                 try:
-                    self.metrics.redis_memory.set(self.redis.info("memory")["used_memory"])
+                    self.metrics.redis_memory.set(self.store.used_memory())
                     self._publish_pool_metrics()
                 except redis.RedisError:
                     pass
