@@ -24,6 +24,7 @@ import redis
 
 from blissdata import keys
 from blissdata.exceptions import LeaseLostError
+from blissdata.store import is_cluster
 
 __all__ = ["FileLease", "ScanLease", "LeaseLostError", "file_lease_key"]
 
@@ -121,10 +122,16 @@ class FileLease:
             if self.lost:
                 return False
             started = time.monotonic()
-            pipe = self.client.pipeline(transaction=False)
-            for key in [self.key, *(keys.lease_key(s) for s in self.scans)]:
-                pipe.eval(_RENEW, 1, key, self.token, self.ttl_ms)
-            if all(pipe.execute()):
+            lease_keys = [self.key, *(keys.lease_key(s) for s in self.scans)]
+            if is_cluster(self.client):  # a cluster pipeline cannot EVAL: one at a time
+                renewed = [self.client.eval(_RENEW, 1, k, self.token, self.ttl_ms)
+                           for k in lease_keys]
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for key in lease_keys:
+                    pipe.eval(_RENEW, 1, key, self.token, self.ttl_ms)
+                renewed = pipe.execute()
+            if all(renewed):
                 self._valid_until = max(self._valid_until,
                                         started + VALID_FRACTION * self.ttl_ms / 1000)
             else:

@@ -182,6 +182,8 @@ class WriterPool:
                                     "here", file_lease.path, sorted(file_lease.scans))
                 except redis.RedisError as exc:
                     log.warning("cannot renew the lease on %s: %s", file_lease.path, exc)
+                except Exception:  # a bug: say it, keep renewing the others
+                    log.exception("renewing the lease on %s", file_lease.path)
             try:
                 self.heartbeat()
             except redis.RedisError as exc:
