@@ -192,6 +192,9 @@ class WriterService:
                     self._sweep()
                 found_at, key = self.store.get_next_scan(since=since, timeout=min(0.5, every))
                 identity = self.redis.hget(key, "identity")
+                if identity is not None and self.wants(json.loads(identity)["session"]):
+                    self.writer_pool.offer(key)  # for this writer or another one to take
+                    self.claim(key)
                 since = found_at  # only once it is handled: a lost Redis retries this scan
             except NoScanAvailable:
                 continue
@@ -200,9 +203,6 @@ class WriterService:
                 log.warning("Redis at %s unreachable (%s); retrying", self.config.redis_url, exc)
                 self._stop.wait(1.0)
                 continue
-            if identity is not None and self.wants(json.loads(identity)["session"]):
-                self.writer_pool.offer(key)
-                self.claim(key)
         self._shutdown()
 
     def _current_end(self) -> str:
