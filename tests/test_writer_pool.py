@@ -11,8 +11,10 @@ import time
 import h5py
 import numpy as np
 import pytest
+import redis
 
 from blissdata import EndReason, keys
+from blissdata.exceptions import LeaseLostError
 from writer import status as writer_status
 from writer.cli import main as cli_main
 from writer.pool import read_writers
@@ -245,3 +247,77 @@ def test_paused_writer_replaced_then_fenced(store, writers, data_root, tmp_path)
     assert "lost" in (tmp_path / f"writer-{procs.index(paused)}.log").read_text()
     assert writer_status.read(store.redis, scan.key).state == "done"
     check_entry(path, 1, npoints)
+
+
+# ---- the lease primitives on a real server (no mock) -----------------------------------------
+
+def test_lease_taken_once_renewed_and_fenced(store, new_scan):
+    from writer.lease import FileLease
+
+    mine = FileLease(store.redis, "/data/a.h5", "w1/aaaa", ttl_s=0.5)
+    other = FileLease(store.redis, "/data/a.h5", "w2/bbbb", ttl_s=0.5)
+    assert mine.take() and not other.take()
+    scan = new_scan()
+    lease = mine.take_scan(scan.key)
+    assert lease is not None and other.take_scan(scan.key) is None
+    assert mine.renew() and lease.holds()
+    time.sleep(0.6)  # expired: another writer takes both
+    assert other.take() and other.take_scan(scan.key) is not None
+    assert not mine.renew() and mine.lost and not lease.holds()
+    with pytest.raises(LeaseLostError, match="lost its lease on /data/a.h5"):
+        lease.check()
+    mine.release_scan(scan.key)  # a lost lease is never released: it is the other's now
+    mine.release()
+    assert store.redis.get(keys.lease_key(scan.key)) == b"w2/bbbb"
+
+
+def test_watermark_and_status_refused_without_the_lease(store, new_scan):
+    scan = new_scan()
+    stream = scan.create_stream("x", "float64")
+    scan.prepare()
+    stream.send(np.arange(10.0))
+    store.redis.set(keys.lease_key(scan.key), "w2/bbbb")
+    fence = (keys.lease_key(scan.key), "w1/aaaa")
+    with pytest.raises(LeaseLostError, match="watermark of 'x' not published"):
+        stream.mark_file_backed("/data/a.h5", "/1.1/x", 10, fence=fence)
+    assert stream.file_backing is None
+    assert stream.mark_file_backed("/data/a.h5", "/1.1/x", 10,
+                                   fence=(keys.lease_key(scan.key), "w2/bbbb")) == 10
+    status = writer_status.ScanStatus(scan.key, state="done", lease="w1/aaaa")
+    with pytest.raises(LeaseLostError, match="status not published"):
+        writer_status.publish(store.redis, status)
+    assert writer_status.read(store.redis, scan.key) is None
+
+
+def test_writer_cut_off_from_redis_stops_trusting_its_lease(tmp_path):
+    """Redis unreachable: the lease counts until its local deadline, then not (another
+    writer may have it by then)."""
+    from blissdata.redis_server import EmbeddedRedis
+    from writer.lease import FileLease
+
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url, socket_timeout=0.5,
+                                      socket_connect_timeout=0.5)
+        lease = FileLease(client, str(tmp_path / "a.h5"), "w1/aaaa", ttl_s=0.5)
+        assert lease.take() and lease.holds()
+        server.process.send_signal(signal.SIGSTOP)  # a network cut, as the client sees it
+        try:
+            assert lease.holds()  # within the deadline: no round trip
+            time.sleep(0.5)
+            assert not lease.holds()
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        client.close()
+
+
+def test_bad_lease_settings_are_refused(tmp_path):
+    from writer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="lease_ttl_s"):
+        load_config(None, lease_ttl_s=0)
+    with pytest.raises(ConfigError, match="redis_url"):
+        load_config(None, redis_url="cluster://127.0.0.1:1")
+    with pytest.raises(ConnectionError, match=r"redis\+cluster://127.0.0.1:1"):
+        from blissdata import DataStore
+
+        DataStore("redis+cluster://127.0.0.1:1")
