@@ -8,10 +8,10 @@ Each test gets a flushed database.
 import os
 
 import pytest
-import redis
 
 from blissdata import DataStore
 from blissdata.redis_server import EmbeddedRedis
+from blissdata.store import connect
 
 
 def pytest_addoption(parser):
@@ -31,8 +31,8 @@ def redis_url(request):
 
 @pytest.fixture
 def redis_client(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    client.flushall()
+    client = connect(redis_url)  # a RedisCluster for redis+cluster:// URLs
+    client.flushall()  # on a cluster: every primary
     yield client
     client.close()
 

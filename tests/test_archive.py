@@ -41,9 +41,9 @@ def equal(a, b) -> bool:
 @pytest.fixture(scope="module")
 def round_trips(redis_url, tmp_path_factory):
     """Every fixture: published and written (A), each entry replayed and written (B)."""
-    import redis
+    from blissdata.store import connect
 
-    redis.Redis.from_url(redis_url).flushall()
+    connect(redis_url).flushall()
     root = tmp_path_factory.mktemp("archive")
     store = DataStore(redis_url)
     service, thread = start_writer(redis_url, root)

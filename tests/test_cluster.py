@@ -1,6 +1,7 @@
 """The stack on a real Redis Cluster (3 primaries, from the same valkey-server binary): a
-subset of the core, writer, tracker and pool tests, run again with ``redis+cluster://``, and
-what a failover does to a scan in flight."""
+subset of the core, writer, reader, replay, tracker and pool tests, run again with
+``redis+cluster://`` (conftest's redis_client flushes every primary), and what a failover
+does to a scan in flight."""
 
 import time
 
@@ -13,7 +14,6 @@ import redis.cluster
 from blissdata import DataStore, EndReason, keys
 from blissdata.memory_tracker import MemoryTracker
 from blissdata.redis_server import EmbeddedCluster
-from blissdata.store import connect
 
 # The same tests, with this module's redis_url / redis_client fixtures (a cluster).
 from test_core import (test_cursor_many_streams_and_end, test_every_encoding_round_trips,  # noqa: F401
@@ -21,6 +21,10 @@ from test_core import (test_cursor_many_streams_and_end, test_every_encoding_rou
                        test_protocol_version_is_checked, test_reader_waits_for_states,
                        test_send_bad_dtype_or_shape_writes_nothing, test_state_machine_and_end_reason,
                        test_two_scans_interleaved)
+from test_archive import (round_trips, test_archived_scan_has_the_live_surface,  # noqa: F401
+                          test_foreign_file_replays_what_it_can,
+                          test_replay_round_trip_gives_identical_data)
+from test_h5api import test_while_written_trimmed_and_after  # noqa: F401
 from test_memory_tracker import (test_closed_scans_expire_and_inactive_ones_go,  # noqa: F401
                                  test_hard_limit_trims_and_records_the_loss,
                                  test_never_trims_above_the_watermark)
@@ -35,14 +39,6 @@ from writer_helpers import seed_scan, start_writer, wait_status
 def redis_url():
     with EmbeddedCluster(masters=3) as cluster:
         yield cluster.url
-
-
-@pytest.fixture
-def redis_client(redis_url):
-    client = connect(redis_url)
-    client.flushall(target_nodes=redis.cluster.RedisCluster.PRIMARIES)
-    yield client
-    client.close()
 
 
 def test_cluster_url_gives_a_cluster_client(store):
