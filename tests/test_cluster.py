@@ -27,7 +27,8 @@ from test_archive import (round_trips, test_archived_scan_has_the_live_surface, 
 from test_h5api import test_while_written_trimmed_and_after  # noqa: F401
 from test_memory_tracker import (test_closed_scans_expire_and_inactive_ones_go,  # noqa: F401
                                  test_hard_limit_trims_and_records_the_loss,
-                                 test_never_trims_above_the_watermark)
+                                 test_never_trims_above_the_watermark,
+                                 test_scan_larger_than_redis_is_written_and_read_back)
 from test_writer import (data_root, test_frames_raw_and_precompressed,  # noqa: F401
                          test_scan_deleted_mid_way, test_seed_scan_written_as_nexus,
                          test_several_sessions_and_scans_in_one_file, writer)
@@ -38,6 +39,13 @@ from writer_helpers import seed_scan, start_writer, wait_status
 @pytest.fixture(scope="module")
 def redis_url():
     with EmbeddedCluster(masters=3) as cluster:
+        yield cluster.url
+
+
+@pytest.fixture
+def small_redis():
+    """A cluster whose nodes have 48 MB each (a scan lives on one of them)."""
+    with EmbeddedCluster(masters=3, maxmemory=48 * 2**20) as cluster:
         yield cluster.url
 
 
