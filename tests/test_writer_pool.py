@@ -321,3 +321,19 @@ def test_bad_lease_settings_are_refused(tmp_path):
         from blissdata import DataStore
 
         DataStore("redis+cluster://127.0.0.1:1")
+
+
+def test_unreadable_scan_in_the_unfinished_list(store, data_root):
+    from writer.pool import UNFINISHED
+    from writer_helpers import seed_scan, start_writer
+
+    store.redis.hset("blissdata:scan:{bad}", "identity", "not JSON")
+    store.redis.zadd(UNFINISHED, {"blissdata:scan:{bad}": 1.0})
+    service, thread = start_writer(store.url, data_root)
+    try:
+        scan, data = seed_scan(store, data_root / "ok.h5")
+        assert wait_status(store, scan.key).state == "done"
+        assert thread.is_alive()
+    finally:
+        service.stop()
+        thread.join(30)

@@ -150,7 +150,11 @@ class WriterService:
         for key in set(self._claims) - set(candidates):
             del self._claims[key]  # another writer took it
         for key in candidates:
-            self.claim(key)
+            try:
+                self.claim(key)
+            except (ValueError, KeyError, TypeError) as exc:  # not a scan we can read
+                log.error("scan %s: not taken, its header cannot be read: %s", key, exc)
+                self._not_wanted.add(key)
 
     def _claim_delay(self) -> float:
         return min(1.0, 0.1 * len(self.writers))
