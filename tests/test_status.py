@@ -89,6 +89,9 @@ def test_metrics_endpoint(store, data_root, redis_url):
         assert "blisswriter_points_written_total 90.0" in text  # 3 streams x 30 points
         assert 'blisswriter_scans_finished_total{state="done"} 1.0' in text
         assert "blisswriter_scans_active 0.0" in text
+        assert "blisswriter_pool_writers_alive 1.0" in text  # the writer pool
+        assert "blisswriter_pool_scans_held 0.0" in text
+        assert "blisswriter_pool_takeovers_total 0.0" in text
     finally:
         service.stop()
         thread.join(20)

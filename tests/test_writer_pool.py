@@ -138,9 +138,12 @@ def test_three_writers_share_a_dozen_scans(store, writers, data_root, tmp_path, 
         for scan, streams in running:
             send(scan, streams, start, start + 10)
         time.sleep(0.05)
+    wait_for(lambda: all(holder_pid(store, scan.key) for scan, _ in running), 20,
+             "every scan taken", procs, tmp_path)
     assert cli_main(["status", "--redis", store.url]) == 0
     shown = capsys.readouterr().out
     assert shown.count(" alive ") == 3, shown
+    assert shown.count("held by writer") == 12, shown  # every scan open: each has a holder
     for scan, _ in running:
         scan.stop()
         scan.close(EndReason.SUCCESS)

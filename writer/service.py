@@ -100,6 +100,7 @@ class WriterService:
             writer = ScanWriter(self, scan_key)
             self.writers[scan_key] = writer
             self.metrics.scans_active.set(len(self.writers))
+            self.metrics.scans_held.set(len(self.writer_pool.scans))
         writer.start()
         return True
 
@@ -113,6 +114,7 @@ class WriterService:
         except redis.RedisError as exc:  # stays listed: a writer sees it is done and skips
             log.warning("scan %s: not taken off the unfinished list: %s", writer.scan_key, exc)
         self.writer_pool.release(writer.scan_key)
+        self.metrics.scans_held.set(len(self.writer_pool.scans))
         self.metrics.scans_finished.labels(writer.status.state).inc()
         if writer.scan_key in self._lag_labels:
             self._lag_labels.discard(writer.scan_key)
