@@ -340,3 +340,109 @@ def test_unreadable_scan_in_the_unfinished_list(store, data_root):
     finally:
         service.stop()
         thread.join(30)
+
+
+class CuttableLink:
+    """A TCP relay to Redis for one writer; ``cut()`` drops every connection and refuses new
+    ones, as a network cut between that writer and Redis would (Redis stays up)."""
+
+    def __init__(self, redis_url):
+        import socket
+        import threading
+
+        host, port = redis_url.split("//", 1)[1].rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets = []
+        self.cut_done = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while not self.cut_done:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def cut(self):
+        import socket
+
+        self.cut_done = True
+        self.listener.close()
+        for s in self.sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+
+def test_writer_cut_off_from_redis_is_replaced(store, data_root, tmp_path):
+    """A writer loses its network to Redis mid-scan (the process lives on): another writer
+    takes the scan over; the cut-off one lets go of the file; every point once."""
+    config = tmp_path / "writer.toml"
+    config.write_text(f"lease_ttl_s = {LEASE_TTL_S}\nmax_lag_s = 0.2\n")
+    link = CuttableLink(store.url)
+
+    def start(url, n):
+        return subprocess.Popen(
+            [sys.executable, "-m", "writer.cli", "run", "--config", str(config), "--redis", url,
+             "--data-root", str(data_root), "--session", "s", "--log-level", "DEBUG"],
+            stdout=open(tmp_path / f"writer-{n}.log", "ab"), stderr=subprocess.STDOUT)
+
+    cut_off = start(link.url, 0)
+    procs = [cut_off]
+    try:
+        path = data_root / "cut.h5"
+        scan, streams = new_scan(store, path, 1)
+        send(scan, streams, 0, 100)
+        wait_for(lambda: durable_points(store, scan.key, "cam") >= 100, 20, "points durable",
+                 procs, tmp_path)
+        assert holder_pid(store, scan.key) == cut_off.pid
+        other = start(store.url, 1)
+        procs.append(other)
+        wait_for(lambda: other.pid in {w["pid"] for w in read_writers(store.redis)}, 20,
+                 "second writer registered", procs, tmp_path)
+        link.cut()
+        wait_for(lambda: holder_pid(store, scan.key) == other.pid, 30,
+                 "lease taken over by the connected writer", procs, tmp_path)
+        send(scan, streams, 100, 300)
+        scan.stop()
+        scan.close(EndReason.SUCCESS)
+        st = wait_status(store, scan.key, timeout=60)
+        assert st.state == "done", (st.error, logs(tmp_path))
+        assert st.writer.split(":")[1].split("#")[0] == str(other.pid)
+        wait_released(store, [(scan,)])
+        check_entry(path, 1, 300)
+        assert validate_file(path).ok
+        assert cut_off.poll() is None  # alive, retrying its Redis
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -70,6 +70,7 @@ class WriterPool:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
+        self._failing: set[str] = set()  # files whose last renewal failed (Redis unreachable)
 
     @property
     def sweep_s(self) -> float:
@@ -180,8 +181,14 @@ class WriterPool:
                         self.lost_count += 1
                         log.warning("lease on %s lost to another writer: its scans %s stop "
                                     "here", file_lease.path, sorted(file_lease.scans))
-                except redis.RedisError as exc:
-                    log.warning("cannot renew the lease on %s: %s", file_lease.path, exc)
+                    elif file_lease.path in self._failing:
+                        self._failing.discard(file_lease.path)
+                        log.warning("lease on %s renewed again", file_lease.path)
+                except redis.RedisError as exc:  # said once, not at every try
+                    level = logging.DEBUG if file_lease.path in self._failing else logging.WARNING
+                    self._failing.add(file_lease.path)
+                    log.log(level, "cannot renew the lease on %s: %s (it lapses %.1f s after "
+                            "the last renewal)", file_lease.path, exc, self.ttl_s)
                 except Exception:  # a bug: say it, keep renewing the others
                     log.exception("renewing the lease on %s", file_lease.path)
             try:
