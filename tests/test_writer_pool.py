@@ -35,11 +35,11 @@ def data_root(tmp_path):
 def writers(store, data_root, tmp_path):
     """Factory: n `blisswriter run` processes on session "s"; stopped at the end."""
     procs = []
-    config = tmp_path / "writer.toml"
-    config.write_text(f"lease_ttl_s = {LEASE_TTL_S}\nmax_lag_s = 0.2\n"
-                      f"inactivity_timeout_s = 60\ncompression_threads = 0\n")
 
-    def start(n):
+    def start(n, lease_ttl_s=LEASE_TTL_S):
+        config = tmp_path / f"writer-{lease_ttl_s}.toml"
+        config.write_text(f"lease_ttl_s = {lease_ttl_s}\nmax_lag_s = 0.2\n"
+                          f"inactivity_timeout_s = 60\ncompression_threads = 0\n")
         for _ in range(n):
             log = tmp_path / f"writer-{len(procs)}.log"
             procs.append(subprocess.Popen(
@@ -129,7 +129,7 @@ def check_entry(path, number, npoints, frames=True):
 
 
 def test_three_writers_share_a_dozen_scans(store, writers, data_root, tmp_path, capsys):
-    procs = writers(3)
+    procs = writers(3, lease_ttl_s=5)  # no takeover wanted here, even on a loaded machine
     # scans 1-4 go to one file, all running at once; 5-12 to a file each
     paths = {n: data_root / ("shared.h5" if n <= 4 else f"scan{n}.h5") for n in range(1, 13)}
     running = [new_scan(store, paths[n], n) for n in range(1, 13)]
