@@ -59,19 +59,23 @@ def is_cluster(client) -> bool:
     return isinstance(client, redis.cluster.RedisCluster)
 
 
+def client_from_url(url: str, **kwargs) -> redis.Redis:
+    """A redis-py client for `url`, not checked: a RedisCluster for ``redis+cluster://``
+    (``rediss+cluster://``) URLs, which asks the node for the others at once."""
+    if url.startswith(CLUSTER_SCHEMES):
+        return redis.cluster.RedisCluster.from_url(url.replace("+cluster", "", 1), **kwargs)
+    kwargs.setdefault("command_packer", _Packer(kwargs.get("encoding", "utf-8"),
+                                                kwargs.get("encoding_errors", "strict")))
+    return redis.Redis.from_url(url, **kwargs)
+
+
 def connect(url: str, **kwargs) -> redis.Redis:
     """A redis-py client for `url`; a ConnectionError that names the URL if it is down.
 
     ``redis+cluster://host:port`` (``rediss+cluster://`` with TLS) gives a RedisCluster
     that finds the other nodes from that one; every other URL a Redis client."""
     try:
-        if url.startswith(CLUSTER_SCHEMES):
-            client = redis.cluster.RedisCluster.from_url(url.replace("+cluster", "", 1),
-                                                         **kwargs)
-        else:
-            kwargs.setdefault("command_packer", _Packer(
-                kwargs.get("encoding", "utf-8"), kwargs.get("encoding_errors", "strict")))
-            client = redis.Redis.from_url(url, **kwargs)
+        client = client_from_url(url, **kwargs)
         client.ping()
     except redis.AuthenticationError as exc:
         raise ConnectionError(f"Redis at {url}: authentication failed: {exc}") from None

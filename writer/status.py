@@ -38,6 +38,7 @@ class ScanStatus:
     updated: float = 0.0
     writer: str = ""  # host:pid of the writer process
     lease: str = ""  # token of the writer's lease on the scan: publish() is fenced by it
+    held_by: str = ""  # writer holding the scan's lease when read (read_recent), "" if none
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
@@ -106,7 +107,15 @@ def read_recent(client: redis.Redis, since_s: float = RECENT_S) -> list[ScanStat
     pipe = client.pipeline(transaction=False)
     for key in scan_keys:
         pipe.hget(keys.writer_key(key.decode()), "status")
-    return [ScanStatus.from_json(raw) for raw in pipe.execute() if raw]
+        pipe.get(keys.lease_key(key.decode()))
+    replies = pipe.execute()
+    found = []
+    for raw, token in zip(replies[::2], replies[1::2]):
+        if raw:
+            status = ScanStatus.from_json(raw)
+            status.held_by = token.decode().split("/")[0] if token else ""
+            found.append(status)
+    return found
 
 
 def write_json_note(entry, name: str, data: str, description: str) -> None:

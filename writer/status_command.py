@@ -23,7 +23,10 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from blissdata.store import client_from_url
+
 from . import status as writer_status
+from .pool import read_writers
 
 MIN_INTERVAL_S = 0.1  # below this a watch would only load Redis and the terminal
 BAR = 20
@@ -76,7 +79,30 @@ def status_table(statuses: list, now: float | None = None):
             notes.append(Text(f"{where}: warning: {warning}", style="yellow"))
         if st.error:
             notes.append(Text(f"{where}: ERROR: {st.error}", style="red"))
+        if not st.finished:  # the writer pool: who has it now
+            notes.append(Text(f"{where}: held by writer {st.held_by}" if st.held_by else
+                              f"{where}: held by no writer (waiting for one to take it)"))
     return Group(table, *notes)
+
+
+def writers_table(writers: list, now: float | None = None):
+    """The writers of the pool (writer/pool.py): id (host:pid), last heartbeat, scans held."""
+    now = now or time.time()
+    if not writers:
+        return Text("no writer registered")
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name in ("writer", "state", "heartbeat", "scans held"):
+        table.add_column(name, justify="left" if name in ("writer", "state") else "right")
+    for w in writers:
+        table.add_row(w["id"], Text("alive", style="green") if w["alive"] else
+                      Text("silent", style="yellow"), f"{now - w['heartbeat']:.1f}s ago",
+                      str(len(w["scans"])))
+    return table
+
+
+def view(statuses: list, writers: list):
+    """What `status` draws: the writers, then the scans."""
+    return Group(writers_table(writers), Text(""), status_table(statuses))
 
 
 def statuses_json(statuses: list) -> str:
@@ -88,20 +114,21 @@ def main(url: str, watch: bool = False, interval: float = 1.0, as_json: bool = F
     console = console or Console(highlight=False)
     if not console.is_terminal:
         console.width = max(console.width, 160)  # a log line is not wrapped at 80 columns
-    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
-    try:
+    try:  # a RedisCluster for redis+cluster:// URLs
+        client = client_from_url(url, socket_connect_timeout=2, socket_timeout=10)
         statuses = writer_status.read_recent(client)
-    except (redis.RedisError, OSError, ValueError) as exc:
+        writers = read_writers(client)
+    except (redis.RedisError, redis.RedisClusterException, OSError, ValueError) as exc:
         print(f"blisswriter status: cannot reach Redis at {url}: {exc}", file=sys.stderr)
         return 1
     if not watch:
         if as_json:
             print(statuses_json(statuses))
         else:
-            console.print(status_table(statuses))
+            console.print(view(statuses, writers))
         return 0
     try:
-        _watch(client, url, interval, as_json, console, statuses)
+        _watch(client, url, interval, as_json, console, statuses, writers)
     except KeyboardInterrupt:
         pass
     except redis.RedisError as exc:  # not a lost connection: an answer we cannot use
@@ -111,7 +138,7 @@ def main(url: str, watch: bool = False, interval: float = 1.0, as_json: bool = F
 
 
 def _watch(client, url: str, interval: float, as_json: bool, console: Console,
-           statuses: list) -> None:
+           statuses: list, writers: list) -> None:
     """Refresh until Ctrl-C; a lost connection is said once, retried with backoff, and its
     end said too."""
     live = Live(console=console, auto_refresh=False) if (
@@ -124,12 +151,13 @@ def _watch(client, url: str, interval: float, as_json: bool, console: Console,
                 if as_json:
                     print(statuses_json(statuses), flush=True)
                 elif live is not None:
-                    live.update(Group(header, status_table(statuses)), refresh=True)
+                    live.update(Group(header, view(statuses, writers)), refresh=True)
                 else:
-                    console.print(header, status_table(statuses), "")
+                    console.print(header, view(statuses, writers), "")
                 time.sleep(interval)
             try:
                 statuses = writer_status.read_recent(client)
+                writers = read_writers(client)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 statuses = None
                 if lost_since is None:
