@@ -11,6 +11,9 @@ Each round (every `interval_s`):
 3. Closed scans get a TTL (`closed_ttl_s`) on all their keys; scans with no activity (no new
    point, no state change) for `inactive_ttl_s` are deleted; index entries of scans that are
    gone are removed.
+4. Every `orphan_interval_s` (and at the first round): keys of a scan whose hash is gone
+   (`<scan>:stream:*`, `:durable`, `:writer`, ... left by an older producer or a process
+   that wrote after the scan was deleted) are found with SCAN and removed.
 
 It keeps no state it cannot rebuild from Redis (only when it last saw activity): restarted, it
 picks up where it was.
@@ -33,6 +36,15 @@ from .store import DataStore, url_from
 
 log = logging.getLogger("blissdata.memory_tracker")
 MB = 2**20
+
+# Remove the keys of a scan only if its hash is (still) gone. KEYS[1] scan hash, then its
+# other keys. Returns how many keys it removed.
+_REMOVE_ORPHANS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local removed = 0
+for i = 2, #KEYS do removed = removed + redis.call('DEL', KEYS[i]) end
+return removed
+"""
 
 
 def keep_from(client, data_key: str, upto: int) -> int | None:
@@ -64,7 +76,8 @@ def trim_durable(client, data_key: str, durable: int) -> int:
 class MemoryTracker:
     def __init__(self, store: DataStore | str, budget_bytes: int = 1024 * MB,
                  hard_limit_bytes: int | None = None, closed_ttl_s: float = 7 * 24 * 3600,
-                 inactive_ttl_s: float = 24 * 3600, interval_s: float = 1.0):
+                 inactive_ttl_s: float = 24 * 3600, interval_s: float = 1.0,
+                 orphan_interval_s: float = 60.0):
         self.store = DataStore(store) if isinstance(store, str) else store
         self.redis = self.store.redis
         self.budget = int(budget_bytes)
@@ -72,6 +85,8 @@ class MemoryTracker:
         self.closed_ttl_s = closed_ttl_s
         self.inactive_ttl_s = inactive_ttl_s
         self.interval_s = interval_s
+        self.orphan_interval_s = orphan_interval_s
+        self._next_orphan_sweep = 0.0  # monotonic time
         self._activity: dict[str, tuple] = {}  # scan key -> (fingerprint, since)
         self._stop = threading.Event()
 
@@ -81,7 +96,8 @@ class MemoryTracker:
     # ---- one round -------------------------------------------------------------------------
     def step(self) -> dict:
         """One round; returns what it did (for logs and tests)."""
-        done = {"trimmed_entries": 0, "lost_points": 0, "expired": 0, "deleted": 0}
+        done = {"trimmed_entries": 0, "lost_points": 0, "expired": 0, "deleted": 0,
+                "orphan_keys": 0}
         scans = self._scans_oldest_first()
         if self.used_memory() > self.budget:
             for key in scans:
@@ -95,7 +111,29 @@ class MemoryTracker:
                 if self.used_memory() <= self.hard_limit:
                     break
         self._expire_and_clean(scans, done)
+        if time.monotonic() >= self._next_orphan_sweep:
+            done["orphan_keys"] = self.remove_orphans()
+            self._next_orphan_sweep = time.monotonic() + self.orphan_interval_s
         return done
+
+    def remove_orphans(self) -> int:
+        """Remove every key of a scan whose hash no longer exists; the number removed.
+        One SCAN of the keyspace (incremental, so Redis is not blocked)."""
+        by_scan: dict[str, list] = {}
+        for raw in self.redis.scan_iter(match="blissdata:scan:{*}:*", count=1000):
+            key = raw.decode()
+            scan_key = key[:key.index("}") + 1]
+            by_scan.setdefault(scan_key, []).append(key)
+        removed = 0
+        for scan_key, found in by_scan.items():
+            if self.redis.exists(scan_key):
+                continue
+            n = int(self.redis.eval(_REMOVE_ORPHANS, 1 + len(found), scan_key, *found))
+            if n:
+                log.warning("scan %s no longer exists: removed %d keys left behind (%s)",
+                            scan_key, n, ", ".join(k[len(scan_key):] for k in found))
+            removed += n
+        return removed
 
     def _scans_oldest_first(self) -> list[str]:
         return [k.decode() for k in self.redis.zrange(keys.INDEX_ALL, 0, -1)]
