@@ -26,18 +26,24 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return new['points']
 """
+# The same, run even when Redis is full (script flags, Redis >= 7): the watermark is what
+# lets the memory tracker make room, so it must get in then most of all.
+_MARK_FILE_BACKED_ALLOW_OOM = "#!lua flags=allow-oom" + _MARK_FILE_BACKED
+
+
 # First command of every send's MULTI/EXEC: the scan must still exist. KEYS[1] scan hash, then
-# the data streams the transaction adds to. The XADDs that follow carry NOMKSTREAM, so:
+# the data streams the transaction adds to, the first ARGV[1] of them possibly not created yet.
+# The XADDs that follow carry NOMKSTREAM, so:
 # - scan gone: its left-over stream keys (orphans) are deleted and every XADD writes nothing;
-# - scan there: missing streams are created empty (a consumer group made and dropped:
-#   no entry, last id 0-0), so the XADDs write as usual.
+# - scan there: streams not created yet are created empty (a consumer group made and
+#   dropped: no entry, last id 0-0), so the XADDs write as usual.
 # A runtime error cannot abort a MULTI/EXEC, hence this shape. Returns 1, or 0 if gone.
 _GUARD_SEND = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
   return 0
 end
-for i = 2, #KEYS do
+for i = 2, 1 + tonumber(ARGV[1]) do
   if redis.call('EXISTS', KEYS[i]) == 0 then
     redis.call('XGROUP', 'CREATE', KEYS[i], 'blissdata:new', '$', 'MKSTREAM')
     redis.call('XGROUP', 'DESTROY', KEYS[i], 'blissdata:new')
@@ -47,20 +53,25 @@ return 1
 """
 
 
-def guarded_xadds(redis_client, scan_key: str, entries) -> bool:
+def guarded_xadds(redis_client, scan_key: str, entries, new_keys=()) -> bool:
     """XADD `entries` ((stream key, entry id, fields), ...) in one MULTI/EXEC, only if the
-    scan still exists; False (and nothing written) if it does not. Redis errors propagate."""
-    stream_keys = list(dict.fromkeys(key for key, _, _ in entries))
+    scan still exists; False (and nothing written) if it does not. `new_keys`: those of the
+    stream keys that may not exist yet (the others are known to). Redis errors propagate."""
+    new_keys = list(dict.fromkeys(new_keys))
+    stream_keys = new_keys + [k for k in dict.fromkeys(key for key, _, _ in entries)
+                              if k not in new_keys]
     pipe = redis_client.pipeline(transaction=True)
-    pipe.eval(_GUARD_SEND, 1 + len(stream_keys), scan_key, *stream_keys)
+    pipe.eval(_GUARD_SEND, 1 + len(stream_keys), scan_key, *stream_keys, len(new_keys))
     for key, entry_id, fields in entries:
         pipe.xadd(key, fields, id=entry_id, nomkstream=True)
-    return bool(pipe.execute()[0])
-
-
-# The same, run even when Redis is full (script flags, Redis >= 7): the watermark is what
-# lets the memory tracker make room, so it must get in then most of all.
-_MARK_FILE_BACKED_ALLOW_OOM = "#!lua flags=allow-oom" + _MARK_FILE_BACKED
+    exists, *ids = pipe.execute()
+    if not exists:
+        return False
+    vanished = sorted({key for (key, _, _), eid in zip(entries, ids) if eid is None})
+    if vanished:  # removed by hand while its scan exists: say so rather than lose points
+        raise StreamError(f"scan {scan_key}: stream keys {vanished} were removed from Redis "
+                          f"while the scan exists; points sent to them were not written")
+    return True
 
 
 class Stream:
@@ -76,6 +87,7 @@ class Stream:
         self.key = keys.data_key(scan.key, definition.name)
         self._next_index = 0  # producer side
         self._sealed_here = False
+        self._created = False  # producer side: its Redis key exists (written to once)
 
     # ---- description -----------------------------------------------------------------
     name = property(lambda self: self.definition.name)
@@ -161,9 +173,10 @@ class Stream:
         if not entries:
             return
         names = [s.name for s, _ in prepared]
+        new = [s.key for s, _ in prepared if not s._created]
         try:
             written = self._scan._store.while_full(
-                lambda: guarded_xadds(self._redis, self._scan.key, entries),
+                lambda: guarded_xadds(self._redis, self._scan.key, entries, new),
                 f"nothing of this batch of {names} was written")
         except redis.ResponseError as exc:
             if "equal or smaller" in str(exc):
@@ -176,6 +189,7 @@ class Stream:
                                     f"expired by the memory tracker): nothing of this batch "
                                     f"of {names} was written")
         for stream, entries in prepared:
+            stream._created = True
             stream._next_index += sum(int(f["n"]) for _, f in entries)
 
     def seal(self) -> int:
@@ -186,7 +200,8 @@ class Stream:
         seal = [(self.key, keys.entry_id(self._next_index), {"end": self._next_index})]
         try:
             written = self._scan._store.while_full(
-                lambda: guarded_xadds(self._redis, self._scan.key, seal),
+                lambda: guarded_xadds(self._redis, self._scan.key, seal,
+                                      [] if self._created else [self.key]),
                 f"stream {self.name!r} was not sealed")
         except redis.ResponseError as exc:
             raise StreamSealedError(f"stream {self.name!r} of scan {self._scan.key} "

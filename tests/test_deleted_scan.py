@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from blissdata import ScanNotFoundError, bslz4, keys
+from blissdata.exceptions import StreamError
 from blissdata.memory_tracker import MemoryTracker
 
 
@@ -124,3 +125,11 @@ def test_producer_process_stops_at_once_when_another_deletes_its_scan(store, red
         producer.kill()
         producer.wait()
     assert sorted(k.decode() for k in redis_client.scan_iter(match=key + "*")) == []
+
+
+def test_a_stream_key_removed_by_hand_is_an_error_not_a_silent_loss(new_scan, redis_client):
+    scan, s = started(new_scan, diode={"dtype": "float64"})
+    s["diode"].send(np.arange(3.0))
+    redis_client.delete(s["diode"].key)
+    with pytest.raises(StreamError, match="were removed from Redis while the scan exists"):
+        s["diode"].send(np.arange(3.0))
