@@ -53,22 +53,20 @@ return 1
 """
 
 
-def guarded_xadds(redis_client, scan_key: str, entries, new_keys=()) -> bool:
+def guarded_xadds(redis_client, scan_key: str, stream_keys: list, new: int, entries) -> bool:
     """XADD `entries` ((stream key, entry id, fields), ...) in one MULTI/EXEC, only if the
-    scan still exists; False (and nothing written) if it does not. `new_keys`: those of the
-    stream keys that may not exist yet (the others are known to). Redis errors propagate."""
-    new_keys = list(dict.fromkeys(new_keys))
-    stream_keys = new_keys + [k for k in dict.fromkeys(key for key, _, _ in entries)
-                              if k not in new_keys]
+    scan still exists; False (and nothing written) if it does not. `stream_keys`: every key
+    of `entries` once, the first `new` of them possibly not created yet. Redis errors
+    propagate."""
     pipe = redis_client.pipeline(transaction=True)
-    pipe.eval(_GUARD_SEND, 1 + len(stream_keys), scan_key, *stream_keys, len(new_keys))
+    pipe.eval(_GUARD_SEND, 1 + len(stream_keys), scan_key, *stream_keys, new)
     for key, entry_id, fields in entries:
         pipe.xadd(key, fields, id=entry_id, nomkstream=True)
     exists, *ids = pipe.execute()
     if not exists:
         return False
-    vanished = sorted({key for (key, _, _), eid in zip(entries, ids) if eid is None})
-    if vanished:  # removed by hand while its scan exists: say so rather than lose points
+    if None in ids:  # removed by hand while its scan exists: say so rather than lose points
+        vanished = sorted({key for (key, _, _), eid in zip(entries, ids) if eid is None})
         raise StreamError(f"scan {scan_key}: stream keys {vanished} were removed from Redis "
                           f"while the scan exists; points sent to them were not written")
     return True
@@ -173,10 +171,12 @@ class Stream:
         if not entries:
             return
         names = [s.name for s, _ in prepared]
-        new = [s.key for s, _ in prepared if not s._created]
+        stream_keys = ([s.key for s, e in prepared if e and not s._created]
+                       + [s.key for s, e in prepared if e and s._created])
+        new = sum(1 for s, e in prepared if e and not s._created)
         try:
             written = self._scan._store.while_full(
-                lambda: guarded_xadds(self._redis, self._scan.key, entries, new),
+                lambda: guarded_xadds(self._redis, self._scan.key, stream_keys, new, entries),
                 f"nothing of this batch of {names} was written")
         except redis.ResponseError as exc:
             if "equal or smaller" in str(exc):
@@ -200,8 +200,8 @@ class Stream:
         seal = [(self.key, keys.entry_id(self._next_index), {"end": self._next_index})]
         try:
             written = self._scan._store.while_full(
-                lambda: guarded_xadds(self._redis, self._scan.key, seal,
-                                      [] if self._created else [self.key]),
+                lambda: guarded_xadds(self._redis, self._scan.key, [self.key],
+                                      0 if self._created else 1, seal),
                 f"stream {self.name!r} was not sealed")
         except redis.ResponseError as exc:
             raise StreamSealedError(f"stream {self.name!r} of scan {self._scan.key} "
