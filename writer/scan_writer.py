@@ -27,6 +27,7 @@ from blissdata.memory_tracker import trim_durable
 
 from . import status as writer_status
 from .dataset_writer import DatasetAppender, last_chunks
+from .varying_points import VaryingPointsAppender
 from .default_mapping import default_mapping
 from .files import is_file_error, os_reason
 from .grid_plot import write_grid_plot
@@ -244,8 +245,9 @@ class ScanWriter(threading.Thread):
             elif definition.encoding == "references":
                 appender = ReferencesAppender(group, name, self.file_path, self._check_source,
                                               attrs=node.attrs)
-            else:
-                appender = DatasetAppender(
+            else:  # points of varying shape: their shapes too, in a dataset beside them
+                kind = VaryingPointsAppender if definition.varying else DatasetAppender
+                appender = kind(
                     group, name, definition.dtype, definition.shape,
                     compression=self.config.compression_for(node.stream),
                     fill_value=self._fill_value(definition), attrs=node.attrs,
@@ -265,8 +267,9 @@ class ScanWriter(threading.Thread):
                 return TextAppender.open(dataset)
             if definition.encoding == "references":
                 return ReferencesAppender.open(dataset, self.file_path, self._check_source)
-            return DatasetAppender.open(dataset, executor=self.service.pool,
-                                        workers=self.config.compression_threads)
+            kind = VaryingPointsAppender if definition.varying else DatasetAppender
+            return kind.open(dataset, executor=self.service.pool,
+                             workers=self.config.compression_threads)
         except ValueError as exc:
             raise ScanFailed(str(exc)) from None
 
