@@ -24,6 +24,7 @@ from blissdata import ScanNotFoundError, ScanState
 from blissdata.exceptions import MalformedEntryError
 from blissdata.encoding import StreamDefinition
 from blissdata.memory_tracker import trim_durable
+from blissdata.stream import CursorGroup, Stream
 
 from . import status as writer_status
 from .dataset_writer import DatasetAppender, last_chunks
@@ -146,16 +147,31 @@ class ScanWriter(threading.Thread):
     def _wait_for(self, state: ScanState) -> None:
         while self.scan.state < state:
             if self.scan.update(block=True, timeout=1.0):
-                self._last_event = time.monotonic()
+                self._event()
             self._check_alive()
 
     def _check_alive(self) -> None:
         if self._stop_requested.is_set():
             raise WriterStopping()
-        idle = time.monotonic() - self._last_event
-        if idle > self.config.inactivity_timeout_s:
-            raise ScanFailed(f"no event from the scan for {idle:.0f} s "
-                             f"(inactivity_timeout_s = {self.config.inactivity_timeout_s})")
+        # A quiet scan is paused (beam refill, user pause), not failed: what came is already
+        # durable (the data loop flushes when the flow stops); it shows "idle" and writing
+        # goes on with its next event. Only its deletion from Redis ends it.
+        quiet = time.monotonic() - self._last_event
+        timeout = self.config.inactivity_timeout_s
+        if self.status.state == "writing" and quiet > timeout:
+            self.status.state = "idle"
+            log.info("scan %s: no event for %.0f s (inactivity_timeout_s = %s): idle, its "
+                     "points are in the file; writing resumes with the next event",
+                     self.scan_key, quiet, timeout)
+            writer_status.publish(self.service.redis, self.status)
+
+    def _event(self) -> None:
+        """Data or a state change came: the scan is alive (again)."""
+        self._last_event = time.monotonic()
+        if self.status.state == "idle":
+            self.status.state = "writing"
+            log.info("scan %s: events again after a pause, writing", self.scan_key)
+            writer_status.publish(self.service.redis, self.status)
 
     def _plan(self):
         info = self.scan.info
@@ -185,7 +201,7 @@ class ScanWriter(threading.Thread):
 
     def _open_entry(self, layout, previous) -> None:
         self.status.file, self.status.entry = str(self.file_path), self.entry_name
-        resuming = (previous is not None and previous.state == "writing"
+        resuming = (previous is not None and previous.state in ("writing", "idle")
                     and previous.file == str(self.file_path)
                     and previous.entry == self.entry_name)
         if not resuming:
@@ -289,8 +305,11 @@ class ScanWriter(threading.Thread):
         if not names:
             self._wait_for(ScanState.CLOSED)
             return
-        cursor = self.scan.cursor(names, start={n: a.npoints for n, a in self.appenders.items()},
-                                  raw_chunks=True)
+        # decode with the definitions writing began with: a stream redefined mid-scan (which
+        # _check_scan's reload brings into self.scan) fails the scan with that reason
+        cursor = CursorGroup([Stream(self.scan, self.definitions[n]) for n in names],
+                             start={n: a.npoints for n, a in self.appenders.items()},
+                             raw_chunks=True)
         ahead = ReadAhead(cursor, lambda: self._entries_per_read(len(names)),
                           name=f"read-{self.name}")
         half_lag = self.config.max_lag_s / 2
@@ -309,7 +328,7 @@ class ScanWriter(threading.Thread):
                     raise
                 now = time.monotonic()
                 if views:
-                    self._last_event = now
+                    self._event()
                     self._check_disk_room(sum(_nbytes(part) for view in views.values()
                                               for part in view.parts))
                     with self.file.lock:
@@ -434,7 +453,7 @@ class ScanWriter(threading.Thread):
             raise ScanNotFoundError(f"scan {self.scan_key} no longer exists")
         self._check_alive()
         if self.scan.update(block=False):
-            self._last_event = time.monotonic()
+            self._event()
             start_time = self.scan.info.get("start_time")
             if start_time and "start_time" not in self.entry:
                 with self.file.lock:
