@@ -24,7 +24,6 @@ from blissdata import ScanNotFoundError, ScanState
 from blissdata.exceptions import MalformedEntryError
 from blissdata.encoding import StreamDefinition
 from blissdata.memory_tracker import trim_durable
-from blissdata.stream import CursorGroup, Stream
 
 from . import status as writer_status
 from .dataset_writer import DatasetAppender, last_chunks
@@ -305,11 +304,8 @@ class ScanWriter(threading.Thread):
         if not names:
             self._wait_for(ScanState.CLOSED)
             return
-        # decode with the definitions writing began with: a stream redefined mid-scan (which
-        # _check_scan's reload brings into self.scan) fails the scan with that reason
-        cursor = CursorGroup([Stream(self.scan, self.definitions[n]) for n in names],
-                             start={n: a.npoints for n, a in self.appenders.items()},
-                             raw_chunks=True)
+        cursor = self.scan.cursor(names, start={n: a.npoints for n, a in self.appenders.items()},
+                                  raw_chunks=True)
         ahead = ReadAhead(cursor, lambda: self._entries_per_read(len(names)),
                           name=f"read-{self.name}")
         half_lag = self.config.max_lag_s / 2
