@@ -296,8 +296,8 @@ def _cli_problem(args) -> str | None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="blissdata-memory-tracker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--redis", metavar="URL", help="Redis URL (default: REDIS_URL, then "
-                                        "redis://127.0.0.1:6379)")
+    parser.add_argument("--redis", metavar="URL",
+                        help="Redis URL (default: REDIS_URL, then redis://127.0.0.1:6379)")
     parser.add_argument("--budget", type=float, default=1024, metavar="MB",
                         help="above it, points already in a file are trimmed "
                              "(default: 1024)")
@@ -308,8 +308,9 @@ def main(argv=None) -> int:
                         help=f"seconds a closed scan stays in Redis, at least {MIN_TTL_S:.0f} "
                              f"(default: 604800 = 7 days)")
     parser.add_argument("--inactive-ttl", type=float, default=24 * 3600, metavar="S",
-                        help=f"seconds without a new point or state change after which an open scan "
-                             f"is deleted, at least {MIN_TTL_S:.0f} (default: 86400 = 1 day)")
+                        help=f"seconds without a new point or state change after which an "
+                             f"open scan is deleted, at least {MIN_TTL_S:.0f} "
+                             f"(default: 86400 = 1 day)")
     parser.add_argument("--interval", type=float, default=1.0, metavar="S",
                         help="seconds between rounds, > 0 (default: 1)")
     parser.add_argument("--log-level", default="INFO", type=str.upper,
