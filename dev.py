@@ -39,7 +39,9 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     if not argv or argv[0] not in ("demo", "test"):
-        print(__doc__)
+        if argv:
+            print(f"dev.py: unknown command {argv[0]!r} (known: demo, test)", file=sys.stderr)
+        print(__doc__, file=sys.stderr if argv else sys.stdout)
         return 2
     ensure_venv()
     os.chdir(ROOT)

@@ -20,6 +20,7 @@ from common import best_of, detector_frames, print_table, write_json  # noqa: E4
 
 from blissdata import DataStore  # noqa: E402
 from blissdata import bslz4  # noqa: E402
+from blissdata.stream import guarded_xadds  # noqa: E402
 from blissdata.redis_server import EmbeddedRedis  # noqa: E402
 
 CHANNELS, BATCH = 64, 100
@@ -135,6 +136,40 @@ def run(url: str, n_frames: int, n_scalar_batches: int, repeats: int) -> list[di
     rows.append({"case": "scalars: Scan.send_many (values/s = points x channels)",
                  "per s": points * CHANNELS / t_s, "points/s": points / t_s,
                  "ratio": t_raws / t_s})
+
+    # what the scan-exists check costs (docs/protocol.md): the same MULTI/EXEC of XADDs, with
+    # and without the guard script in front, interleaved so both see the same machine
+    r.flushall()
+    r.hset("guard:scan", "x", 1)
+    small = {"d": memoryview(batch).cast("B"), "n": BATCH}
+    for label, n_keys in (("1 stream", 1), ("64 streams", CHANNELS)):
+        stream_keys = [f"guard:scan:{n_keys}:{c}" for c in range(n_keys)]
+        for k in stream_keys:
+            r.xadd(k, {"n": 0}, id="0-1")
+        ids = iter(range(2, 10**9))
+
+        def plain():
+            for _ in range(n_scalar_batches):
+                i = next(ids)
+                pipe = r.pipeline(transaction=True)
+                for k in stream_keys:
+                    pipe.xadd(k, small, id=f"{i}-1")
+                pipe.execute()
+
+        def guarded():
+            for _ in range(n_scalar_batches):
+                i = next(ids)
+                guarded_xadds(r, "guard:scan", stream_keys, 0,
+                              [(k, f"{i}-1", small) for k in stream_keys])
+
+        t_plain = t_guard = float("inf")
+        for _ in range(repeats * 3):
+            t_plain = min(t_plain, best_of(1, plain))
+            t_guard = min(t_guard, best_of(1, guarded))
+        rows.append({"case": f"MULTI/EXEC of XADDs to {label}, batches of 100 (baseline)",
+                     "per s": n_scalar_batches / t_plain, "ratio": 1.0})
+        rows.append({"case": "  the same with the scan-exists guard (every send)",
+                     "per s": n_scalar_batches / t_guard, "ratio": t_plain / t_guard})
     r.flushall()
     return rows
 

@@ -24,6 +24,7 @@ import hdf5plugin  # noqa: F401  (registers the compression filters for reading)
 import numpy as np
 
 from .encoding import StreamDefinition
+from .point_shapes import varying_points
 from .exceptions import BlissdataError, EndOfStream, IndexWontBeThereError
 from .scan import ScanState
 from .stream import StreamView
@@ -76,8 +77,8 @@ class ArchivedStream:
         data = self.dataset[start:stop]
         if self.encoding == "json":
             return [json.loads(v) for v in data]
-        if self.definition.varying:
-            return list(data)  # padded to the largest point, as the writer stored them
+        if self.definition.varying:  # each point cut to its own shape (point_shapes.py)
+            return varying_points(self.dataset, start, data)
         return data
 
     def _concat(self, parts):

@@ -20,6 +20,7 @@ import hdf5plugin  # noqa: F401  (registers the compression filters for reading)
 import numpy as np
 
 from .exceptions import BlissdataError, IndexNoMoreThereError
+from .point_shapes import varying_points
 
 
 class DataFileError(BlissdataError, OSError):
@@ -95,8 +96,8 @@ def read_points(stream, start: int, stop: int, backing: dict | None, lost: list)
     definition = stream.definition
     if definition.encoding == "json":
         return [json.loads(v) for v in data]
-    if definition.varying:
-        return list(data)  # padded to the largest point (see the writer's fill value)
+    if definition.varying:  # each point cut to its own shape (point_shapes.py)
+        return varying_points(dset, start, data)
     return data
 
 

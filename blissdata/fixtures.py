@@ -74,18 +74,48 @@ def _linear(r, i, n):
 def generate(fixture: dict, npoints: int | None = None) -> dict:
     """{stream name: all its points} for `npoints` points (default: the fixture's own):
     an array for numeric streams, a list for varying-shape and reference streams."""
-    n = int(npoints or fixture["info"].get("npoints", 1))
-    out = {}
-    streams = {s["name"]: s for s in fixture["streams"]}
-    count_time = fixture["info"].get("count_time", 0.1)
-    for s in fixture["streams"]:  # recipes may use streams defined before them
-        out[s["name"]] = _generate_stream(s, n, out, streams, count_time)
-    return out
+    source = PointSource(fixture, npoints)
+    return source.points(0, source.npoints)
 
 
-def _generate_stream(s, n, done, streams, count_time):
+# Recipes whose points are large (frames, spectra) or made one by one: PointSource makes them
+# batch by batch. The others (scalars, some drawn from one random sequence) are made whole.
+PER_BATCH = ("frame", "frame_sum", "spectrum", "varying_spectrum", "external_frame")
+
+
+class PointSource:
+    """The points of every stream of a fixture, [start, stop) at a time: publishing a long
+    scan of frames holds one batch of them in memory, not the scan (point i is the same
+    whatever the batches)."""
+
+    def __init__(self, fixture: dict, npoints: int | None = None):
+        self.npoints = int(npoints or fixture["info"].get("npoints", 1))
+        self._streams = fixture["streams"]
+        self._count_time = fixture["info"].get("count_time", 0.1)
+        self._whole: dict = {}
+        everything = np.arange(self.npoints)
+        for s in self._streams:  # recipes may use streams defined before them
+            if s["recipe"]["kind"] not in PER_BATCH:
+                self._whole[s["name"]] = _generate_stream(s, everything, self.npoints,
+                                                          self._whole, self._count_time)
+
+    def points(self, start: int, stop: int) -> dict:
+        """{stream name: points [start, stop)}."""
+        out: dict = {}
+        for s in self._streams:
+            name = s["name"]
+            if name in self._whole:
+                out[name] = self._whole[name][start:stop]
+            else:
+                out[name] = _generate_stream(s, np.arange(start, stop), self.npoints, out,
+                                             self._count_time)
+        return out
+
+
+def _generate_stream(s, i, n, done, count_time):
+    """Points `i` (an index array) of stream `s` in a scan of `n` points; `done`: the same
+    points of the streams defined before it."""
     r, kind = s["recipe"], s["recipe"]["kind"]
-    i = np.arange(n)
     if kind == "linear":
         values = _linear(r, i, n)
     elif kind == "grid_fast":
@@ -102,36 +132,36 @@ def _generate_stream(s, n, done, streams, count_time):
         values = np.random.default_rng(r["seed"]).poisson(
             r["background"] + r["amplitude"] * np.exp(-0.5 * d2)).astype(float)
     elif kind == "counter":
-        values = np.random.default_rng(r["seed"]).poisson(r["level"], n).astype(float)
+        values = np.random.default_rng(r["seed"]).poisson(r["level"], n).astype(float)[i]
     elif kind == "elapsed_time":
         values = i * count_time
     elif kind == "epoch":
         values = EPOCH0 + i * count_time
     elif kind == "constant":
-        values = np.full(n, r["value"], dtype=float)
+        values = np.full(len(i), r["value"], dtype=float)
     elif kind == "frame":
         shape = tuple(s["shape"])
         base = _smooth_pattern(shape, r["seed"])
         return np.stack([np.random.default_rng(r["seed"] * 100003 + k).poisson(base)
-                         .astype(s["dtype"]) for k in range(n)]) if n else \
+                         .astype(s["dtype"]) for k in i]) if len(i) else \
             np.empty((0, *shape), s["dtype"])
     elif kind == "frame_sum":
         frames = done[r["frames"]]
         values = frames.reshape(len(frames), -1).sum(axis=1).astype(float)
     elif kind == "spectrum":
         channels = np.arange(s["shape"][0])
-        out = np.empty((n, s["shape"][0]), s["dtype"])
-        for k in range(n):
+        out = np.empty((len(i), s["shape"][0]), s["dtype"])
+        for row, k in enumerate(i):
             peaks = sum(a * np.exp(-0.5 * ((channels - c) / 12.0) ** 2)
                         for a, c in ((800 + 40 * k, 1200), (300, 2100 + k), (150, 3300)))
-            out[k] = np.random.default_rng(r["seed"] * 7919 + k).poisson(peaks + 5)
+            out[row] = np.random.default_rng(r["seed"] * 7919 + k).poisson(peaks + 5)
         return out
     elif kind == "varying_spectrum":
         return [np.random.default_rng(r["seed"] + k).random(3 + (k * 7) % 11)
-                .astype(s["dtype"]) for k in range(n)]
+                .astype(s["dtype"]) for k in i]
     elif kind == "external_frame":
         return [{"file": _external_file(r, k), "dataset": "/entry_0000/data",
-                 "index": k % r["frames_per_file"]} for k in range(n)]
+                 "index": int(k) % r["frames_per_file"]} for k in i]
     else:  # load_fixture checked the kinds
         raise FixtureError(f"stream {s['name']!r}: unknown recipe kind {kind!r}")
     return np.asarray(values, dtype=s.get("dtype", "float64"))
@@ -198,7 +228,7 @@ def _create(store, fixture, session, path, number, npoints, extra_info=None):
     if npoints:
         info["npoints"] = int(npoints)
     info.update(extra_info or {})
-    if info.get("grid_shape") and npoints:
+    if info.get("grid_shape") and npoints and int(npoints) != int(np.prod(info["grid_shape"])):
         info.pop("grid_shape")  # a different number of points is no longer that grid
     scan = store.create_scan({"session": session, "name": fixture["identity"]["name"],
                               "number": number, "path": str(path)}, info=info)
@@ -210,8 +240,8 @@ def _create(store, fixture, session, path, number, npoints, extra_info=None):
 
 
 def _run(scan, fixture, path: Path, npoints, rate, progress, batch=None):
-    n = int(npoints or fixture["info"].get("npoints", 1))
-    data = generate(fixture, n)
+    source = PointSource(fixture, npoints)  # frames are made batch by batch, as sent
+    n = source.npoints
     stop_at = fixture.get("stop_at")
     last = n if stop_at is None else max(1, int(n * stop_at))
     streams = scan.streams
@@ -227,8 +257,9 @@ def _run(scan, fixture, path: Path, npoints, rate, progress, batch=None):
             if delay > 0:
                 time.sleep(delay)
         batches = {}
+        data = source.points(start, stop)
         for s in fixture["streams"]:
-            points = data[s["name"]][start:stop]
+            points = data[s["name"]]
             if s["recipe"]["kind"] == "external_frame":
                 for k in range(start, stop):
                     _write_external(s["recipe"], k, path)

@@ -11,6 +11,9 @@ Each round (every `interval_s`):
 3. Closed scans get a TTL (`closed_ttl_s`) on all their keys; scans with no activity (no new
    point, no state change) for `inactive_ttl_s` are deleted; index entries of scans that are
    gone are removed.
+4. Every `orphan_interval_s` (and at the first round): keys of a scan whose hash is gone
+   (`<scan>:stream:*`, `:durable`, `:writer`, ... left by an older producer or a process
+   that wrote after the scan was deleted) are found with SCAN and removed.
 
 It keeps no state it cannot rebuild from Redis (only when it last saw activity): restarted, it
 picks up where it was.
@@ -33,6 +36,15 @@ from .store import DataStore, url_from
 
 log = logging.getLogger("blissdata.memory_tracker")
 MB = 2**20
+
+# Remove the keys of a scan only if its hash is (still) gone. KEYS[1] scan hash, then its
+# other keys. Returns how many keys it removed.
+_REMOVE_ORPHANS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local removed = 0
+for i = 2, #KEYS do removed = removed + redis.call('DEL', KEYS[i]) end
+return removed
+"""
 
 
 def keep_from(client, data_key: str, upto: int) -> int | None:
@@ -61,17 +73,38 @@ def trim_durable(client, data_key: str, durable: int) -> int:
     return client.xtrim(data_key, minid=keys.entry_id(keep), approximate=False)
 
 
+def check_settings(budget_bytes, hard_limit_bytes, closed_ttl_s, inactive_ttl_s,
+                   interval_s) -> None:
+    """ValueError naming the first setting that would make the tracker destroy data (or
+    spin): a budget <= 0, a hard limit below the budget, a TTL <= 0, an interval <= 0."""
+    if budget_bytes <= 0:
+        raise ValueError(f"budget must be > 0 bytes, got {budget_bytes}")
+    if hard_limit_bytes < budget_bytes:
+        raise ValueError(f"hard limit ({hard_limit_bytes} bytes) must not be below the budget "
+                         f"({budget_bytes} bytes): above it, points no file holds are trimmed")
+    for name, value in (("closed TTL", closed_ttl_s), ("inactive TTL", inactive_ttl_s),
+                        ("interval", interval_s)):
+        if not value > 0:  # also refuses NaN
+            raise ValueError(f"{name} must be > 0 s, got {value}")
+
+
 class MemoryTracker:
     def __init__(self, store: DataStore | str, budget_bytes: int = 1024 * MB,
                  hard_limit_bytes: int | None = None, closed_ttl_s: float = 7 * 24 * 3600,
-                 inactive_ttl_s: float = 24 * 3600, interval_s: float = 1.0):
+                 inactive_ttl_s: float = 24 * 3600, interval_s: float = 1.0,
+                 orphan_interval_s: float = 60.0):
+        budget = int(budget_bytes)
+        hard_limit = int(budget * 1.5 if hard_limit_bytes is None else hard_limit_bytes)
+        check_settings(budget, hard_limit, closed_ttl_s, inactive_ttl_s, interval_s)
         self.store = DataStore(store) if isinstance(store, str) else store
         self.redis = self.store.redis
-        self.budget = int(budget_bytes)
-        self.hard_limit = int(hard_limit_bytes or budget_bytes * 1.5)
+        self.budget = budget
+        self.hard_limit = hard_limit
         self.closed_ttl_s = closed_ttl_s
         self.inactive_ttl_s = inactive_ttl_s
         self.interval_s = interval_s
+        self.orphan_interval_s = orphan_interval_s
+        self._next_orphan_sweep = 0.0  # monotonic time
         self._activity: dict[str, tuple] = {}  # scan key -> (fingerprint, since)
         self._stop = threading.Event()
 
@@ -81,7 +114,8 @@ class MemoryTracker:
     # ---- one round -------------------------------------------------------------------------
     def step(self) -> dict:
         """One round; returns what it did (for logs and tests)."""
-        done = {"trimmed_entries": 0, "lost_points": 0, "expired": 0, "deleted": 0}
+        done = {"trimmed_entries": 0, "lost_points": 0, "expired": 0, "deleted": 0,
+                "orphan_keys": 0}
         scans = self._scans_oldest_first()
         if self.used_memory() > self.budget:
             for key in scans:
@@ -95,7 +129,29 @@ class MemoryTracker:
                 if self.used_memory() <= self.hard_limit:
                     break
         self._expire_and_clean(scans, done)
+        if time.monotonic() >= self._next_orphan_sweep:
+            done["orphan_keys"] = self.remove_orphans()
+            self._next_orphan_sweep = time.monotonic() + self.orphan_interval_s
         return done
+
+    def remove_orphans(self) -> int:
+        """Remove every key of a scan whose hash no longer exists; the number removed.
+        One SCAN of the keyspace (incremental, so Redis is not blocked)."""
+        by_scan: dict[str, list] = {}
+        for raw in self.redis.scan_iter(match="blissdata:scan:{*}:*", count=1000):
+            key = raw.decode()
+            scan_key = key[:key.index("}") + 1]
+            by_scan.setdefault(scan_key, []).append(key)
+        removed = 0
+        for scan_key, found in by_scan.items():
+            if self.redis.exists(scan_key):
+                continue
+            n = int(self.redis.eval(_REMOVE_ORPHANS, 1 + len(found), scan_key, *found))
+            if n:
+                log.warning("scan %s no longer exists: removed %d keys left behind (%s)",
+                            scan_key, n, ", ".join(k[len(scan_key):] for k in found))
+            removed += n
+        return removed
 
     def _scans_oldest_first(self) -> list[str]:
         return [k.decode() for k in self.redis.zrange(keys.INDEX_ALL, 0, -1)]
@@ -215,23 +271,61 @@ class MemoryTracker:
         self._stop.set()
 
 
+# Shortest TTLs the command accepts: a scan waiting longer than --inactive-ttl between two
+# points is deleted, a closed scan older than --closed-ttl expires even if no file holds it.
+MIN_TTL_S = 60.0
+
+
+def _cli_problem(args) -> str | None:
+    """What is wrong with the command line's settings, in its own terms (MB, options)."""
+    if not args.budget > 0:
+        return f"--budget {args.budget:g}: must be > 0 MB"
+    if args.hard_limit is not None and not args.hard_limit >= args.budget:
+        return (f"--hard-limit {args.hard_limit:g} MB is below --budget {args.budget:g} MB: "
+                f"it must be at least the budget")
+    for option, value in (("--closed-ttl", args.closed_ttl),
+                          ("--inactive-ttl", args.inactive_ttl)):
+        if not value >= MIN_TTL_S:
+            return (f"{option} {value:g}: must be at least {MIN_TTL_S:.0f} s (shorter deletes "
+                    f"scans still in use, or before the writer has them on disk)")
+    if not args.interval > 0:
+        return f"--interval {args.interval:g}: must be > 0 s"
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="blissdata-memory-tracker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--redis", help="Redis URL (default: REDIS_URL, then localhost)")
-    parser.add_argument("--budget", type=float, default=1024, help="MB (default 1024)")
-    parser.add_argument("--hard-limit", type=float, help="MB (default 1.5 x budget)")
-    parser.add_argument("--closed-ttl", type=float, default=7 * 24 * 3600, help="s")
-    parser.add_argument("--inactive-ttl", type=float, default=24 * 3600, help="s")
-    parser.add_argument("--interval", type=float, default=1.0, help="s between rounds")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--redis", metavar="URL",
+                        help="Redis URL (default: REDIS_URL, then redis://127.0.0.1:6379)")
+    parser.add_argument("--budget", type=float, default=1024, metavar="MB",
+                        help="above it, points already in a file are trimmed "
+                             "(default: 1024)")
+    parser.add_argument("--hard-limit", type=float, metavar="MB",
+                        help="at least the budget; above it, points no file holds yet are "
+                             "trimmed and recorded as lost (default: 1.5 x budget)")
+    parser.add_argument("--closed-ttl", type=float, default=7 * 24 * 3600, metavar="S",
+                        help=f"seconds a closed scan stays in Redis, at least {MIN_TTL_S:.0f} "
+                             f"(default: 604800 = 7 days)")
+    parser.add_argument("--inactive-ttl", type=float, default=24 * 3600, metavar="S",
+                        help=f"seconds without a new point or state change after which an "
+                             f"open scan is deleted, at least {MIN_TTL_S:.0f} "
+                             f"(default: 86400 = 1 day)")
+    parser.add_argument("--interval", type=float, default=1.0, metavar="S",
+                        help="seconds between rounds, > 0 (default: 1)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="(default: INFO)")
     args = parser.parse_args(argv)
+    problem = _cli_problem(args)
+    if problem:
+        parser.error(problem)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     url = url_from(args.redis)
     try:
         tracker = MemoryTracker(url, int(args.budget * MB),
-                                int(args.hard_limit * MB) if args.hard_limit else None,
+                                None if args.hard_limit is None else int(args.hard_limit * MB),
                                 args.closed_ttl, args.inactive_ttl, args.interval)
     except ConnectionError as exc:
         print(f"blissdata-memory-tracker: {exc}", file=sys.stderr)

@@ -20,13 +20,19 @@ from .store import DataStore, url_from
 BATCH_BYTES = 2 * 2**20  # about one Redis entry per stream per batch
 
 
-def _references(stream, folder: Path) -> list[dict]:
-    """The {"file", "dataset", "index"} points behind a virtual dataset (absolute paths)."""
+def _references(stream, folder: Path, new_folder: Path) -> list[dict]:
+    """The {"file", "dataset", "index"} points behind a virtual dataset. A relative source
+    (as detectors write them: beside the scan file) stays relative, to the new scan file's
+    folder `new_folder`; an absolute one stays absolute."""
     refs = []
     for vs in stream.dataset.virtual_sources():
         (lo, *_), (hi, *_) = vs.vspace.get_select_bounds()
         (src_lo, *_), _ = vs.src_space.get_select_bounds()
-        file = vs.file_name if os.path.isabs(vs.file_name) else str(folder / vs.file_name)
+        file = vs.file_name
+        if file == ".":  # frames of the archived file itself
+            file = str(Path(stream.dataset.file.filename).resolve())
+        elif not os.path.isabs(file):
+            file = os.path.relpath(os.path.normpath(folder / file), new_folder)
         refs.extend({"file": file, "dataset": vs.dset_name, "index": int(src_lo + k)}
                     for k in range(hi - lo + 1))
     return refs
@@ -67,7 +73,8 @@ def replay(store: DataStore, archived: ArchivedScan, session: str | None = None,
             if not src.dataset.is_virtual:
                 archived.not_replayable[name] = "references stored without a virtual dataset"
                 continue
-            refs[name] = _references(src, original.parent)
+            refs[name] = _references(src, original.resolve().parent,
+                                     Path(identity["path"]).resolve().parent)
         # frames stored one per Bitshuffle+LZ4 chunk travel as those chunks (no decompression
         # here, no compression in the writer); readers get the same arrays
         encoding = "bslz4" if src.stored_as_frames else d.encoding

@@ -11,7 +11,8 @@ from . import file_backing, keys
 from .encoding import StreamDefinition, decode, encode, raw_chunks
 from .waiting import Deadline, wait_for
 from .exceptions import (EndOfStream, IndexNotYetThereError, IndexWontBeThereError,
-                         LeaseLostError, MalformedEntryError, StreamError,
+                         LeaseLostError, MalformedEntryError, ScanNotFoundError,
+                         StreamError,
                          StreamSealedError)
 
 # Raise the durable watermark of a stream, never lower it. KEYS[1] durable hash;
@@ -42,6 +43,48 @@ def _entries(reply) -> list:
              dict(zip(fields[::2], fields[1::2]))) for eid, fields in reply]
 
 
+# First command of every send's MULTI/EXEC: the scan must still exist. KEYS[1] scan hash, then
+# the data streams the transaction adds to, the first ARGV[1] of them possibly not created yet.
+# The XADDs that follow carry NOMKSTREAM, so:
+# - scan gone: its left-over stream keys (orphans) are deleted and every XADD writes nothing;
+# - scan there: streams not created yet are created empty (a consumer group made and
+#   dropped: no entry, last id 0-0), so the XADDs write as usual.
+# A runtime error cannot abort a MULTI/EXEC, hence this shape. Returns 1, or 0 if gone.
+_GUARD_SEND = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
+  return 0
+end
+for i = 2, 1 + tonumber(ARGV[1]) do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    redis.call('XGROUP', 'CREATE', KEYS[i], 'blissdata:new', '$', 'MKSTREAM')
+    redis.call('XGROUP', 'DESTROY', KEYS[i], 'blissdata:new')
+  end
+end
+return 1
+"""
+
+
+def guarded_xadds(redis_client, scan_key: str, stream_keys: list, new: int, entries) -> bool:
+    """XADD `entries` ((stream key, entry id, fields), ...) in one MULTI/EXEC, only if the
+    scan still exists; False (and nothing written) if it does not. `stream_keys`: every key
+    of `entries` once, the first `new` of them possibly not created yet. Redis errors
+    propagate."""
+    pipe = redis_client.pipeline(transaction=True)
+    # EVAL as a raw command: redis-py's cluster pipelines refuse .eval(), not the command
+    pipe.execute_command("EVAL", _GUARD_SEND, 1 + len(stream_keys), scan_key, *stream_keys, new)
+    for key, entry_id, fields in entries:
+        pipe.xadd(key, fields, id=entry_id, nomkstream=True)
+    exists, *ids = pipe.execute()
+    if not exists:
+        return False
+    if None in ids:  # removed by hand while its scan exists: say so rather than lose points
+        vanished = sorted({key for (key, _, _), eid in zip(entries, ids) if eid is None})
+        raise StreamError(f"scan {scan_key}: stream keys {vanished} were removed from Redis "
+                          f"while the scan exists; points sent to them were not written")
+    return True
+
+
 class Stream:
     """One stream of a scan. Producers `send()` and `seal()`; readers index and slice.
 
@@ -55,6 +98,7 @@ class Stream:
         self.key = keys.data_key(scan.key, definition.name)
         self._next_index = 0  # producer side
         self._sealed_here = False
+        self._created = False  # producer side: its Redis key exists (written to once)
 
     # ---- description -----------------------------------------------------------------
     name = property(lambda self: self.definition.name)
@@ -135,24 +179,30 @@ class Stream:
         and retry up to the store's `full_timeout_s`: the producer slows down, nothing is
         lost or written twice."""
         prepared = [(s, s._prepare_send(d)) for s, d in batches.items()]
-
-        def write():
-            pipe = self._redis.pipeline(transaction=True)
-            for stream, entries in prepared:
-                for entry_id, fields in entries:
-                    pipe.xadd(stream.key, fields, id=entry_id)
-            pipe.execute()
-
+        entries = [(stream.key, entry_id, fields) for stream, stream_entries in prepared
+                   for entry_id, fields in stream_entries]
+        if not entries:
+            return
         names = [s.name for s, _ in prepared]
+        stream_keys = ([s.key for s, e in prepared if e and not s._created]
+                       + [s.key for s, e in prepared if e and s._created])
+        new = sum(1 for s, e in prepared if e and not s._created)
         try:
-            self._scan._store.while_full(write, f"nothing of this batch of {names} was written")
+            written = self._scan._store.while_full(
+                lambda: guarded_xadds(self._redis, self._scan.key, stream_keys, new, entries),
+                f"nothing of this batch of {names} was written")
         except redis.ResponseError as exc:
             if "equal or smaller" in str(exc):
                 raise StreamSealedError(
                     f"scan {self._scan.key}: another producer wrote or sealed one of "
                     f"{names}: {exc}") from exc
             raise
+        if not written:
+            raise ScanNotFoundError(f"scan {self._scan.key} no longer exists (deleted, or "
+                                    f"expired by the memory tracker): nothing of this batch "
+                                    f"of {names} was written")
         for stream, entries in prepared:
+            stream._created = True
             stream._next_index += sum(int(f["n"]) for _, f in entries)
 
     def seal(self) -> int:
@@ -160,14 +210,19 @@ class Stream:
         if self._sealed_here:
             raise StreamSealedError(f"stream {self.name!r} of scan {self._scan.key} "
                                     f"is already sealed")
+        seal = [(self.key, keys.entry_id(self._next_index), {"end": self._next_index})]
         try:
-            self._scan._store.while_full(
-                lambda: self._redis.xadd(self.key, {"end": self._next_index},
-                                         id=keys.entry_id(self._next_index)),
+            written = self._scan._store.while_full(
+                lambda: guarded_xadds(self._redis, self._scan.key, [self.key],
+                                      0 if self._created else 1, seal),
                 f"stream {self.name!r} was not sealed")
         except redis.ResponseError as exc:
             raise StreamSealedError(f"stream {self.name!r} of scan {self._scan.key} "
                                     f"could not be sealed (sealed elsewhere?): {exc}") from exc
+        if not written:
+            raise ScanNotFoundError(f"scan {self._scan.key} no longer exists (deleted, or "
+                                    f"expired by the memory tracker): stream {self.name!r} "
+                                    f"was not sealed")
         self._sealed_here = True
         return self._next_index
 

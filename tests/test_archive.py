@@ -1,5 +1,6 @@
 """Archived scans read like live ones; replay and rewrite round trips for every fixture."""
 
+import os
 import time
 
 import h5py
@@ -191,3 +192,84 @@ def test_rewrite_gzip_file_to_bslz4(tmp_path, capsys):
     assert writer_cli(["rewrite", str(tmp_path / "none.h5"), str(tmp_path / "o.h5")]) == 2
     assert writer_cli(["rewrite", str(src), str(tmp_path / "o.h5"), "--compression", "zip"]) == 2
     assert "zip" in capsys.readouterr().err
+
+
+def _virtual_datasets(f) -> dict:
+    found = {}
+    f.visititems(lambda name, obj: found.__setitem__(name, obj[()]) if isinstance(
+        obj, h5py.Dataset) and obj.is_virtual else None)
+    return found
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_rewrite_into_another_folder_keeps_detector_frames(tmp_path, round_trips, capsys,
+                                                           absolute):
+    """The detector's own files stay where they are: a rewrite elsewhere still reads them."""
+    a, _, _ = round_trips["external_frames"]
+    out = tmp_path / "elsewhere" / "deeper" / "rewritten.h5"
+    out.parent.mkdir(parents=True)
+    args = ["rewrite", str(a), str(out)] + (["--absolute-sources"] if absolute else [])
+    assert writer_cli(args) == 0
+    assert "source names rewritten" in capsys.readouterr().out
+    with h5py.File(a, "r", locking=False) as fa, h5py.File(out, "r") as fo:
+        frames = _virtual_datasets(fa)
+        assert frames and all(v.sum() > 0 for v in frames.values())
+        for name, values in frames.items():
+            assert np.array_equal(fo[name][()], values), name
+            names = {vs.file_name for vs in fo[name].virtual_sources()}
+            assert all(n.startswith("/") == absolute for n in names), names
+    assert validate_file(out).ok
+
+
+def test_validate_reports_missing_virtual_sources(tmp_path, round_trips, capsys):
+    a, _, _ = round_trips["external_frames"]
+    moved = tmp_path / "moved.h5"  # the scan file alone, without the detector's files
+    moved.write_bytes(a.read_bytes())
+    report = validate_file(moved)
+    assert not report.ok
+    missing = [e for e in report.errors if "virtual dataset source" in e]
+    assert missing and "eiger_0000.h5::/entry_0000/data is missing" in missing[0]
+    assert writer_cli(["validate", str(moved)]) == 1
+    assert "is missing" in capsys.readouterr().out
+    # a rewrite of it says what it could not find, and keeps the names
+    assert writer_cli(["rewrite", str(moved), str(tmp_path / "again.h5")]) == 0
+    assert "eiger_0000.h5 (named by a virtual dataset" in capsys.readouterr().err
+
+
+def test_rewrite_moves_relative_external_links(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "out").mkdir()
+    with h5py.File(tmp_path / "src" / "target.h5", "w") as f:
+        f["values"] = np.arange(5)
+    with h5py.File(tmp_path / "src" / "main.h5", "w") as f:
+        f["link"] = h5py.ExternalLink("target.h5", "/values")
+        f["self"] = h5py.ExternalLink("/nowhere/gone.h5", "/x")  # kept as named
+    assert writer_cli(["rewrite", str(tmp_path / "src" / "main.h5"),
+                       str(tmp_path / "out" / "main.h5")]) == 0
+    with h5py.File(tmp_path / "out" / "main.h5", "r") as f:
+        assert f.get("link", getlink=True).filename == "../src/target.h5"
+        assert np.array_equal(f["link"][()], np.arange(5))
+        assert f.get("self", getlink=True).filename == "/nowhere/gone.h5"
+
+
+def test_rewrite_output_folder_must_exist(tmp_path, capsys):
+    src = tmp_path / "in.h5"
+    with h5py.File(src, "w") as f:
+        f["x"] = 1
+    (tmp_path / "file").write_text("")
+    assert writer_cli(["rewrite", str(src), str(tmp_path / "file" / "o.h5")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert writer_cli(["rewrite", str(src), str(tmp_path / "nodir" / "o.h5")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_replay_keeps_relative_virtual_sources_relative(round_trips):
+    a, b, _ = round_trips["external_frames"]  # b: replayed into another folder
+    with h5py.File(a, "r", locking=False) as fa, h5py.File(b, "r", locking=False) as fb:
+        frames = _virtual_datasets(fa)
+        for name, values in frames.items():
+            names = {vs.file_name for vs in fb[name].virtual_sources()}
+            assert names and not any(os.path.isabs(n) for n in names), names
+            assert {os.path.normpath(b.parent / n) for n in names} == {
+                os.path.normpath(a.parent / vs.file_name) for vs in fa[name].virtual_sources()}
+            assert np.array_equal(fb[name][()], values)

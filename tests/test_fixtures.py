@@ -121,3 +121,48 @@ def test_simulate_bad_inputs(redis_url, tmp_path, capsys):
     with pytest.raises(FixtureError, match="missing key 'streams'"):
         bad.write_text(json.dumps({"info": {}}))
         load_fixture(str(bad))
+
+
+PEAK_RSS = """
+import resource, runpy, sys
+sys.argv = ["blissdata-simulate", *sys.argv[1:]]
+try:
+    runpy.run_module("blissdata.simulate", run_name="__main__")
+finally:
+    print("peak_rss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+"""
+
+
+def _simulate_peak_rss_mb(redis_url, tmp_path, points) -> float:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, "timescan_lima", "--points",
+                           str(points), "--redis", redis_url, "--session", "rss",
+                           "--path", str(tmp_path / f"rss{points}.h5")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"{points}/{points} points published" in done.stdout
+    return int(done.stdout.split("peak_rss_kb")[1].split()[0]) / 1024
+
+
+def test_simulate_makes_frames_as_it_publishes(tmp_path):
+    """A process publishing 320 frames (512x512 uint16: 160 MB) holds a batch of them at a
+    time: its peak memory is about that of one publishing 8 frames."""
+    from blissdata.redis_server import EmbeddedRedis
+
+    with EmbeddedRedis() as server:  # a private server: the frames stay out of the shared one
+        few = _simulate_peak_rss_mb(server.url, tmp_path, 8)
+        many = _simulate_peak_rss_mb(server.url, tmp_path, 320)
+    assert many - few < 40, (few, many)  # building every frame first: + 160 MB
+
+
+def test_simulate_mesh_keeps_its_grid_when_points_fit_it(redis_url, redis_client, tmp_path):
+    from blissdata import DataStore
+
+    store = DataStore(redis_url)
+    for points, grid in ((80, [8, 10]), (20, None)):
+        assert simulate(["mesh", "--points", str(points), "--redis", redis_url, "--session",
+                         f"mesh{points}", "--path", str(tmp_path / "m.h5")]) == 0
+        scan = store.load_scan(store.get_last_scan(session=f"mesh{points}"))
+        assert scan.info.get("grid_shape") == grid

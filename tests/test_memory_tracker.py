@@ -317,3 +317,44 @@ def test_random_trims_never_change_what_readers_get(store, tmp_path, batches, tr
             assert list(reader[lo:hi + 1]) == list(range(lo, min(hi + 1, total)))
     scan.close()
     assert list(reader[:]) == list(range(total))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "-5"], "--budget -5: must be > 0 MB"),
+    (["--budget", "0"], "--budget 0: must be > 0 MB"),
+    (["--budget", "100", "--hard-limit", "50"], "--hard-limit 50 MB is below --budget 100 MB"),
+    (["--hard-limit", "0"], "--hard-limit 0 MB is below --budget 1024 MB"),
+    (["--inactive-ttl", "0"], "--inactive-ttl 0: must be at least 60 s"),
+    (["--inactive-ttl", "5"], "--inactive-ttl 5: must be at least 60 s"),
+    (["--closed-ttl", "-1"], "--closed-ttl -1: must be at least 60 s"),
+    (["--closed-ttl", "nan"], "--closed-ttl nan: must be at least 60 s"),
+    (["--interval", "0"], "--interval 0: must be > 0 s"),
+])
+def test_tracker_cli_refuses_settings_that_destroy_data(args, message, capsys):
+    """Refused before connecting (this URL has no server): nothing runs."""
+    with pytest.raises(SystemExit) as exit_:
+        tracker_main(["--redis", "redis://127.0.0.1:1", *args])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_tracker_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        tracker_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: REDIS_URL, then redis://127.0.0.1:6379)", "(default: 1024)",
+                    "(default: 1.5 x budget)", "(default: 604800 = 7 days)",
+                    "(default: 86400 = 1 day)", "(default: 1)", "(default: INFO)"):
+        assert default in text
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"budget_bytes": -5}, "budget must be > 0"),
+    ({"budget_bytes": 100, "hard_limit_bytes": 50}, "must not be below the budget"),
+    ({"inactive_ttl_s": 0}, "inactive TTL must be > 0 s"),
+    ({"closed_ttl_s": -1}, "closed TTL must be > 0 s"),
+    ({"interval_s": 0}, "interval must be > 0 s"),
+])
+def test_tracker_api_refuses_settings_that_destroy_data(store, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MemoryTracker(store, **kwargs)

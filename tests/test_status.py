@@ -142,3 +142,18 @@ def test_bad_config_is_reported(tmp_path, capsys):
     bad.write_text('[compression]\ndefault = "zip"\n')
     assert cli_main(["run", "--config", str(bad)]) == 2
     assert "zip" in capsys.readouterr().err
+
+
+def test_writer_refuses_to_start_without_its_data_roots(tmp_path, capsys, redis_url):
+    (tmp_path / "a_file").write_text("")
+    for root, problem in ((tmp_path / "missing", "does not exist"),
+                          (tmp_path / "a_file", "is not a folder")):
+        assert cli_main(["run", "--redis", redis_url, "--data-root", str(tmp_path),
+                         "--data-root", str(root)]) == 2
+        err = capsys.readouterr().err
+        assert f"data root {root} {problem}" in err and "Traceback" not in err
+    config = tmp_path / "w.toml"
+    config.write_text(f'data_roots = ["{tmp_path}/nowhere"]\n')
+    assert cli_main(["run", "--config", str(config), "--redis", redis_url]) == 2
+    assert f"configuration {config}: data root {tmp_path}/nowhere does not exist" in \
+        capsys.readouterr().err

@@ -11,8 +11,8 @@ import pytest
 
 from blissdata import EndReason, bslz4
 from writer.validate import validate_file
-from writer_helpers import (SEED_STREAMS, durable_points, seed_scan, start_writer,
-                            wait_status)
+from writer_helpers import (SEED_STREAMS, durable_points, expected_seed_data, seed_scan,
+                            start_writer, wait_status)
 
 
 @pytest.fixture
@@ -225,13 +225,42 @@ def test_bad_mappings_fail_only_their_scan(store, writer, data_root):
     assert wait_status(store, s3.key).state == "done"
 
 
-def test_scan_that_never_closes_times_out(store, writer, data_root):
+def test_paused_scan_goes_idle_then_resumes(store, writer, data_root):
+    """A scan quiet for longer than inactivity_timeout_s is paused, not failed."""
     writer(inactivity_timeout_s=0.5)
-    scan, data = seed_scan(store, data_root / "stuck.h5", close=False, npoints=8)
-    st = wait_status(store, scan.key)
-    assert st.state == "failed" and "inactivity_timeout_s" in st.error
-    with read_file(data_root / "stuck.h5") as f:  # what came is kept
+    scan, data = seed_scan(store, data_root / "paused.h5", close=False, npoints=8)
+    st = wait_status(store, scan.key, states=("idle", "done", "failed"))
+    assert st.state == "idle" and st.points[SEED_STREAMS[0]] == 8 and not st.error
+    with read_file(data_root / "paused.h5") as f:  # what came is in the file
         assert np.array_equal(f["1.1/measurement/diode"][()], data[SEED_STREAMS[0]])
+    time.sleep(1.0)  # well past the timeout: still idle, not failed
+    assert wait_status(store, scan.key, states=("idle", "failed")).state == "idle"
+    more = expected_seed_data(16)
+    streams = scan.streams
+    scan.send_many({streams[n]: more[n][8:] for n in SEED_STREAMS})
+    assert wait_status(store, scan.key, states=("writing", "failed")).state == "writing"
+    scan.stop()
+    scan.close()
+    st = wait_status(store, scan.key)
+    assert st.state == "done" and st.points[SEED_STREAMS[0]] == 16
+    with read_file(data_root / "paused.h5") as f:
+        assert np.array_equal(f["1.1/measurement/diode"][()], more[SEED_STREAMS[0]])
+
+
+def test_idle_scan_ends_when_deleted(store, writer, data_root):
+    writer(inactivity_timeout_s=0.3)
+    scan, data = seed_scan(store, data_root / "forgotten.h5", close=False, npoints=5)
+    assert wait_status(store, scan.key, states=("idle", "failed")).state == "idle"
+    store.delete_scan(scan.key)  # what the memory tracker's --inactive-ttl does
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with read_file(data_root / "forgotten.h5") as f:
+            if "end_reason" in f["1.1"]:
+                assert f["1.1/end_reason"][()] == b"DELETION"
+                assert np.array_equal(f["1.1/measurement/diode"][()], data[SEED_STREAMS[0]])
+                return
+        time.sleep(0.05)
+    raise AssertionError("the deleted scan's entry was not ended")
 
 
 def test_scan_deleted_mid_way(store, writer, data_root):

@@ -67,7 +67,8 @@ def main(argv=None) -> int:
 
     run = sub.add_parser("run", help="follow new scans and write them to NeXus/HDF5 files")
     run.add_argument("--config", help="TOML configuration (default: built-in defaults)")
-    run.add_argument("--redis", help="Redis URL (default: config, then REDIS_URL)")
+    run.add_argument("--redis", help="Redis URL (default: REDIS_URL, then the config's "
+                                     "redis_url)")
     run.add_argument("--session", action="append", help="session to follow (repeatable)")
     run.add_argument("--data-root", action="append", help="allowed data root (repeatable)")
     run.add_argument("--log-level", type=str.upper,

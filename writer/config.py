@@ -32,7 +32,8 @@ class WriterConfig:
     compression_threads: int = 2
     fill_value_int: int = 0
     compression: dict = field(default_factory=lambda: {"default": "bitshuffle-lz4"})
-    metrics: dict = field(default_factory=lambda: {"enabled": False, "port": 9118})
+    metrics: dict = field(default_factory=lambda: {"enabled": False, "port": 9118,
+                                                    "host": "127.0.0.1"})
     log_level: str = "INFO"
     log_json: bool = False
     source: str = "<defaults>"
@@ -89,4 +90,20 @@ def load_config(path: str | Path | None = None, **overrides) -> WriterConfig:
             parse_compression(config.compression_for(pattern))
         except ValueError as exc:
             raise ConfigError(f"configuration {source}: compression: {exc}") from None
+    _check_data_roots(config)
     return config
+
+
+def _check_data_roots(config: WriterConfig) -> None:
+    """Every data root must be an existing folder: a writer started without one would fail
+    every scan later. The writer creates folders under a root, never the root itself."""
+    for root in config.data_roots:
+        path = Path(root)
+        if not path.exists():
+            problem = "does not exist"
+        elif not path.is_dir():
+            problem = "is not a folder"
+        else:
+            continue
+        raise ConfigError(f"configuration {config.source}: data root {root} {problem}; "
+                          f"create it, or give other roots (data_roots, --data-root)")

@@ -42,7 +42,7 @@ class WriterMetrics:
                                  "File leases this writer lost to another one", registry=r)
         self.server = None
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
         try:
             self.server, _ = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:

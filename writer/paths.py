@@ -40,6 +40,11 @@ def resolve_scan_file(path: str, data_roots) -> Path:
     real = _inside(path, data_roots, "scan file")
     if real.exists() and not real.is_file():
         raise PathRefused(f"scan file {path} exists and is not a regular file")
+    for folder in real.parents:  # the folders the writer would create (mkdir says "File exists")
+        if folder.exists():
+            if not folder.is_dir():
+                raise PathRefused(f"scan file {path}: {folder} is a file, not a folder")
+            break
     return real
 
 

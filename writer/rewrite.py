@@ -5,6 +5,11 @@ Groups, attributes, soft and external links, hard links (one dataset, several na
 virtual datasets are kept; every chunked dataset is written again with the new compression
 (same chunk shape), chunk by chunk through DatasetAppender (bslz4: compressed in parallel);
 small contiguous/compact datasets are copied as they are.
+
+Files a virtual dataset or an external link points to (a detector's own files) stay where
+they are. HDF5 looks for a relative source next to the file that names it, so when OUT is in
+another folder each relative name is rewritten relative to OUT (or made absolute with
+--absolute-sources); the output reads the same values wherever it goes.
 """
 
 from __future__ import annotations
@@ -25,9 +30,14 @@ class RewriteError(ValueError):
     pass
 
 
-def rewrite(src_path: str, dst_path: str, compression=None, chunk_points: int = 256) -> dict:
+def rewrite(src_path: str, dst_path: str, compression=None, chunk_points: int = 256,
+            absolute_sources: bool = False) -> dict:
     """Rewrite every object of `src_path` into the new file `dst_path`; counts of what
-    was done. RewriteError for bad arguments; the output is removed if anything fails."""
+    was done. RewriteError for bad arguments; the output is removed if anything fails.
+
+    Relative file names of virtual-dataset sources and external links are rewritten to
+    point, from `dst_path`'s folder, at the same files (absolute if `absolute_sources`);
+    counts["missing sources"] lists those the input already could not find."""
     setting = parse_compression(compression)
     src_p, dst_p = Path(src_path), Path(dst_path)
     if not src_p.exists():
@@ -36,24 +46,60 @@ def rewrite(src_path: str, dst_path: str, compression=None, chunk_points: int = 
         raise RewriteError(f"{src_path}: not an HDF5 file")
     if dst_p.exists():
         raise RewriteError(f"{dst_path} exists; the rewrite never overwrites a file")
+    if not dst_p.parent.is_dir():
+        what = "is not a folder" if dst_p.parent.exists() else "does not exist"
+        raise RewriteError(f"{dst_path}: {dst_p.parent} {what}")
     counts = {"datasets rewritten": 0, "datasets copied": 0, "links": 0, "groups": 0}
+    sources = _SourceMover(src_p, dst_p, absolute_sources)
     try:
         with h5py.File(src_p, "r", locking=False) as src, h5py.File(dst_p, "w-") as dst:
             dst.attrs.update(dict(src.attrs))
             if "file_name" in dst.attrs:
                 dst.attrs["file_name"] = str(dst_p)
-            _copy_group(src, dst, setting, counts, {}, chunk_points)
+            _copy_group(src, dst, setting, counts, {}, chunk_points, sources)
     except Exception:
         dst_p.unlink(missing_ok=True)
         raise
+    counts["source names rewritten"] = sources.moved
+    if sources.missing:
+        counts["missing sources"] = sorted(sources.missing)
     return counts
 
 
-def _copy_group(src, dst, setting, counts, copied: dict, chunk_points: int) -> None:
+class _SourceMover:
+    """New names for the files that virtual datasets and external links of IN point to, so
+    that they name the same files from OUT's folder."""
+
+    def __init__(self, src_file: Path, dst_file: Path, absolute: bool):
+        self.src_dir = src_file.resolve().parent
+        self.dst_dir = dst_file.resolve().parent
+        self.absolute = absolute
+        self.moved = 0  # names changed
+        self.missing: set[str] = set()  # files the input itself does not find
+
+    def __call__(self, name: str) -> str:
+        if name == "." or os.path.isabs(name):  # "." is the file itself
+            if name != "." and not os.path.exists(name):
+                self.missing.add(name)
+            return name
+        target = os.path.normpath(self.src_dir / name)
+        if not os.path.exists(target):
+            self.missing.add(target)
+        new = target if self.absolute else os.path.relpath(target, self.dst_dir)
+        if new != name:
+            self.moved += 1
+        return new
+
+
+def _copy_group(src, dst, setting, counts, copied: dict, chunk_points: int, sources) -> None:
     for name in src:
         link = src.get(name, getlink=True)
-        if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+        if isinstance(link, h5py.SoftLink):
             dst[name] = link
+            counts["links"] += 1
+            continue
+        if isinstance(link, h5py.ExternalLink):
+            dst[name] = h5py.ExternalLink(sources(link.filename), link.path)
             counts["links"] += 1
             continue
         obj = src[name]
@@ -65,11 +111,11 @@ def _copy_group(src, dst, setting, counts, copied: dict, chunk_points: int) -> N
             group = dst.create_group(name)
             group.attrs.update(dict(obj.attrs))
             counts["groups"] += 1
-            _copy_group(obj, group, setting, counts, copied, chunk_points)
+            _copy_group(obj, group, setting, counts, copied, chunk_points, sources)
         elif obj.is_virtual:
             layout = h5py.VirtualLayout(shape=obj.shape, dtype=obj.dtype)
             for vs in obj.virtual_sources():
-                source = h5py.VirtualSource(vs.file_name, vs.dset_name,
+                source = h5py.VirtualSource(sources(vs.file_name), vs.dset_name,
                                             shape=vs.src_space.shape)
                 layout[_selection(vs.vspace)] = source[_selection(vs.src_space)]
             out = dst.create_virtual_dataset(name, layout, fillvalue=obj.fillvalue)
@@ -113,15 +159,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--compression", default="bitshuffle-lz4",
                         help="bitshuffle-lz4 (default), zstd, blosc2, gzip, none")
     parser.add_argument("--level", type=int, help="zstd / gzip / blosc2 level")
+    parser.add_argument("--absolute-sources", action="store_true",
+                        help="name the files of virtual datasets and external links by "
+                             "absolute path (default: relative to OUTPUT's folder, as in "
+                             "INPUT)")
     args = parser.parse_args(argv)
     try:
         setting = parse_compression({"name": args.compression, **(
             {"level": args.level} if args.level is not None else {})})
-        counts = rewrite(args.input, args.output, setting)
+        counts = rewrite(args.input, args.output, setting,
+                         absolute_sources=args.absolute_sources)
     except (RewriteError, ValueError) as exc:
         print(f"blisswriter rewrite: {exc}", file=sys.stderr)
         return 2
+    missing = counts.pop("missing sources", [])
     size_in, size_out = os.path.getsize(args.input), os.path.getsize(args.output)
     print(f"{args.input} ({size_in / 1e6:.1f} MB) -> {args.output} ({size_out / 1e6:.1f} MB, "
           f"{setting.name}): " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    for path in missing:
+        print(f"blisswriter rewrite: warning: {path} (named by a virtual dataset or external "
+              f"link of {args.input}) does not exist; kept as named", file=sys.stderr)
     return 0

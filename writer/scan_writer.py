@@ -27,6 +27,7 @@ from blissdata.memory_tracker import trim_durable
 
 from . import status as writer_status
 from .dataset_writer import DatasetAppender, last_chunks
+from .varying_points import VaryingPointsAppender
 from .default_mapping import default_mapping
 from .files import is_file_error, os_reason
 from .grid_plot import write_grid_plot
@@ -152,17 +153,32 @@ class ScanWriter(threading.Thread):
     def _wait_for(self, state: ScanState) -> None:
         while self.scan.state < state:
             if self.scan.update(block=True, timeout=1.0):
-                self._last_event = time.monotonic()
+                self._event()
             self._check_alive()
 
     def _check_alive(self) -> None:
         if self._stop_requested.is_set():
             raise WriterStopping()
         self.lease.check()  # lost to another writer: let go of the file now, idle or not
-        idle = time.monotonic() - self._last_event
-        if idle > self.config.inactivity_timeout_s:
-            raise ScanFailed(f"no event from the scan for {idle:.0f} s "
-                             f"(inactivity_timeout_s = {self.config.inactivity_timeout_s})")
+        # A quiet scan is paused (beam refill, user pause), not failed: what came is already
+        # durable (the data loop flushes when the flow stops); it shows "idle" and writing
+        # goes on with its next event. Only its deletion from Redis ends it.
+        quiet = time.monotonic() - self._last_event
+        timeout = self.config.inactivity_timeout_s
+        if self.status.state == "writing" and quiet > timeout:
+            self.status.state = "idle"
+            log.info("scan %s: no event for %.0f s (inactivity_timeout_s = %s): idle, its "
+                     "points are in the file; writing resumes with the next event",
+                     self.scan_key, quiet, timeout)
+            writer_status.publish(self.service.redis, self.status)
+
+    def _event(self) -> None:
+        """Data or a state change came: the scan is alive (again)."""
+        self._last_event = time.monotonic()
+        if self.status.state == "idle":
+            self.status.state = "writing"
+            log.info("scan %s: events again after a pause, writing", self.scan_key)
+            writer_status.publish(self.service.redis, self.status)
 
     def _plan(self):
         info = self.scan.info
@@ -191,7 +207,7 @@ class ScanWriter(threading.Thread):
     def _open_entry(self, layout, previous) -> None:
         self.lease.check()
         self.status.file, self.status.entry = str(self.file_path), self.entry_name
-        resuming = (previous is not None and previous.state == "writing"
+        resuming = (previous is not None and previous.state in ("writing", "idle")
                     and previous.file == str(self.file_path)
                     and previous.entry == self.entry_name)
         if not resuming:
@@ -266,8 +282,9 @@ class ScanWriter(threading.Thread):
             elif definition.encoding == "references":
                 appender = ReferencesAppender(group, name, self.file_path, self._check_source,
                                               attrs=node.attrs)
-            else:
-                appender = DatasetAppender(
+            else:  # points of varying shape: their shapes too, in a dataset beside them
+                kind = VaryingPointsAppender if definition.varying else DatasetAppender
+                appender = kind(
                     group, name, definition.dtype, definition.shape,
                     compression=self.config.compression_for(node.stream),
                     fill_value=self._fill_value(definition), attrs=node.attrs,
@@ -287,8 +304,9 @@ class ScanWriter(threading.Thread):
                 return TextAppender.open(dataset)
             if definition.encoding == "references":
                 return ReferencesAppender.open(dataset, self.file_path, self._check_source)
-            return DatasetAppender.open(dataset, executor=self.service.pool,
-                                        workers=self.config.compression_threads)
+            kind = VaryingPointsAppender if definition.varying else DatasetAppender
+            return kind.open(dataset, executor=self.service.pool,
+                             workers=self.config.compression_threads)
         except ValueError as exc:
             raise ScanFailed(str(exc)) from None
 
@@ -328,7 +346,7 @@ class ScanWriter(threading.Thread):
                     raise
                 now = time.monotonic()
                 if views:
-                    self._last_event = now
+                    self._event()
                     self._check_disk_room(sum(_nbytes(part) for view in views.values()
                                               for part in view.parts))
                     with self.file.lock:
@@ -456,7 +474,7 @@ class ScanWriter(threading.Thread):
             raise ScanNotFoundError(f"scan {self.scan_key} no longer exists")
         self._check_alive()
         if self.scan.update(block=False):
-            self._last_event = time.monotonic()
+            self._event()
             start_time = self.scan.info.get("start_time")
             if start_time and "start_time" not in self.entry:
                 with self.file.lock:

@@ -40,7 +40,7 @@ class WriterService:
         self.metrics = WriterMetrics()
         if config.metrics.get("enabled"):
             self.metrics.serve(int(config.metrics.get("port", 9118)),
-                               config.metrics.get("host", "0.0.0.0"))
+                               config.metrics.get("host", "127.0.0.1"))
         self.writers: dict[str, ScanWriter] = {}
         self._writers_lock = threading.Lock()
         self._stop = threading.Event()

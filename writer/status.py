@@ -24,7 +24,9 @@ class ScanStatus:
     session: str = ""
     number: int = 0
     name: str = ""
-    state: str = "waiting"  # waiting, writing, done, failed, skipped ("save": false)
+    # waiting, writing, idle (no event for inactivity_timeout_s), done, failed, skipped
+    # ("save": false)
+    state: str = "waiting"
     file: str = ""
     entry: str = ""
     expected_points: int | None = None

@@ -17,7 +17,10 @@ path it is about, with two adjustments:
   "inconsistent with the signal shape" whose sizes h5py finds consistent is a warning;
 - added, as punx checks it (NeXus "default plot", NIAC2014 rule): the file's ``@default``
   must name an NXentry, and every NXentry's ``@default`` an NXdata in it whose ``@signal``
-  names a field there; anything else is an error naming the group.
+  names a field there; anything else is an error naming the group;
+- added: a virtual dataset whose source file or dataset is missing is an error (HDF5 reads its
+  points as the fill value, zeros, without any error). A relative source is looked for next
+  to the file, as HDF5 does.
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ def validate_file(path) -> Report:
         report.errors.append("/: nexusformat could not validate the file")
     _recheck_axis_sizes(report)
     _check_default_plots(report)
+    _check_virtual_sources(report)
     return report
 
 
@@ -171,6 +175,46 @@ def _recheck_axis_sizes(report: Report) -> None:
                 report.errors.remove(message)
                 report.warnings.append(f"{message} (nexusformat misreads virtual datasets; "
                                        f"h5py sees {signal.shape[i]} on both)")
+
+
+def _check_virtual_sources(report: Report) -> None:
+    """An error per virtual dataset whose source file or dataset cannot be found."""
+    folder = Path(report.path).resolve().parent
+    virtual = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and obj.is_virtual:
+            virtual.append(name)
+
+    checked: dict[tuple[str, str], str | None] = {}  # (file, dataset) -> problem or None
+    with h5py.File(report.path, "r", locking=False) as f:
+        f.visititems(visit)
+        for name in virtual:
+            sources = {(vs.file_name, vs.dset_name) for vs in f[name].virtual_sources()}
+            for file, dset in sorted(sources):
+                if (file, dset) not in checked:
+                    if file == ".":  # the file itself
+                        checked[file, dset] = (None if isinstance(f.get(dset), h5py.Dataset)
+                                               else "is missing (no such dataset in this file)")
+                    else:
+                        where = Path(file) if Path(file).is_absolute() else folder / file
+                        checked[file, dset] = _source_problem(where, dset)
+                if checked[file, dset]:
+                    report.errors.append(f"/{name}: virtual dataset source {file}::{dset} "
+                                         f"{checked[file, dset]}: its points read as the "
+                                         f"fill value")
+
+
+def _source_problem(path: Path, dataset: str) -> str | None:
+    if not path.exists():
+        return f"is missing (no file {path})"
+    try:
+        with h5py.File(path, "r", locking=False) as src:
+            if not isinstance(src.get(dataset), h5py.Dataset):
+                return f"is missing (no dataset {dataset} in {path})"
+    except OSError as exc:
+        return f"cannot be read ({path}: {exc})"
+    return None
 
 
 def main(files: list[str]) -> int:
