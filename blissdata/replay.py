@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .archive import ArchiveError, ArchivedScan, open_scan
+from .progress import ProgressLine
 from .scan import EndReason
 from .store import DataStore, url_from
 
@@ -137,9 +138,11 @@ def main(argv=None) -> int:
         print(f"blissdata-replay: {exc}", file=sys.stderr)
         return 1
     with archived:
+        progress = ProgressLine("replaying")
         scan = replay(store, archived, args.session, args.path, args.number, args.speed,
-                      progress=lambda d, t: print(f"\r{d}/{t} points", end="", flush=True))
-        print(f"\nreplayed {archived.path}::{archived.entry_name} as {scan.key} "
+                      progress=progress)
+        progress.close()
+        print(f"replayed {archived.path}::{archived.entry_name} as {scan.key} "
               f"({len(scan.streams)} streams) -> {scan.path}")
         for what, why in archived.not_replayable.items():
             print(f"not replayed: {what}: {why}", file=sys.stderr)

@@ -8,6 +8,7 @@ import os
 import sys
 
 from .fixtures import FixtureError, list_fixtures, load_fixture, publish
+from .progress import ProgressLine
 from .store import DataStore, url_from
 
 
@@ -43,12 +44,10 @@ def main(argv=None) -> int:
     name = fixture["identity"]["name"]
     path = args.path or f"/tmp/blissdata/{args.session}/{os.path.basename(args.fixture)}.h5"
 
-    def progress(done, total):
-        print(f"\r{name}: {done}/{total} points published", end="", flush=True)
-
+    progress = ProgressLine(name, "points published")
     scans = publish(store, fixture, session=args.session, path=path, npoints=args.points,
                     rate=args.rate, progress=progress, number=args.number)
-    print()
+    progress.close()
     for scan in scans:
         print(f"scan {scan.number} {scan.name} -> {scan.key} ({path})")
     return 0

@@ -14,6 +14,7 @@ from redis.connection import (HIREDIS_AVAILABLE, Encoder, HiredisRespSerializer,
 
 from . import keys
 from .file_backing import FileCache
+from .mapping import json_compatible
 from .exceptions import (NoScanAvailable, ProtocolVersionError, RedisFullError,
                          ScanNotFoundError, ScanStateError)
 from .scan import EndReason, Scan, ScanState
@@ -183,8 +184,10 @@ class DataStore:
                 raise ValueError(f"scan identity: {f} must be a non-empty string, "
                                  f"got {identity[f]!r}")
         key = keys.scan_key(uuid.uuid4().hex)
+        # tuples and numpy values become JSON here as in prepare(); a set is refused by path
+        info = json_compatible(info or {}, where=f"scan {key}: info $")
         now = time.time()
-        fields = {"identity": json.dumps(identity), "info": json.dumps(info or {}),
+        fields = {"identity": json.dumps(identity), "info": json.dumps(info),
                   "state": ScanState.CREATED.name, "streams": "{}", "created": now}
         pipe = self._redis.pipeline(transaction=False)
         pipe.hset(key, mapping=fields)
@@ -194,7 +197,7 @@ class DataStore:
         pipe.xadd(keys.SCANS_STREAM, {"key": key, "session": identity["session"]})
         pipe.execute()
         scan = Scan(self, key, {k.encode(): str(v).encode() for k, v in fields.items()})
-        scan.info = dict(info or {})
+        scan.info = dict(info)
         return scan
 
     # ---- readers -----------------------------------------------------------------------

@@ -118,6 +118,19 @@ def test_info_value_json_cannot_hold_is_refused_naming_it(new_scan):
         scan.prepare()
 
 
+
+def test_create_scan_takes_numpy_values_and_tuples_in_info(store):
+    info = {"title": "ct", "type": "ct", "scan_nb": np.int64(1), "npoints": np.int32(3),
+            "count_time": np.float32(0.5), "positions": (np.float64(1.5), 2)}
+    scan = store.create_scan({"session": "s", "name": "ct", "number": 1, "path": "/tmp/x.h5"},
+                             info=info)
+    assert store.load_scan(scan.key).info == {"title": "ct", "type": "ct", "scan_nb": 1,
+                                              "npoints": 3, "count_time": 0.5,
+                                              "positions": [1.5, 2]}
+    with pytest.raises(SchemaError, match=r"info \$\.tags: a value of type set"):
+        store.create_scan({"session": "s", "name": "ct", "number": 2, "path": "/tmp/x.h5"},
+                          info={"tags": {"a"}})
+
 # ---- 2. a payload that does not fit its stream ----------------------------------------------
 
 @pytest.mark.parametrize("encoding, bad_entry, reason", [

@@ -123,3 +123,51 @@ def test_demo_piped_writes_plain_lines(tmp_path):
     lines = done.stdout.splitlines()
     assert any(line.split() == ["publishing", "ascan", "4/4", "points"] for line in lines)
     assert any(line.split() == ["publishing", "mca", "4/4", "points"] for line in lines)
+
+
+def test_simulate_and_replay_progress_plain_when_piped_redrawn_on_a_terminal(redis_url,
+                                                                             tmp_path):
+    """blissdata-simulate and blissdata-replay: one final progress line in a pipe (no carriage
+    returns in logs), redrawn in place on a terminal (a real pty)."""
+    import pty
+
+    path = tmp_path / "s.h5"
+    simulate = [sys.executable, "-m", "blissdata.simulate", "ascan", "--points", "6",
+                "--redis", redis_url, "--session", "progress", "--path", str(path)]
+    piped = subprocess.run(simulate, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert "\r" not in piped.stdout
+    assert "ascan: 6/6 points published" in piped.stdout.splitlines()
+
+    leader, follower = pty.openpty()
+    on_terminal = subprocess.run(simulate, stdout=follower, stderr=subprocess.PIPE, timeout=120)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the pty is closed once the child is gone and everything was read
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert on_terminal.returncode == 0, on_terminal.stderr
+    assert b"\rascan: 6/6 points published" in shown
+
+    archive = tmp_path / "archive.h5"
+    import numpy as np
+    import h5py
+    with h5py.File(archive, "w") as f:  # the smallest archived scan replay accepts
+        entry = f.create_group("1.1")
+        entry.attrs["NX_class"] = "NXentry"
+        entry["title"] = "ct 0.1"
+        entry.create_group("measurement").attrs["NX_class"] = "NXcollection"
+        entry["measurement/diode"] = np.arange(4.0)
+    replayed = subprocess.run([sys.executable, "-m", "blissdata.replay", str(archive),
+                               "--redis", redis_url, "--session", "progress",
+                               "--path", str(tmp_path / "r.h5")],
+                              capture_output=True, text=True, timeout=120)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert "\r" not in replayed.stdout
+    assert "replaying: 4/4 points" in replayed.stdout.splitlines()
