@@ -62,3 +62,6 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "waits: real waits longer than the socket timeout (~20 s in all); "
                    "-m 'not waits' skips them, the plain test command runs them")
+    config.addinivalue_line(
+        "markers", "bliss2: needs the reference venv with the real blissdata 2.4.5 and "
+        "blisswriter 3.0.0 (tests/bliss2_env.py builds it; skipped where it cannot)")

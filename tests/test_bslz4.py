@@ -90,3 +90,16 @@ def test_bad_inputs_raise_value_error():
         bslz4.check_chunk(chunk + bytes(100), "uint16", (1000,))
     with pytest.raises(ValueError, match="truncated"):
         bslz4.check_chunk(chunk[:-1], "uint16", (1000,), padded=True)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "uint16", "int8"])
+def test_compress_filled_gives_the_same_bytes(dtype):
+    """A chunk partly filled (the rest fill value) compresses to the same chunk, faster."""
+    n = (1 << 20) // np.dtype(dtype).itemsize
+    block = bslz4.block_size_bytes(dtype) // np.dtype(dtype).itemsize
+    for filled in [0, 1, 5, block - 1, block, block + 1, n // 2, n - block - 1, n - 1, n]:
+        chunk = np.full(n, np.nan if dtype == "float64" else 7, dtype=dtype)
+        chunk[:filled] = np.arange(filled) % 100
+        assert bslz4.compress_filled(chunk, filled) == bslz4.compress(chunk), filled
+    odd = np.zeros(n + 3, dtype=dtype)  # a trailing partial block: the plain way
+    assert bslz4.compress_filled(odd, 10) == bslz4.compress(odd)

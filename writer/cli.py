@@ -27,8 +27,12 @@ def _run(args) -> int:
         print(f"blisswriter: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_json)
+    protocols = [p.strip() for arg in args.protocol or ["native"] for p in arg.split(",")]
     try:
-        service = WriterService(config)
+        service = WriterService(config, protocols=protocols)
+    except ValueError as exc:
+        print(f"blisswriter: --protocol: {exc}", file=sys.stderr)
+        return 2
     except ConnectionError as exc:
         print(f"blisswriter: {exc}", file=sys.stderr)
         return 1
@@ -74,6 +78,9 @@ def main(argv=None) -> int:
     run.add_argument("--log-level", type=str.upper,
                      choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    run.add_argument("--protocol", action="append",
+                     help="scans to follow: native (default), blissdata2 (ESRF's blissdata "
+                          "2.x, written from info['h5maps']), or both: native,blissdata2")
     run.set_defaults(func=_run)
 
     status = sub.add_parser("status", help="scans being written and recently finished")

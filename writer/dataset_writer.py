@@ -40,9 +40,11 @@ A DatasetAppender is used from one thread at a time.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
+import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -75,6 +77,26 @@ def _compress_in_worker(part: np.ndarray) -> bytes:
         bslz4.set_openmp_threads(1)
         _worker.single = True
     return bslz4.compress(part)
+
+
+def deflate_level(dset: h5py.Dataset) -> int | None:
+    """The gzip level if the dataset's filters are exactly shuffle then deflate (what the
+    "gzip" setting makes), else None: such chunks can be compressed here, in parallel."""
+    plist = dset.id.get_create_plist()
+    filters = [plist.get_filter(i)[:3] for i in range(plist.get_nfilters())]
+    if len(filters) == 2 and filters[0][0] == h5py.h5z.FILTER_SHUFFLE \
+            and filters[1][0] == h5py.h5z.FILTER_DEFLATE:
+        return int(filters[1][2][0]) if filters[1][2] else 6
+    return None
+
+
+def _deflate_chunk(part: np.ndarray, level: int) -> bytes:
+    """One chunk as HDF5's shuffle + deflate filters store it (zlib releases the GIL)."""
+    raw = np.ascontiguousarray(part).view(np.uint8)
+    size = part.dtype.itemsize
+    if size > 1:  # shuffle: byte j of every element together, j = 0..size-1
+        raw = raw.reshape(-1, size).T
+    return zlib.compress(raw.tobytes(), level)
 
 
 def last_chunks(dset: h5py.Dataset) -> dict[tuple, tuple[int, bytes]]:
@@ -173,6 +195,8 @@ class DatasetAppender:
         self._chunks = tuple(dset.chunks)
         self._n = self._chunks[0]
         self._bslz4 = bslz4_setting
+        # gzip chunks are compressed in the pool too (else HDF5 does it on this thread)
+        self._deflate = None if bslz4_setting else deflate_level(dset)
         fill = dset.fillvalue
         self.fill_value = fill if fill is not None else default_fill_value(self.dtype)
         self._cur = tuple(dset.shape[1:])  # current point extent (max so far in -1 dims)
@@ -392,7 +416,7 @@ class DatasetAppender:
         # chunks compressed in the pool may reference the caller's array only if nobody
         # can change it (ours, or bytes-backed); else append() waits for their compression
         # before returning (no copy: the pool still compresses the batch's chunks in parallel)
-        wait = self._bslz4 and not (owned or _immutable(arr))
+        wait = (self._bslz4 or self._deflate is not None) and not (owned or _immutable(arr))
         while i < m:
             if self._k == 0 and m - i >= n:
                 # whole chunks straight from the caller's array
@@ -426,7 +450,7 @@ class DatasetAppender:
         start = self._tail_start
         n = self._n
         self._tail_start += n
-        if not self._bslz4:
+        if not self._bslz4 and self._deflate is None:
             self._set_length(start + n)
             self._dset[(slice(start, start + n), *(slice(0, s) for s in block.shape[1:]))] \
                 = block
@@ -434,11 +458,15 @@ class DatasetAppender:
         pieces = []
         nbytes = block.nbytes
         pool = self._pool() if (self._executor is not None or self._workers > 0) else None
+        if self._bslz4:
+            compress = _compress_in_worker if pool is not None else bslz4.compress
+        else:
+            compress = functools.partial(_deflate_chunk, level=self._deflate)
         for offset, part in self._split(block):
             if pool is not None:
-                pieces.append(((start, *offset), pool.submit(_compress_in_worker, part)))
+                pieces.append(((start, *offset), pool.submit(compress, part)))
             else:
-                pieces.append(((start, *offset), bslz4.compress(part)))
+                pieces.append(((start, *offset), compress(part)))
         self._queue.append((start + n, pieces, nbytes))
         self._queued_bytes += nbytes
         self._drain(self._max_inflight // 2 if len(self._queue) > self._max_inflight else None)
@@ -525,8 +553,10 @@ class DatasetAppender:
         in (see :mod:`writer.partial_chunks`)."""
         write = self._dset.id.write_direct_chunk
         pieces, grown = [], False
+        # points of the row in the file; after them, fill values (flush() sets them)
+        filled = length - self._tail_start
         for offset, part in self._split(block):
-            mask, data = self._compress_chunk(part)
+            mask, data = self._compress_chunk(part, filled)
             size = len(data)
             old = self._held.get(offset)
             if padding:
@@ -545,9 +575,13 @@ class DatasetAppender:
             if padding:
                 self._held[offset] = (mask, data, size)
 
-    def _compress_chunk(self, part: np.ndarray) -> tuple[int, bytes]:
-        """(filter mask, stored bytes) of one full chunk, as HDF5 would store it."""
+    def _compress_chunk(self, part: np.ndarray, points: int | None = None) -> tuple[int, bytes]:
+        """(filter mask, stored bytes) of one full chunk, as HDF5 would store it. ``points``:
+        how many of its points hold data (the rest is fill), when the chunk spans whole
+        points: then only the part with data is compressed (same bytes)."""
         if self._bslz4:
+            if points is not None and part.shape[1:] == tuple(self._cur):
+                return 0, bslz4.compress_filled(part, points * int(np.prod(part.shape[1:])))
             return 0, bslz4.compress(part)
         if self._compressor is None:
             self._compressor = ChunkCompressor(self._dset)

@@ -62,6 +62,9 @@ class WriterStopping(Exception):
 
 
 class ScanWriter(threading.Thread):
+    # flush when the producer pauses, at most this often (another protocol may prefer less)
+    idle_flush_after_s = 0.0
+
     def __init__(self, service, scan_key: str):
         super().__init__(name=f"scan-{scan_key[-9:-1]}", daemon=True)
         self.service = service
@@ -131,17 +134,19 @@ class ScanWriter(threading.Thread):
     # ---- the steps -------------------------------------------------------------------
     def _write_scan(self) -> None:
         self._release_file()  # a retry after a lost connection starts clean
-        self.scan = self.service.store.load_scan(self.scan_key)
+        self.scan = self._load_scan()
         ident = self.scan.identity
         self.status.session, self.status.number, self.status.name = (
             ident["session"], ident["number"], ident["name"])
         previous = writer_status.read(self.service.redis, self.scan_key)
         self._wait_for(ScanState.PREPARED)
-        if self.scan.info.get("save") is False:  # the acquisition asked for no file
+        skip = self._skip_reason()
+        if skip:
             self.status.state = "skipped"
+            self.status.warn(skip)
             writer_status.publish(self.service.redis, self.status)
-            log.info("scan %s %s:%s %s: not saved (\"save\": false in its info)",
-                     self.scan_key, ident["session"], ident["number"], ident["name"])
+            log.info("scan %s %s:%s %s: not saved (%s)",
+                     self.scan_key, ident["session"], ident["number"], ident["name"], skip)
             return
         self.status.expected_points = self.scan.info.get("npoints")
         layout = self._plan()
@@ -149,6 +154,36 @@ class ScanWriter(threading.Thread):
         self._open_entry(layout, previous)
         self._stream_data()
         self._finalize()
+
+    # ---- what another protocol (writer/blissdata2.py) does its own way ------------------
+    def _load_scan(self):
+        return self.service.store.load_scan(self.scan_key)
+
+    def _skip_reason(self) -> str | None:
+        if self.scan.info.get("save") is False:  # the acquisition asked for no file
+            return '"save": false in its info'
+        return None
+
+    def _new_entry(self, h5, layout):
+        ranks = {n: 1 + len(s.definition.shape) for n, s in self.scan.streams.items()}
+        return write_entry(h5, self.entry_name, layout, self.scan.info, ranks)
+
+    def _write_header_note(self) -> None:
+        writer_status.write_header_note(self.entry, self.scan, self.dataset_paths)
+
+    def _dataset_parent(self, path: str):
+        return stream_dataset_parent(self.entry, path)
+
+    def _info_updated(self) -> None:
+        """The scan's info was reloaded (a state change) while writing."""
+        start_time = self.scan.info.get("start_time")
+        if start_time and "start_time" not in self.entry:
+            with self.file.lock:
+                self.entry["start_time"] = str(start_time)
+
+    def _end_failed_entry(self, end_reason: str) -> None:
+        if "end_reason" not in self.entry:
+            finalize_entry(self.entry, self.scan.info, end_reason)
 
     def _wait_for(self, state: ScanState) -> None:
         while self.scan.state < state:
@@ -226,11 +261,10 @@ class ScanWriter(threading.Thread):
                 self.entry = h5[self.entry_name]
                 self._check_entry_is_ours()
             else:
-                ranks = {n: 1 + len(s.definition.shape) for n, s in self.scan.streams.items()}
-                self.entry = write_entry(h5, self.entry_name, layout, self.scan.info, ranks)
+                self.entry = self._new_entry(h5, layout)
                 writer_status.write_note(self.entry, self.status)
             self._create_appenders(layout, resume=resuming)
-            writer_status.write_header_note(self.entry, self.scan, self.dataset_paths)
+            self._write_header_note()
             h5.flush()
         log.info("scan %s %s:%s %s -> %s::/%s%s", self.scan_key, self.scan.session,
                  self.scan.number, self.scan.name, self.file_path, self.entry_name,
@@ -266,7 +300,7 @@ class ScanWriter(threading.Thread):
         durable = self._durable_points() if resume else {}
         for node in layout.streams:
             definition: StreamDefinition = self.scan.streams[node.stream].definition
-            group, name = stream_dataset_parent(self.entry, node.path)
+            group, name = self._dataset_parent(node.path)
             if node.stream in self.appenders:  # the same stream at a second place
                 if name not in group and definition.encoding == "references":
                     # its virtual dataset is rebuilt at each flush: link by path
@@ -354,7 +388,8 @@ class ScanWriter(threading.Thread):
                         for name, view in views.items():
                             self._append(name, view)
                     dirty = True
-                idle = not views
+                # a pause of the producer, and not too soon after the last flush
+                idle = not views and now - last_flush >= self.idle_flush_after_s
                 if dirty and (idle or now - last_flush >= half_lag or self._over_budget()):
                     dirty = not self._flush()  # not published (Redis full): again soon
                     last_flush = now
@@ -475,10 +510,7 @@ class ScanWriter(threading.Thread):
         self._check_alive()
         if self.scan.update(block=False):
             self._event()
-            start_time = self.scan.info.get("start_time")
-            if start_time and "start_time" not in self.entry:
-                with self.file.lock:
-                    self.entry["start_time"] = str(start_time)
+            self._info_updated()
         self._check_definitions()
 
     def _check_definitions(self, final: bool = False) -> None:
@@ -552,9 +584,7 @@ class ScanWriter(threading.Thread):
                     durable = {n: a.flush() for n, a in self.appenders.items()}
                     self.status.points = durable
                     writer_status.write_note(self.entry, self.status)
-                    if "end_reason" not in self.entry:
-                        end = "DELETION" if "deleted" in reason else "FAILURE"
-                        finalize_entry(self.entry, self.scan.info, end)
+                    self._end_failed_entry("DELETION" if "deleted" in reason else "FAILURE")
                     self.file.h5.flush()
                 kept = f"; {sum(durable.values())} points kept in {self.file_path}"
             except Exception as exc:  # the disk may be the problem: keep what is there

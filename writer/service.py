@@ -24,9 +24,17 @@ from .scan_writer import ScanWriter
 log = logging.getLogger("blisswriter")
 
 
+PROTOCOLS = ("native", "blissdata2")  # blissdata2: scans of ESRF's blissdata 2.x (BLISS)
+
+
 class WriterService:
-    def __init__(self, config: WriterConfig):
+    def __init__(self, config: WriterConfig, protocols=("native",)):
         self.config = config
+        unknown = set(protocols) - set(PROTOCOLS)
+        if unknown or not protocols:
+            raise ValueError(f"protocols {sorted(unknown) or '(none)'}: each must be one of "
+                             f"{', '.join(PROTOCOLS)}")
+        self.protocols = tuple(protocols)
         # big socket reads: frames arrive in MiB-sized entries
         self.store = DataStore(config.redis_url, socket_read_size=1 << 20)
         self.redis = self.store.redis
@@ -91,13 +99,13 @@ class WriterService:
             log.info("scan %s: taking it over from writer %s", scan_key, previous.writer)
         return self.start_scan(scan_key)
 
-    def start_scan(self, scan_key: str) -> bool:
+    def start_scan(self, scan_key: str, writer_class=ScanWriter) -> bool:
         """Start writing a scan whose lease this writer holds (claim() takes it)."""
         with self._writers_lock:
             if scan_key in self.writers or self._stop.is_set():
                 self.writer_pool.release(scan_key)
                 return False
-            writer = ScanWriter(self, scan_key)
+            writer = writer_class(self, scan_key)
             self.writers[scan_key] = writer
             self.metrics.scans_active.set(len(self.writers))
             self.metrics.scans_held.set(len(self.writer_pool.scans))
@@ -177,10 +185,19 @@ class WriterService:
         for attempt in self._retrying():
             with attempt:
                 self.writer_pool.start()
-                since = self._current_end()
-                resumed = self.resume_unfinished()
-                if resumed:
-                    log.info("resuming %d unfinished scan(s)", resumed)
+                if "native" in self.protocols:
+                    since = self._current_end()
+                    resumed = self.resume_unfinished()
+                    if resumed:
+                        log.info("resuming %d unfinished scan(s)", resumed)
+        if "blissdata2" in self.protocols:
+            from .blissdata2 import Bliss2Follower
+
+            Bliss2Follower(self, self._stop).start()
+        if "native" not in self.protocols:
+            self._stop.wait()
+            self._shutdown()
+            return
         last_memory_check = last_sweep = 0.0
         while not self._stop.is_set():
             if time.monotonic() - last_memory_check > 5:

@@ -1,0 +1,880 @@
+"""Follow and write scans published by ESRF's blissdata 2.x (what BLISS uses), as
+blisswriter 3.0.0 writes them: the file(s) and tree named in ``scan.info["h5maps"]``.
+
+Read from the source of PyPI ``blissdata==2.4.5`` (redis_engine/store.py, scan.py,
+streams/event_stream.py, streams/encoding/{numeric,json}.py, h5map/{data_items,hdf5_items}.py)
+and ``blisswriter==3.0.0`` (scan_writer.py, stream_writers.py, json_h5_utils.py). Both share
+the import name ``blissdata`` with this project, so this module speaks the protocol with
+redis-py directly and never imports them.
+
+The protocol (blissdata 2.4.5, ``_PROTOCOL_VERSION_`` = 1; needs RedisJSON + RediSearch):
+
+- ``_SCAN_HISTORY_``: a stream, one entry ``{key: <scan key>}`` per created scan.
+- ``<prefix>:scan:<pk>`` (prefix ``esrf``): a RedisJSON document ``{pk, id: {name, number,
+  data_policy, session, proposal, collection, dataset, path}, info, state_stream: {pk},
+  data_streams: {name: {pk, encoding, info}}}``. A key whose TTL is 0-10 s is deleted.
+- ``<prefix>:stream:<pk>``: Redis streams. The state stream's entries are ``{state: 0..4}``
+  (CREATED, PREPARED, STARTED, STOPPED, CLOSED). A data stream's entry ``<first index>-1``
+  holds ``payload`` (and ``len`` when it has more than one point); the seal is the entry
+  ``2**64-1 - 2**64-1`` with ``{id: <total points>}``.
+- encodings: ``{"type": "numeric", "dtype_str": "<f8", "shape": [...]}`` (payload = the C
+  order bytes of ``len`` points; with a -1 in shape, msgpack ``[point shape, bytes]``), and
+  ``{"type": "json"}`` (one JSON value per entry).
+- ``info["h5maps"]``: ``{absolute file path: h5map Group}``; info may change only at
+  PREPARED and at CLOSED (blissdata asserts it), so the final h5maps is applied at the end.
+
+A scan without ``path`` or ``h5maps`` is skipped (as blisswriter 3.0.0 does). What this
+version cannot write (another encoding, a stream plugin such as lima, a virtual dataset,
+an unknown node or data item type, streams in another file than the scan's own) fails the
+scan with a reason naming it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import logging
+import re
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import h5py
+import numpy as np
+import redis
+
+from blissdata import ScanNotFoundError, ScanState
+from blissdata.exceptions import LeaseLostError
+from blissdata.encoding import StreamDefinition
+
+from . import status as writer_status
+from .nexus_skeleton import stream_dataset_parent
+from .paths import check_link_target, resolve_scan_file
+from .scan_writer import ScanFailed, ScanWriter
+
+log = logging.getLogger("blisswriter")
+
+BLISSDATA_VERSION = "2.4.5"  # the version this module was read from
+PROTOCOL_KEY = "_PROTOCOL_VERSION_"
+PROTOCOL_VERSION = 1
+SCAN_HISTORY = "_SCAN_HISTORY_"
+SEAL_ID = 2**64 - 1
+SEAL_ENTRY = f"{SEAL_ID}-{SEAL_ID}"
+DELETED_TTL_S = 10  # blissdata deletes a scan by giving its keys a TTL of 10 s
+DURABLE_TTL_S = 7 * 24 * 3600
+JOIN_BYTES = 1 << 20  # small points read together are appended as one array
+
+
+_MARK_DURABLE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return redis.error_reply('LEASELOST') end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+class Bliss2Error(ScanFailed):
+    """This blissdata 2 scan cannot be written as published; the message says why."""
+
+
+def durable_key(scan_key: str) -> str:
+    """This writer's watermarks (its own key: blissdata 2 has none for them)."""
+    return f"blisswriter:bliss2:{scan_key}:durable"
+
+
+def is_bliss2_redis(client: redis.Redis) -> bool:
+    return client.get(PROTOCOL_KEY) is not None
+
+
+# ---- msgpack, the little that blissdata 2 uses: [shape list, bytes] ---------------------
+def _unpack(buf: bytes, pos: int = 0):
+    """Decode one msgpack value at `pos`: (value, next pos). Arrays, ints, bin, str."""
+    b = buf[pos]
+    if b <= 0x7F:
+        return b, pos + 1
+    if b >= 0xE0:
+        return b - 0x100, pos + 1
+    if 0x90 <= b <= 0x9F or b in (0xDC, 0xDD):
+        if b <= 0x9F:
+            n, pos = b & 0x0F, pos + 1
+        else:
+            size = 2 if b == 0xDC else 4
+            n, pos = int.from_bytes(buf[pos + 1:pos + 1 + size], "big"), pos + 1 + size
+        items = []
+        for _ in range(n):
+            item, pos = _unpack(buf, pos)
+            items.append(item)
+        return items, pos
+    ints = {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q",
+            0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q"}
+    if b in ints:
+        fmt = ints[b]
+        return struct.unpack_from(fmt, buf, pos + 1)[0], pos + 1 + struct.calcsize(fmt)
+    lengths = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}
+    if b in lengths or 0xA0 <= b <= 0xBF:
+        if 0xA0 <= b <= 0xBF:
+            n, pos = b & 0x1F, pos + 1
+        else:
+            size = lengths[b]
+            n, pos = int.from_bytes(buf[pos + 1:pos + 1 + size], "big"), pos + 1 + size
+        raw = buf[pos:pos + n]
+        return (raw.decode() if b not in (0xC4, 0xC5, 0xC6) else raw), pos + n
+    raise ValueError(f"msgpack byte 0x{b:02x} is not one blissdata {BLISSDATA_VERSION} writes")
+
+
+# ---- streams --------------------------------------------------------------------------
+def _definition(name: str, model: dict) -> StreamDefinition:
+    """The native definition of a blissdata 2 stream; Bliss2Error for what we cannot read."""
+    encoding = model.get("encoding") or {}
+    info = model.get("info") or {}
+    if not isinstance(info, dict):
+        info = {}
+    kind = encoding.get("type") if isinstance(encoding, dict) else None
+    plugin = info.get("plugin") or {"lima_v1": "lima", "lima_v2": "lima2",
+                                    "subscan": "scan_sequence"}.get(info.get("format", ""))
+    if plugin not in (None, "hdf5_fallback"):
+        raise Bliss2Error(f"stream {name!r}: blissdata plugin {plugin!r} (lima, lima2: frames "
+                          "in a detector's own files; scan_sequence: subscans) is not written "
+                          "by this writer version")
+    if kind == "numeric":
+        try:
+            dtype = np.dtype(encoding["dtype_str"])
+            shape = tuple(int(d) for d in encoding.get("shape") or ())
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Bliss2Error(f"stream {name!r}: numeric encoding {encoding} unreadable: "
+                              f"{exc}") from None
+        if dtype.kind not in "biufc":
+            raise Bliss2Error(f"stream {name!r}: dtype {dtype} is not numeric")
+        return StreamDefinition(name=name, encoding="numeric", dtype=dtype.str, shape=shape,
+                                info=info)
+    if kind == "json":
+        return StreamDefinition(name=name, encoding="json", info=info)
+    raise Bliss2Error(f"stream {name!r}: encoding {encoding!r} is not one blissdata "
+                      f"{BLISSDATA_VERSION} defines (numeric, json)")
+
+
+class Bliss2Stream:
+    """One data stream of a blissdata 2 scan, with the surface the scan writer uses."""
+
+    def __init__(self, scan: "Bliss2Scan", name: str, key: str, model: dict):
+        self.scan, self.name, self.key, self.model = scan, name, key, model
+        self._definition: StreamDefinition | None = None
+        self._error: str | None = None
+        try:
+            self._definition = _definition(name, model)
+        except Bliss2Error as exc:
+            self._error = str(exc)
+
+    @property
+    def definition(self) -> StreamDefinition:
+        if self._definition is None:
+            raise Bliss2Error(self._error)
+        return self._definition
+
+    def __len__(self) -> int:
+        last = self.scan.client.xrevrange(self.key, count=1)
+        if not last:
+            return 0
+        entry_id, fields = last[0]
+        if entry_id.decode() == SEAL_ENTRY:
+            return int(fields[b"id"])
+        return int(entry_id.split(b"-")[0]) + int(fields.get(b"len", 1))
+
+    def decode(self, payload: bytes, count: int):
+        """One entry's points: an array (n, *shape), or a list (varying shapes, json)."""
+        d = self.definition
+        if d.encoding == "json":
+            return [json.loads(payload)]
+        dtype = np.dtype(d.dtype)
+        if d.varying:
+            (shape, raw), _ = _unpack(payload)
+            arr = np.frombuffer(raw, dtype=dtype).reshape((count, *shape))
+            return list(arr)
+        return np.frombuffer(payload, dtype=dtype).reshape((count, *d.shape))
+
+    @property
+    def file_backing(self) -> dict | None:
+        raw = self.scan.client.hget(durable_key(self.scan.key), self.name)
+        return json.loads(raw) if raw else None
+
+
+@dataclass
+class View:
+    """Points read from one stream: `index` of the first, `parts` one piece per entry."""
+    index: int
+    parts: list
+
+    def __len__(self):
+        return sum(len(p) for p in self.parts)
+
+
+class Cursor:
+    """Reads many streams of a scan with one blocking XREAD; `ended` = sealed and read."""
+
+    def __init__(self, streams: list[Bliss2Stream], start: dict[str, int]):
+        self.streams = {s.name: s for s in streams}
+        self.client = streams[0].scan.client if streams else None
+        self.ended: set[str] = set()
+        self._next = {s.name: int(start.get(s.name, 0)) for s in streams}
+        self._since = {}
+        for s in streams:
+            self._since[s.name] = self._entry_holding(s, self._next[s.name])
+
+    def _entry_holding(self, stream: Bliss2Stream, index: int) -> str:
+        """XREAD position just before the entry that holds point `index`."""
+        if index <= 0:
+            return "0-0"
+        found = self.client.xrevrange(stream.key, max=f"{index}-1", count=1)
+        if not found:
+            return "0-0"
+        return f"{int(found[0][0].split(b'-')[0])}-0"
+
+    def read(self, block: bool = True, timeout: float | None = None, count: int = 64):
+        open_streams = {self.streams[n].key: n for n in self.streams if n not in self.ended}
+        if not open_streams:
+            return {}
+        block_ms = None if not block else (0 if timeout is None else max(1, int(timeout * 1e3)))
+        reply = self.client.xread({k: self._since[n] for k, n in open_streams.items()},
+                                  count=count, block=block_ms)
+        views = {}
+        for key, entries in reply or []:
+            name = open_streams[key.decode() if isinstance(key, bytes) else key]
+            view = self._consume(name, entries)
+            if view is not None:
+                views[name] = view
+        return views
+
+    def _consume(self, name: str, entries) -> View | None:
+        stream = self.streams[name]
+        start = self._next[name]
+        parts = []
+        for entry_id, fields in entries:
+            self._since[name] = entry_id.decode()
+            if self._since[name] == SEAL_ENTRY:
+                total = int(fields[b"id"])
+                if total != self._next[name]:
+                    raise Bliss2Error(f"stream {name!r}: sealed at {total} points, "
+                                      f"{self._next[name]} read")
+                self.ended.add(name)
+                break
+            first = int(entry_id.split(b"-")[0])
+            count = int(fields.get(b"len", 1))
+            if first > self._next[name]:
+                raise Bliss2Error(f"stream {name!r}: points {self._next[name]} to {first - 1} "
+                                  f"are no longer in Redis (trimmed before being written)")
+            skip = self._next[name] - first
+            if skip >= count:
+                continue
+            try:
+                points = stream.decode(fields[b"payload"], count)
+            except (ValueError, KeyError) as exc:
+                raise Bliss2Error(f"stream {name!r}: entry {entry_id.decode()} cannot be "
+                                  f"decoded: {exc}") from None
+            parts.append(points[skip:] if skip else points)
+            self._next[name] = first + count
+        if not parts:
+            return None
+        if len(parts) > 1 and isinstance(parts[0], np.ndarray) and \
+                sum(p.nbytes for p in parts) <= JOIN_BYTES:
+            # blissdata 2 sends counters one point per entry: one append, not one per point
+            parts = [np.concatenate(parts)]
+        return View(start, parts)
+
+
+# ---- scans ----------------------------------------------------------------------------
+class Bliss2Scan:
+    """A blissdata 2 scan with the surface of a native Scan that the scan writer uses."""
+
+    def __init__(self, client: redis.Redis, key: str):
+        self.client, self.key = client, key
+        self.prefix = key.rsplit(":scan:", 1)[0]
+        self._check_exists()
+        self._doc = self._load_doc()
+        last = client.xrevrange(self._state_key, count=1)
+        if not last:
+            raise ScanNotFoundError(f"blissdata 2 scan {key}: no state stream")
+        self._state_id = last[0][0]
+        self.state = ScanState(int(last[0][1][b"state"]))
+        # the producer saves the document, then adds the state (one transaction): the
+        # document read after the state is at least as new as it
+        self._doc = self._load_doc()
+        self._streams: dict[str, Bliss2Stream] = {}
+        self._refresh_streams()
+
+    def _check_exists(self) -> None:
+        ttl = self.client.ttl(self.key)
+        if ttl == -2 or 0 <= ttl <= DELETED_TTL_S:
+            raise ScanNotFoundError(f"blissdata 2 scan {self.key} was deleted from Redis")
+
+    def _load_doc(self) -> dict:
+        raw = self.client.execute_command("JSON.GET", self.key)
+        if raw is None:
+            raise ScanNotFoundError(f"blissdata 2 scan {self.key} not found")
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or not isinstance(doc.get("info"), dict):
+            raise Bliss2Error(f"blissdata 2 scan {self.key}: its JSON document has no info")
+        return doc
+
+    @property
+    def _state_key(self) -> str:
+        return f"{self.prefix}:stream:{self._doc['state_stream']['pk']}"
+
+    def _refresh_streams(self) -> None:
+        for name, model in (self._doc.get("data_streams") or {}).items():
+            if name not in self._streams:
+                key = f"{self.prefix}:stream:{model['pk']}"
+                self._streams[name] = Bliss2Stream(self, name, key, model)
+
+    @property
+    def identity(self) -> dict:
+        ident = dict(self._doc.get("id") or {})
+        ident.setdefault("session", None)
+        ident["session"] = ident["session"] or ""
+        return ident
+
+    @property
+    def info(self) -> dict:
+        return self._doc["info"]
+
+    session = property(lambda self: self.identity["session"])
+    name = property(lambda self: self.identity.get("name"))
+    number = property(lambda self: self.identity.get("number"))
+    path = property(lambda self: self.identity.get("path"))
+
+    @property
+    def streams(self) -> dict[str, Bliss2Stream]:
+        return dict(self._streams)
+
+    @property
+    def redefined(self) -> dict:
+        """Streams redeclared mid-scan: none (blissdata 2 fixes them at PREPARED)."""
+        return {}
+
+    def update(self, block: bool = True, timeout: float | None = None) -> bool:
+        self._check_exists()
+        if self.state == ScanState.CLOSED:
+            return False
+        block_ms = None if not block else (0 if timeout is None else max(1, int(timeout * 1e3)))
+        reply = self.client.xread({self._state_key: self._state_id}, block=block_ms)
+        if not reply:
+            return False
+        last_id, fields = reply[0][1][-1]
+        self._state_id = last_id
+        self.state = ScanState(int(fields[b"state"]))
+        self._doc = self._load_doc()
+        self._refresh_streams()
+        return True
+
+    def cursor(self, names, start=0, raw_chunks=False) -> Cursor:
+        starts = start if isinstance(start, dict) else {n: start for n in names}
+        return Cursor([self._streams[n] for n in names], starts)
+
+
+# ---- h5map ----------------------------------------------------------------------------
+_DTYPE = re.compile(r"^(bool|(int|uint)(8|16|32|64)|float(16|32|64|128)|complex(64|128|256))$")
+_BINARY_DTYPE = re.compile(r"^(\|?[iub]1|[><]([iuf][248]|[fc](8|16)|c32))$")
+H5_TYPES = ("group", "dataset", "external_binary_dataset", "soft_link", "external_link",
+            "virtual_dataset")
+
+
+@dataclass
+class Node:
+    """One h5map node: kind is group, static, stream, soft_link, external_link or
+    external_binary; raw is its JSON (to tell what changed at the end of the scan)."""
+    kind: str
+    path: str
+    raw: object
+    attrs: dict = field(default_factory=dict)
+    children: dict = field(default_factory=dict)
+    value: object = None  # static: the array to write; stream: the stream name; links: target
+
+
+def _vlen_strings(array: np.ndarray):
+    """Strings as blissdata's InlineRaw.decode() gives them to h5py: variable length."""
+    return np.vectorize(lambda x: x.encode(),
+                        otypes=[np.dtype("O", metadata={"vlen": str})])(array)
+
+
+def _raw_value(value, where: str):
+    """blissdata.h5map.InlineRaw: JSON scalars/lists -> int64, float64, bool or str."""
+    try:
+        array = np.asarray(value)
+    except ValueError as exc:
+        raise Bliss2Error(f"{where}: value is not a regular array: {exc}") from None
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise Bliss2Error(f"{where}: non-finite values need an 'inline' item")
+        return array.astype(np.float64)
+    if array.dtype.kind in "iu":
+        return array.astype(np.int64)
+    if array.dtype.kind == "b":
+        return array
+    if array.dtype.kind == "U":
+        return _vlen_strings(array)
+    raise Bliss2Error(f"{where}: value {value!r:.60} is not numbers, booleans or strings")
+
+
+def decode_item(item, where: str):
+    """A blissdata.h5map data item (not a stream) -> what h5py writes, as blisswriter."""
+    kind = item.get("type") if isinstance(item, dict) else None
+    if not isinstance(item, dict):
+        if item is None:
+            raise Bliss2Error(f"{where}: null is not a value")
+        return _raw_value(item, where)
+    try:
+        if kind == "inline":
+            if not _DTYPE.match(str(item["dtype"])):
+                raise Bliss2Error(f"{where}: inline dtype {item['dtype']!r} is not a number type")
+            return np.array(item["value"], dtype=item["dtype"])
+        if kind == "inline_b64":
+            if not _BINARY_DTYPE.match(str(item["dtype"])):
+                raise Bliss2Error(f"{where}: inline_b64 dtype {item['dtype']!r} not accepted")
+            value = np.frombuffer(base64.b64decode(item["value"]), dtype=item["dtype"])
+            return value.reshape(item["shape"]) if item.get("shape") is not None else value
+        if kind == "compound":
+            columns = [(name, decode_item(col, f"{where}[{name}]"))
+                       for name, col in item["columns"]]
+            return np.rec.fromarrays([c for _, c in columns],
+                                     names=[n for n, _ in columns]).view(np.ndarray)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise Bliss2Error(f"{where}: {kind} item {json.dumps(item)[:80]} is malformed: "
+                          f"{type(exc).__name__}: {exc}") from None
+    raise Bliss2Error(f"{where}: data item type {kind!r} is not one blissdata "
+                      f"{BLISSDATA_VERSION} defines (inline, inline_b64, compound, stream, "
+                      "or a JSON value)")
+
+
+def _attrs(raw, where: str) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise Bliss2Error(f"{where}: attributes must be a JSON object")
+    return {k: decode_item(v, f"{where}@{k}") for k, v in raw.items()}
+
+
+def parse_node(raw, path: str = "/") -> Node:
+    """Check and decode an h5map node (and below); Bliss2Error names the path."""
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind == "group":
+        children = raw.get("children") or {}
+        if not isinstance(children, dict):
+            raise Bliss2Error(f"{path}: group children must be a JSON object")
+        node = Node("group", path, raw, _attrs(raw.get("attributes"), path))
+        for name, child in children.items():
+            if not name or "/" in name:
+                raise Bliss2Error(f"{path}: child name {name!r} is not an HDF5 name")
+            node.children[name] = parse_node(child, str(PurePosixPath(path) / name))
+        return node
+    if kind in ("soft_link", "external_link"):
+        try:
+            target = (raw["target_path"] if kind == "soft_link"
+                      else (raw["target_file"], raw["target_path"]))
+        except KeyError as exc:
+            raise Bliss2Error(f"{path}: {kind} without {exc}") from None
+        return Node(kind, path, raw, value=target)
+    if kind == "external_binary_dataset":
+        try:
+            files = [(f["name"], int(f["offset"]),
+                      h5py.h5f.UNLIMITED if f.get("size") is None else int(f["size"]))
+                     for f in raw["files"]]
+            value = (np.dtype(raw["dtype"]), tuple(raw["shape"]), files)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Bliss2Error(f"{path}: external_binary_dataset malformed: {exc}") from None
+        return Node(kind, path, raw, _attrs(raw.get("attributes"), path), value=value)
+    if kind == "virtual_dataset":
+        raise Bliss2Error(f"{path}: virtual_dataset nodes are not written by this writer "
+                          "version (blisswriter 3.0.0 skips them too)")
+    # a dataset: {"type": "dataset", "attributes", "value"}, {"attributes", "value"}, or
+    # its value alone (a JSON value or a data item)
+    if isinstance(raw, dict) and kind in (None, "dataset"):
+        if "value" not in raw:
+            raise Bliss2Error(f"{path}: dataset without a value")
+        attrs, value = _attrs(raw.get("attributes"), path), raw["value"]
+    else:
+        attrs, value = {}, raw
+    if isinstance(value, dict) and value.get("type") == "stream":
+        if not isinstance(value.get("stream"), str):
+            raise Bliss2Error(f"{path}: stream item without a stream name")
+        return Node("stream", path, raw, attrs, value=value["stream"])
+    if isinstance(value, dict) and value.get("type") in H5_TYPES:
+        raise Bliss2Error(f"{path}: a {value['type']} cannot be a dataset's value")
+    if isinstance(value, dict) and value.get("type") not in (
+            None, "inline", "inline_b64", "compound"):
+        raise Bliss2Error(f"{path}: node type {value.get('type')!r} is not one blissdata "
+                          f"{BLISSDATA_VERSION} defines ({', '.join(H5_TYPES)})")
+    return Node("static", path, raw, attrs, value=decode_item(value, path))
+
+
+def iter_nodes(node: Node):
+    yield node
+    for child in node.children.values():
+        yield from iter_nodes(child)
+
+
+@dataclass
+class StreamNode:
+    """Where a stream goes (what scan_writer's layout.streams holds)."""
+    stream: str
+    path: str
+    attrs: dict
+
+
+@dataclass
+class H5MapLayout:
+    file: str
+    root: Node
+    entry_name: str
+    streams: list
+    others: dict = field(default_factory=dict)  # other files: path -> root (static only)
+    external_links: list = field(default_factory=list)
+
+
+def _parse_root(file: str, raw) -> Node:
+    if not isinstance(raw, dict) or raw.get("type", "group") != "group":
+        raise Bliss2Error(f"h5maps[{file}]: the root must be a group")
+    try:
+        return parse_node({**raw, "type": "group"})
+    except Bliss2Error as exc:
+        raise Bliss2Error(f"h5maps[{file}] {exc}") from None
+
+
+def plan(info: dict, stream_names: set, scan_path: str | None = None) -> H5MapLayout:
+    """The layout of a scan from ``info["h5maps"]``; Bliss2Error names what is wrong.
+
+    The scan's own file (its identity's path if h5maps names it, else the file with the
+    streams, else the first) gets the streams; other files (master files linking to it, say)
+    hold static nodes and links only."""
+    h5maps = info.get("h5maps")
+    if not isinstance(h5maps, dict) or not h5maps:
+        raise Bliss2Error("info has no h5maps")
+    roots = {file: _parse_root(file, raw) for file, raw in h5maps.items()}
+    with_streams = [f for f, r in roots.items()
+                    if any(n.kind == "stream" for n in iter_nodes(r))]
+    if scan_path in roots:
+        file = scan_path
+    elif with_streams:
+        file = with_streams[0]
+    else:
+        file = next(iter(roots))
+    for other in with_streams:
+        if other != file:
+            node = next(n for n in iter_nodes(roots[other]) if n.kind == "stream")
+            raise Bliss2Error(f"h5maps[{other}] {node.path}: streams are written to the "
+                              f"scan's own file ({file}) only by this writer version")
+    root = roots.pop(file)
+    groups = [n for n, c in root.children.items() if c.kind == "group"]
+    if not groups:
+        raise Bliss2Error(f"h5maps[{file}]: no top-level group to hold the scan")
+    streams = []
+    for node in iter_nodes(root):
+        if node.kind == "stream":
+            if node.value not in stream_names:
+                raise Bliss2Error(f"h5maps[{file}] {node.path}: stream {node.value!r} is not "
+                                  f"a stream of the scan")
+            streams.append(StreamNode(node.value, node.path, node.attrs))
+    return H5MapLayout(file, root, groups[0], streams, others=roots)
+
+
+def write_static(parent: h5py.Group, name: str, node: Node, check_file) -> None:
+    """Write a node and what is below it, streams aside (json_h5_utils.save_h5_item)."""
+    if node.kind == "group":
+        group = parent.require_group(name) if name else parent
+        group.attrs.update(node.attrs)
+        for child_name, child in node.children.items():
+            write_static(group, child_name, child, check_file)
+    elif node.kind == "static":
+        dset = parent.create_dataset(name, data=node.value)
+        dset.attrs.update(node.attrs)
+    elif node.kind == "soft_link":
+        parent[name] = h5py.SoftLink(node.value)
+    elif node.kind == "external_link":
+        check_file(node.value[0])
+        parent[name] = h5py.ExternalLink(*node.value)
+    elif node.kind == "external_binary":
+        dtype, shape, files = node.value
+        for f in files:
+            check_file(f[0])
+        dset = parent.create_dataset(name, shape=shape, dtype=dtype, external=files)
+        dset.attrs.update(node.attrs)
+
+
+def write_missing(parent: h5py.Group, name: str, node: Node, check_file) -> None:
+    """write_static, keeping what the file has already (a master file holds the entries of
+    other scans; a resumed scan wrote its part before)."""
+    if node.kind == "group":
+        group = parent.require_group(name) if name else parent
+        group.attrs.update(node.attrs)
+        for child_name, child in node.children.items():
+            write_missing(group, child_name, child, check_file)
+    elif name not in parent:
+        write_static(parent, name, node, check_file)
+
+
+def stamp_root(h5: h5py.File) -> None:
+    """The root attributes blisswriter 3.0.0 sets (not part of the h5map)."""
+    now = datetime.datetime.now().astimezone().isoformat()
+    for key, value in (("HDF5_Version", h5py.version.hdf5_version),
+                       ("h5py_version", h5py.version.version), ("file_time", now)):
+        if key not in h5.attrs:
+            h5.attrs[key] = value
+    h5.attrs["file_update_time"] = now
+
+
+def apply_final(h5: h5py.File, before: Node, after: Node, check_file, warn) -> None:
+    """The h5map as it is at CLOSED: what appeared is written, what went away is removed,
+    what changed is rewritten; stream datasets keep their place (their attributes follow)."""
+    def walk(old: Node | None, new: Node | None, path: str):
+        if old is not None and new is not None and old.raw == new.raw:
+            return
+        parent_path, name = path.rsplit("/", 1) if path != "/" else ("", "")
+        parent = h5[parent_path or "/"]
+        if new is not None and new.kind == "stream" or old is not None and old.kind == "stream":
+            if old is None or new is None or old.kind != new.kind or old.value != new.value:
+                warn(f"{path}: a stream's place cannot change at the end of the scan; kept")
+            elif path in h5:
+                h5[path].attrs.update(new.attrs)
+            return
+        if new is None:
+            if name in parent:
+                del parent[name]
+            return
+        if old is not None and old.kind == new.kind == "group":
+            group = h5[path]
+            for key in set(old.attrs) - set(new.attrs):
+                if key in group.attrs:
+                    del group.attrs[key]
+            group.attrs.update(new.attrs)
+            for child in set(old.children) | set(new.children):
+                walk(old.children.get(child), new.children.get(child),
+                     f"{path.rstrip('/')}/{child}")
+            return
+        if name and name in parent:
+            del parent[name]
+        write_static(parent, name, new, check_file)
+
+    walk(before, after, "/")
+
+
+# ---- the scan writer ------------------------------------------------------------------
+class Bliss2ScanWriter(ScanWriter):
+    """The scan writer on a blissdata 2 scan: the file and tree come from h5maps."""
+
+    protocol = "blissdata2"
+    # blissdata 2 sends a point per stream per entry (no batching across streams): at 50 Hz
+    # the producer "pauses" between every point; flushing each time costs more than it gains
+    idle_flush_after_s = 0.2
+
+    def run(self) -> None:
+        # this thread compresses only small pieces (partial chunks; full ones go to the pool):
+        # an OpenMP team per call costs more than it gains, above all on a busy machine
+        from blissdata import bslz4
+
+        bslz4.set_openmp_threads(1)
+        super().run()
+
+    def _mark_durable(self, durable: dict) -> None:
+        """All watermarks in one round trip (64 counters are 64 streams), only while this
+        writer holds the scan's lease (fencing, as for native scans)."""
+        lease_key, token = self.lease.fence
+        args = [token, DURABLE_TTL_S]
+        for name, points in durable.items():
+            args += [name, json.dumps({"file": str(self.file_path),
+                                       "dataset": self.dataset_paths[name],
+                                       "points": int(points)})]
+        try:
+            self.service.redis.eval(_MARK_DURABLE, 2, durable_key(self.scan_key), lease_key,
+                                    *args)
+        except redis.ResponseError as exc:
+            if "LEASELOST" not in str(exc):
+                raise
+            raise LeaseLostError(f"scan {self.scan_key}: watermarks not published: another "
+                                 "writer holds the scan's lease") from None
+
+    def _load_scan(self):
+        return Bliss2Scan(self.service.redis, self.scan_key)
+
+    def _skip_reason(self) -> str | None:
+        if not self.scan.path:
+            return "no path in the scan identity: not to be saved (as blisswriter 3.0.0)"
+        if not self.scan.info.get("h5maps"):
+            return "no h5maps in the scan info: nothing to write (as blisswriter 3.0.0)"
+        return None
+
+    def _plan(self):
+        layout = plan(self.scan.info, set(self.scan.streams), self.scan.path)
+        for node in layout.streams:
+            self.scan.streams[node.stream].definition  # Bliss2Error names the stream
+        self.file_path = resolve_scan_file(layout.file, self.config.data_roots)
+        for file, root in [(layout.file, layout.root), *layout.others.items()]:
+            resolve_scan_file(file, self.config.data_roots)
+            for node in iter_nodes(root):
+                if node.kind == "external_link":
+                    check_link_target(node.value[0], file, self.config.data_roots)
+                elif node.kind == "external_binary":
+                    for f in node.value[2]:
+                        check_link_target(f[0], file, self.config.data_roots)
+        return layout
+
+    def _write_others(self, roots: dict, before: dict | None = None) -> None:
+        """The static content of the other files of h5maps (master files...): what is not
+        there yet, or at the end (`before`: the roots written first) what changed."""
+        for file, root in roots.items():
+            path = resolve_scan_file(file, self.config.data_roots)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = self.service.files.acquire(path)
+            try:
+                with handle.lock:
+                    def check(target, file=str(path)):
+                        check_link_target(target, file, self.config.data_roots)
+                    if before is not None and file in before:
+                        apply_final(handle.h5, before[file], root, check, self.status.warn)
+                    write_missing(handle.h5, "", root, check)  # also after a resume
+                    stamp_root(handle.h5)
+                    handle.h5.flush()
+            finally:
+                self.service.files.release(handle)
+
+    @property
+    def entry_name(self) -> str:
+        return self.layout.entry_name
+
+    def _new_entry(self, h5, layout):
+        """The h5map's static part, as blisswriter writes it at PREPARED."""
+        if layout.entry_name in h5:
+            raise ScanFailed(f"{layout.entry_name} already exists in {self.file_path}; not "
+                             "overwritten")
+        write_static(h5, "", layout.root, self._check_source)
+        stamp_root(h5)
+        self._write_others(layout.others)
+        return h5[layout.entry_name]
+
+    def _write_header_note(self) -> None:
+        pass  # the scan header note is for native scans (blissdata.archive replays them)
+
+    def _dataset_parent(self, path: str):
+        return stream_dataset_parent(self.file.h5, path)
+
+    def _info_updated(self) -> None:
+        pass  # blissdata 2 info changes only at CLOSED: _finalize applies it
+
+    def _end_failed_entry(self, end_reason: str) -> None:
+        pass  # blisswriter writes no end_reason: the writer_status note says why
+
+    def _finalize(self) -> None:
+        self._wait_for(ScanState.CLOSED)
+        with self.file.lock:
+            h5 = self.file.h5
+            try:
+                final = plan(self.scan.info, set(self.scan.streams), self.scan.path)
+            except Bliss2Error as exc:
+                self.status.warn(f"final h5maps not applied: {exc}")
+            else:
+                if final.file != self.layout.file:
+                    self.status.warn(f"final h5maps names another file ({final.file}); "
+                                     "not written")
+                else:
+                    apply_final(h5, self.layout.root, final.root, self._check_source,
+                                self.status.warn)
+                    stamp_root(h5)
+                    self._write_others(final.others, before=self.layout.others)
+            self.status.state = "done"
+            self.entry = h5[self.entry_name]
+            writer_status.write_note(self.entry, self.status)
+            h5.flush()
+        self._publish_final_status()
+        log.info("scan %s %s:%s done: %d points in %d streams -> %s::/%s (%s)",
+                 self.scan_key, self.scan.session, self.scan.number,
+                 sum(self.status.points.values()), len(self.appenders), self.file_path,
+                 self.entry_name, self.scan.info.get("end_reason"))
+
+
+# ---- following the scans --------------------------------------------------------------
+class Bliss2Follower(threading.Thread):
+    """Follows ``_SCAN_HISTORY_`` and starts a Bliss2ScanWriter per scan of the wanted
+    sessions; at start, resumes the scans a crash interrupted and those still running."""
+
+    def __init__(self, service, stop: threading.Event):
+        super().__init__(name="follow-blissdata2", daemon=True)
+        self.service, self.client, self._stop = service, service.redis, stop
+        self.pending: set[str] = set()  # scans another writer held when offered
+
+    def _identity(self, key: str) -> dict | None:
+        raw = self.client.execute_command("JSON.GET", key, "$.id")
+        found = json.loads(raw) if raw else []
+        return found[0] if found and isinstance(found[0], dict) else None
+
+    def _offer(self, key: str) -> None:
+        """Write the scan if it is of a wanted session and no other writer of the pool has
+        it (the same scan and file leases as native scans; writer/pool.py). A scan whose
+        lease another writer holds is tried again (`pending`): that writer may be dead, its
+        lease then expires (a restart after kill -9)."""
+        self.pending.discard(key)
+        try:
+            identity = self._identity(key)
+        except redis.ResponseError as exc:  # not a JSON document: not a blissdata 2 scan
+            log.warning("blissdata 2 scan %s unreadable: %s", key, exc)
+            return
+        if identity is None or not self.service.wants(identity.get("session") or ""):
+            return
+        if key in self.service.writers:
+            return
+        previous = writer_status.read(self.client, key)
+        if previous is not None and previous.finished:
+            return
+        pool = self.service.writer_pool
+        if pool.acquire(key, identity.get("path") or f"(no path) {key}") is None:
+            self.pending.add(key)  # another writer has it, for now
+            return
+        self.service.start_scan(key, Bliss2ScanWriter)
+
+    def resume(self) -> str:
+        """Start writers for interrupted or running scans; the history position to follow
+        from."""
+        since = "0-0"
+        for entry_id, fields in self.client.xrange(SCAN_HISTORY):
+            since = entry_id.decode()
+            key = fields[b"key"].decode()
+            previous = writer_status.read(self.client, key)
+            if previous is not None:
+                if not previous.finished:
+                    self._offer(key)
+                continue
+            ttl = self.client.ttl(key)
+            if ttl == -2 or 0 <= ttl <= DELETED_TTL_S:
+                continue
+            try:
+                state_pk = json.loads(self.client.execute_command(
+                    "JSON.GET", key, "$.state_stream.pk"))[0]
+            except (redis.ResponseError, TypeError, IndexError):
+                continue
+            prefix = key.rsplit(":scan:", 1)[0]
+            last = self.client.xrevrange(f"{prefix}:stream:{state_pk}", count=1)
+            if last and int(last[0][1][b"state"]) < ScanState.CLOSED:
+                self._offer(key)
+        return since
+
+    def run(self) -> None:
+        since = None
+        last_retry = 0.0
+        while not self._stop.is_set():
+            try:
+                if since is None:
+                    since = self.resume()
+                if self.pending and time.monotonic() - last_retry >= \
+                        self.service.writer_pool.sweep_s:
+                    last_retry = time.monotonic()
+                    for key in list(self.pending):
+                        self._offer(key)
+                reply = self.client.xread({SCAN_HISTORY: since}, block=500, count=64)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("Redis unreachable while following blissdata 2 scans (%s); "
+                            "retrying", exc)
+                self._stop.wait(1.0)
+                continue
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    since = entry_id.decode()
+                    self._offer(fields[b"key"].decode())
