@@ -52,6 +52,7 @@ from blissdata.encoding import StreamDefinition
 
 from . import status as writer_status
 from .nexus_skeleton import stream_dataset_parent
+from .dataset_writer import DatasetAppender
 from .paths import check_link_target, resolve_scan_file
 from .scan_writer import ScanFailed, ScanWriter
 
@@ -666,6 +667,8 @@ class Bliss2ScanWriter(ScanWriter):
     # blissdata 2 sends a point per stream per entry (no batching across streams): at 50 Hz
     # the producer "pauses" between every point; flushing each time costs more than it gains
     idle_flush_after_s = 0.2
+    # varying shapes padded as blisswriter 3.0.0 does, with no dataset of shapes beside
+    varying_appender = DatasetAppender
 
     def run(self) -> None:
         # this thread compresses only small pieces (partial chunks; full ones go to the pool):

@@ -64,6 +64,8 @@ class WriterStopping(Exception):
 class ScanWriter(threading.Thread):
     # flush when the producer pauses, at most this often (another protocol may prefer less)
     idle_flush_after_s = 0.0
+    # points of varying shape: padded, and their shapes in a dataset beside them
+    varying_appender = VaryingPointsAppender
 
     def __init__(self, service, scan_key: str):
         super().__init__(name=f"scan-{scan_key[-9:-1]}", daemon=True)
@@ -317,7 +319,7 @@ class ScanWriter(threading.Thread):
                 appender = ReferencesAppender(group, name, self.file_path, self._check_source,
                                               attrs=node.attrs)
             else:  # points of varying shape: their shapes too, in a dataset beside them
-                kind = VaryingPointsAppender if definition.varying else DatasetAppender
+                kind = self.varying_appender if definition.varying else DatasetAppender
                 appender = kind(
                     group, name, definition.dtype, definition.shape,
                     compression=self.config.compression_for(node.stream),
@@ -338,7 +340,7 @@ class ScanWriter(threading.Thread):
                 return TextAppender.open(dataset)
             if definition.encoding == "references":
                 return ReferencesAppender.open(dataset, self.file_path, self._check_source)
-            kind = VaryingPointsAppender if definition.varying else DatasetAppender
+            kind = self.varying_appender if definition.varying else DatasetAppender
             return kind.open(dataset, executor=self.service.pool,
                              workers=self.config.compression_threads)
         except ValueError as exc:
