@@ -340,12 +340,15 @@ def test_resume_after_kill_9(env, tmp_path):
 
 
 def test_both_protocols_in_one_process(env, tmp_path):
+    """Both in the configuration (`protocols`), one writer process."""
     from blissdata import DataStore
 
     side = Side(env, tmp_path / "data")
     try:
+        config = tmp_path / "writer.toml"
+        config.write_text('protocols = ["native", "blissdata2"]\n')
         side.writer = subprocess.Popen(
-            [sys.executable, "-m", "writer.cli", "run", "--protocol", "native,blissdata2",
+            [sys.executable, "-m", "writer.cli", "run", "--config", str(config),
              "--redis", side.url, "--data-root", str(side.folder)],
             stderr=subprocess.PIPE, text=True)
         time.sleep(1.0)
@@ -372,6 +375,19 @@ def test_both_protocols_in_one_process(env, tmp_path):
 
 
 # ---- bad input, no server needed -----------------------------------------------------
+def test_unknown_protocol_is_refused_naming_it(tmp_path):
+    config = tmp_path / "writer.toml"
+    config.write_text('protocols = ["blissdata3"]\n')
+    done = subprocess.run([sys.executable, "-m", "writer.cli", "run", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "protocols" in done.stderr, done.stderr
+    done = subprocess.run([sys.executable, "-m", "writer.cli", "run", "--protocol", "bliss",
+                           "--redis", "redis://127.0.0.1:1", "--data-root", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "protocols" in done.stderr and "'bliss'" in done.stderr, \
+        done.stderr
+
+
 def test_unknown_encoding_names_the_stream():
     with pytest.raises(Bliss2Error, match="stream 'cam:image': encoding .*'bslz4'"):
         _definition("cam:image", {"encoding": {"type": "bslz4"}, "info": {}})

@@ -19,20 +19,19 @@ from .status_command import MIN_INTERVAL_S, check_interval
 def _run(args) -> int:
     from .service import WriterService
 
+    protocols = ([p.strip() for arg in args.protocol for p in arg.split(",")]
+                 if args.protocol else None)  # checked with the configuration
     try:
         config = load_config(args.config, redis_url=args.redis or os.environ.get("REDIS_URL"),
                              sessions=args.session or None, data_roots=args.data_root or None,
-                             log_level=args.log_level, log_json=args.log_json or None)
+                             log_level=args.log_level, log_json=args.log_json or None,
+                             protocols=protocols)
     except ConfigError as exc:
         print(f"blisswriter: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_json)
-    protocols = [p.strip() for arg in args.protocol or ["native"] for p in arg.split(",")]
     try:
-        service = WriterService(config, protocols=protocols)
-    except ValueError as exc:
-        print(f"blisswriter: --protocol: {exc}", file=sys.stderr)
-        return 2
+        service = WriterService(config)
     except ConnectionError as exc:
         print(f"blisswriter: {exc}", file=sys.stderr)
         return 1
@@ -79,8 +78,9 @@ def main(argv=None) -> int:
                      choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.add_argument("--log-json", action="store_true", help="one JSON object per log line")
     run.add_argument("--protocol", action="append",
-                     help="scans to follow: native (default), blissdata2 (ESRF's blissdata "
-                          "2.x, written from info['h5maps']), or both: native,blissdata2")
+                     help="scans to follow: native (default: the config's protocols), "
+                          "blissdata2 (ESRF's blissdata 2.x, written from info['h5maps']), "
+                          "or both: native,blissdata2")
     run.set_defaults(func=_run)
 
     status = sub.add_parser("status", help="scans being written and recently finished")

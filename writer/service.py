@@ -28,8 +28,9 @@ PROTOCOLS = ("native", "blissdata2")  # blissdata2: scans of ESRF's blissdata 2.
 
 
 class WriterService:
-    def __init__(self, config: WriterConfig, protocols=("native",)):
+    def __init__(self, config: WriterConfig, protocols=None):
         self.config = config
+        protocols = config.protocols if protocols is None else protocols
         unknown = set(protocols) - set(PROTOCOLS)
         if unknown or not protocols:
             raise ValueError(f"protocols {sorted(unknown) or '(none)'}: each must be one of "
