@@ -6,7 +6,7 @@ bench/bench_bliss2.py.
     python bliss2_publish.py REDIS_URL SCENARIO FILE_PATH NUMBER [key=value ...]
 
 Prints the scan key on stdout. Scenarios: scalars, frames, aborted, links, varying,
-fallback, nomap, badnode, bench_frames, bench_counters.
+fallback, lima, lima_nosave, lima_edf, nomap, badnode, bench_frames, bench_counters.
 """
 
 import base64
@@ -197,6 +197,52 @@ def fallback_scan(store, file_path, number, npoints=40, **kw):
     return publish(store, file_path, number, streams, children, batches, **kw)
 
 
+def lima_scan(store, file_path, number, npoints=12, per_file=5, shape=(32, 24),
+              file_format="HDF5BS", saving=True, pace=0.0, lima_dir=None, **kw):
+    """A Lima detector (the lima plugin, lima_v1): the stream carries statuses
+    {last_index, last_index_saved}; the frames are in the detector's own HDF5 files, written
+    here with h5py in the layout the stream declares (`per_file` frames a file)."""
+    import h5py
+    from blissdata.streams.lima import LimaStream
+
+    stem = os.path.splitext(os.path.basename(file_path))[0]
+    folder = os.path.join(lima_dir or os.path.dirname(file_path), f"{stem}_lima")
+    files = {"file_path": os.path.join(folder, "cam_%04d.h5"),
+             "data_path": "/entry_0000/measurement/data", "file_format": file_format,
+             "file_offset": 0, "frames_per_file": per_file}
+    streams = {"cam:image": LimaStream.make_definition(
+        "cam:image", "uint16", list(shape), server_url="id00/limaccds/cam",
+        buffer_max_number=4, frames_per_acquisition=npoints, acquisition_offset=0,
+        saving=files if saving else {}),
+        "timer:epoch": Stream.make_definition("timer:epoch", "float64")}
+    children = {
+        "instrument": Group(attributes={"NX_class": "NXinstrument"}, children={
+            "cam": Group(attributes={"NX_class": "NXdetector"}, children={
+                "data": Dataset(attributes={"interpretation": "image"},
+                                value=StreamItem(stream="cam:image")),
+            })}),
+        "measurement": Group(attributes={"NX_class": "NXcollection"}, children={
+            "cam": SoftLink(target_path=f"/{number}.1/instrument/cam/data"),
+            "epoch": StreamItem(stream="timer:epoch")}),
+    }
+    rng = np.random.default_rng(number)
+    frames = rng.integers(0, 1000, size=(npoints, *shape)).astype(np.uint16)
+    frames[:, 0, 0] = np.arange(npoints)
+    if saving:  # what the Lima server writes
+        os.makedirs(os.path.dirname(files["file_path"]), exist_ok=True)
+        for k in range(0, npoints, per_file):
+            with h5py.File(files["file_path"] % (k // per_file), "w") as f:
+                f[files["data_path"]] = frames[k:k + per_file]
+
+    def batches():
+        for i in range(0, npoints, 3):  # a status every 3 frames, as Lima's polling does
+            last = min(i + 2, npoints - 1)
+            yield {"cam:image": {"last_index": last, "last_index_saved": last},
+                   "timer:epoch": 1.7e9 + np.arange(i, last + 1) * 0.1}
+
+    return publish(store, file_path, number, streams, children, batches(), pace=pace, **kw)
+
+
 def badnode_scan(store, file_path, number, **kw):
     """An h5map with a node this writer version does not know: a virtual dataset."""
     from blissdata.h5map import SpaceSelection, VirtualDataset, VirtualSource
@@ -279,7 +325,9 @@ def main(argv):
         kwargs[k] = eval(v, {})  # test-controlled literals: ints, floats, tuples, strings
     store = DataStore(url)
     fn = {"scalars": scalar_scan, "frames": frame_scan, "links": links_scan,
-          "varying": varying_scan, "fallback": fallback_scan, "badnode": badnode_scan,
+          "varying": varying_scan, "fallback": fallback_scan,
+          "lima": lima_scan, "lima_nosave": lambda *a, **k: lima_scan(*a, saving=False, **k),
+          "lima_edf": lambda *a, **k: lima_scan(*a, file_format="EDF", **k), "badnode": badnode_scan,
           "bench_frames": bench_frames, "bench_counters": bench_counters,
           "aborted": lambda *a, **k: scalar_scan(*a, end_reason="USER_ABORT", stop_after=2, **k),
           "nomap": lambda *a, **k: scalar_scan(*a, h5maps=False, **k)}[scenario]

@@ -182,7 +182,8 @@ def assert_same_tree(ours: Path, ref: Path):
         assert mine[path] == theirs[path], path
 
 
-SCENARIOS = ["scalars", "frames", "aborted", "links", "varying", "fallback"]
+SCENARIOS = ["scalars", "frames", "aborted", "links", "varying", "fallback", "lima",
+             "lima_nosave"]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -198,6 +199,58 @@ def test_same_file_as_blisswriter_3(sides, scenario):
     with h5py.File(our_file, "r", locking=False) as f:
         note = json.loads(f[f"{number}.1/writer_status/data"][()])
         assert note["state"] == "done" and note["scan_key"] == key
+
+
+def test_lima_frames_through_the_virtual_dataset(sides):
+    """A Lima detector's frames stay in its own files (3 files of 5, 4, ... frames): the
+    entry's virtual dataset reads them, with the file paths relative to the scan's file as
+    blisswriter 3.0.0 writes them."""
+    ours, _ = sides
+    key, path = ours.publish("lima", 21, "npoints=14", "per_file=4", name="lima_frames")
+    status = ours.status(key)
+    assert status.state == "done", status
+    assert status.points["cam:image"] == 14
+    lima_files = sorted((path.parent / "lima_frames_lima").glob("cam_*.h5"))
+    assert len(lima_files) == 4
+    expected = []
+    for f in lima_files:
+        with h5py.File(f, "r") as h5:
+            expected.append(h5["/entry_0000/measurement/data"][()])
+    with h5py.File(path, "r", locking=False) as f:
+        dset = f["21.1/instrument/cam/data"]
+        assert dset.is_virtual and dset.dtype == np.uint16 and dset.shape == (14, 32, 24)
+        assert dset.maxshape == (None, 32, 24)  # as blisswriter 3.0.0
+        assert dset.attrs["interpretation"] == "image"
+        assert np.array_equal(dset[()], np.concatenate(expected))
+        assert {vs.file_name for vs in dset.virtual_sources()} == \
+            {f"lima_frames_lima/{p.name}" for p in lima_files}
+        assert np.array_equal(f["21.1/measurement/cam"][()], dset[()])
+
+
+def test_lima_saving_off_and_edf(sides):
+    """Saving off: no dataset for the stream, a warning naming it, the rest written (as
+    blisswriter 3.0.0). EDF files cannot be referenced: the scan fails naming the stream."""
+    ours, _ = sides
+    key, path = ours.publish("lima_nosave", 22, name="lima_off")
+    status = ours.status(key)
+    assert status.state == "done", status
+    assert any("'cam:image'" in w and "saving is off" in w for w in status.warnings), status
+    with h5py.File(path, "r", locking=False) as f:
+        assert "data" not in f["22.1/instrument/cam"]
+        assert f["22.1/measurement/epoch"].shape == (12,)
+    key, path = ours.publish("lima_edf", 23, name="lima_edf")
+    status = ours.status(key)
+    assert status.state == "failed", status
+    assert "'cam:image'" in status.error and "EDF" in status.error, status.error
+
+
+def test_lima_frames_outside_the_data_roots_are_refused(sides):
+    ours, _ = sides
+    key, _ = ours.publish("lima", 24, "lima_dir='/tmp'", name="lima_outside")
+    status = ours.status(key)
+    assert status.state == "failed", status
+    assert "/tmp/lima_outside_lima/cam_0000.h5" in status.error, status.error
+    assert "data root" in status.error, status.error
 
 
 def test_master_file_same_as_blisswriter_3(sides):
@@ -391,9 +444,15 @@ def test_unknown_protocol_is_refused_naming_it(tmp_path):
 def test_unknown_encoding_names_the_stream():
     with pytest.raises(Bliss2Error, match="stream 'cam:image': encoding .*'bslz4'"):
         _definition("cam:image", {"encoding": {"type": "bslz4"}, "info": {}})
-    with pytest.raises(Bliss2Error, match="stream 'lima:image': blissdata plugin 'lima'"):
+    with pytest.raises(Bliss2Error, match="stream 'lima:image': lima stream info unreadable"):
         _definition("lima:image", {"encoding": {"type": "json"},
                                    "info": {"format": "lima_v1"}})
+    with pytest.raises(Bliss2Error, match="stream 'l2:image': blissdata plugin 'lima2'"):
+        _definition("l2:image", {"encoding": {"type": "json"}, "info": {"plugin": "lima2"}})
+    lima = {"plugin": "lima", "dtype": "uint16", "shape": [4, 4], "lima_info": {
+        "protocol_version": 2, "frame_per_acquisition": 1}}
+    with pytest.raises(Bliss2Error, match="stream 'cam:image': lima protocol version 2"):
+        _definition("cam:image", {"encoding": {"type": "json"}, "info": lima})
 
 
 @pytest.mark.parametrize("node, message", [

@@ -23,10 +23,13 @@ The protocol (blissdata 2.4.5, ``_PROTOCOL_VERSION_`` = 1; needs RedisJSON + Red
 - ``info["h5maps"]``: ``{absolute file path: h5map Group}``; info may change only at
   PREPARED and at CLOSED (blissdata asserts it), so the final h5maps is applied at the end.
 
-A scan without ``path`` or ``h5maps`` is skipped (as blisswriter 3.0.0 does). What this
-version cannot write (another encoding, a stream plugin such as lima, a virtual dataset,
-an unknown node or data item type, streams in another file than the scan's own) fails the
-scan with a reason naming it.
+Lima streams (plugin ``lima``, read from blissdata/streams/lima and lima/client.py; written
+as blisswriter's stream_writers.LimaStreamWriter): a virtual dataset onto the detector's
+HDF5 files (writer/references.py). A scan without ``path`` or ``h5maps`` is skipped (as
+blisswriter 3.0.0 does). What this version cannot write (another encoding, a plugin other
+than lima and hdf5_fallback, lima files other than HDF5, a virtual dataset node, an unknown
+node or data item type, streams in another file than the scan's own) fails the scan with a
+reason naming it.
 """
 
 from __future__ import annotations
@@ -136,10 +139,12 @@ def _definition(name: str, model: dict) -> StreamDefinition:
     kind = encoding.get("type") if isinstance(encoding, dict) else None
     plugin = info.get("plugin") or {"lima_v1": "lima", "lima_v2": "lima2",
                                     "subscan": "scan_sequence"}.get(info.get("format", ""))
+    if plugin == "lima":
+        return LimaFiles.from_info(name, info).definition
     if plugin not in (None, "hdf5_fallback"):
-        raise Bliss2Error(f"stream {name!r}: blissdata plugin {plugin!r} (lima, lima2: frames "
-                          "in a detector's own files; scan_sequence: subscans) is not written "
-                          "by this writer version")
+        raise Bliss2Error(f"stream {name!r}: blissdata plugin {plugin!r} (lima2: frames in a "
+                          "detector's own files; scan_sequence: subscans) is not written by "
+                          "this writer version")
     if kind == "numeric":
         try:
             dtype = np.dtype(encoding["dtype_str"])
@@ -157,6 +162,82 @@ def _definition(name: str, model: dict) -> StreamDefinition:
                       f"{BLISSDATA_VERSION} defines (numeric, json)")
 
 
+class LimaSavingOff(Bliss2Error):
+    """A lima stream whose frames are not saved: blisswriter 3.0.0 writes no dataset."""
+
+
+@dataclass
+class LimaFiles:
+    """Where a lima (lima_v1) stream's frames are: blissdata 2.4.5's lima/client.py.
+
+    The stream's events are statuses ``{"last_index", "last_index_saved"}``: frames
+    0..last_index exist; frame ``i`` is in file ``file_path % number`` at ``data_path``,
+    index ``frame_in_file``, files numbered from ``file_offset``, ``frame_per_file`` frames
+    each, restarting with every acquisition of ``frame_per_acquisition`` frames."""
+    name: str
+    definition: StreamDefinition
+    file_path: str | None = None
+    data_path: str | None = None
+    file_format: str | None = None
+    file_offset: int = 0
+    frames_per_file: int = 0
+    frames_per_acquisition: int = 0
+
+    @classmethod
+    def from_info(cls, name: str, info: dict) -> "LimaFiles":
+        lima = info.get("lima_info")
+        try:
+            if lima.get("protocol_version") != 1:
+                raise Bliss2Error(f"stream {name!r}: lima protocol version "
+                                  f"{lima.get('protocol_version')!r}, this writer reads 1")
+            dtype = np.dtype(info["dtype"])
+            shape = tuple(int(d) for d in info["shape"])
+            files = cls(name, StreamDefinition(name=name, encoding="references",
+                                               dtype=dtype.str, shape=shape, info=info),
+                        frames_per_acquisition=int(lima["frame_per_acquisition"]))
+            if "file_path" in lima:
+                files.file_path, files.data_path = str(lima["file_path"]), lima["data_path"]
+                files.file_format = str(lima["file_format"])
+                files.file_offset = int(lima["file_offset"])
+                files.frames_per_file = int(lima["frame_per_file"])
+        except Bliss2Error:
+            raise
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise Bliss2Error(f"stream {name!r}: lima stream info unreadable "
+                              f"({type(exc).__name__}: {exc}): {json.dumps(info)[:200]}") from None
+        if dtype.kind not in "biufc" or not shape or any(d < 1 for d in shape):
+            raise Bliss2Error(f"stream {name!r}: lima frames of dtype {dtype} and shape "
+                              f"{shape} are not written by this writer version")
+        if files.file_path is not None and not files.file_format.upper().startswith("HDF5"):
+            raise Bliss2Error(f"stream {name!r}: lima saves its frames as "
+                              f"{files.file_format}; only HDF5 files can be referenced "
+                              "(blisswriter 3.0.0 writes a virtual dataset onto them that "
+                              "cannot be read)")
+        return files
+
+    @property
+    def saved(self) -> bool:
+        return self.file_path is not None
+
+    def reference(self, frame: int, saving_dir: str | None) -> dict:
+        """The frame's file (relative to the scan file's folder when it is below it, as
+        blisswriter 3.0.0 writes it), dataset and index in that dataset."""
+        acquisition, in_acquisition = divmod(frame, self.frames_per_acquisition) \
+            if self.frames_per_acquisition else (0, frame)
+        in_file_number, in_file = divmod(in_acquisition, self.frames_per_file) \
+            if self.frames_per_file else (0, in_acquisition)
+        files_per_acquisition = -(-self.frames_per_acquisition // self.frames_per_file) \
+            if self.frames_per_file else 1
+        number = acquisition * files_per_acquisition + in_file_number + self.file_offset
+        path = self.file_path % number
+        if saving_dir is not None:
+            try:
+                path = str(PurePosixPath(path).relative_to(saving_dir))
+            except ValueError:
+                pass
+        return {"file": path, "dataset": self.data_path, "index": in_file}
+
+
 class Bliss2Stream:
     """One data stream of a blissdata 2 scan, with the surface the scan writer uses."""
 
@@ -164,8 +245,12 @@ class Bliss2Stream:
         self.scan, self.name, self.key, self.model = scan, name, key, model
         self._definition: StreamDefinition | None = None
         self._error: str | None = None
+        self.lima: LimaFiles | None = None  # a lima stream: its events are statuses
+        self.saving_dir: str | None = None  # the scan file's folder (lima paths relative)
         try:
             self._definition = _definition(name, model)
+            if self._definition.encoding == "references":
+                self.lima = LimaFiles.from_info(name, self._definition.info)
         except Bliss2Error as exc:
             self._error = str(exc)
 
@@ -176,6 +261,8 @@ class Bliss2Stream:
         return self._definition
 
     def __len__(self) -> int:
+        if self.lima is not None:
+            return self.lima_status(self.scan.client.xrevrange(self.key, count=2))
         last = self.scan.client.xrevrange(self.key, count=1)
         if not last:
             return 0
@@ -183,6 +270,18 @@ class Bliss2Stream:
         if entry_id.decode() == SEAL_ENTRY:
             return int(fields[b"id"])
         return int(entry_id.split(b"-")[0]) + int(fields.get(b"len", 1))
+
+    def lima_status(self, entries) -> int:
+        """Frames acquired: last_index + 1 of the newest status among `entries`."""
+        frames = 0
+        for entry_id, fields in entries:
+            if entry_id.decode() != SEAL_ENTRY:
+                try:
+                    frames = max(frames, int(json.loads(fields[b"payload"])["last_index"]) + 1)
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise Bliss2Error(f"stream {self.name!r}: lima status "
+                                      f"{entry_id.decode()} unreadable: {exc}") from None
+        return frames
 
     def decode(self, payload: bytes, count: int):
         """One entry's points: an array (n, *shape), or a list (varying shapes, json)."""
@@ -226,6 +325,10 @@ class Cursor:
 
     def _entry_holding(self, stream: Bliss2Stream, index: int) -> str:
         """XREAD position just before the entry that holds point `index`."""
+        if stream.lima is not None:  # statuses: the newest is all that counts
+            last = [e for e, _ in self.client.xrevrange(stream.key, count=2)
+                    if e.decode() != SEAL_ENTRY]
+            return f"{int(last[0].split(b'-')[0])}-0" if last else "0-0"
         if index <= 0:
             return "0-0"
         found = self.client.xrevrange(stream.key, max=f"{index}-1", count=1)
@@ -248,8 +351,27 @@ class Cursor:
                 views[name] = view
         return views
 
+    def _consume_lima(self, name: str, entries) -> View | None:
+        """Statuses -> the references of the frames acquired since the last read."""
+        stream = self.streams[name]
+        self._since[name] = entries[-1][0].decode()
+        if self._since[name] == SEAL_ENTRY:
+            self.ended.add(name)
+        frames = stream.lima_status(entries)
+        start = self._next[name]
+        if frames <= start:
+            return None
+        if not stream.lima.saved:
+            raise LimaSavingOff(f"stream {name!r}: lima saving is off, no file holds its "
+                                "frames")
+        self._next[name] = frames
+        return View(start, [[stream.lima.reference(i, stream.saving_dir)
+                             for i in range(start, frames)]])
+
     def _consume(self, name: str, entries) -> View | None:
         stream = self.streams[name]
+        if stream.lima is not None:
+            return self._consume_lima(name, entries)
         start = self._next[name]
         parts = []
         for entry_id, fields in entries:
@@ -708,8 +830,17 @@ class Bliss2ScanWriter(ScanWriter):
 
     def _plan(self):
         layout = plan(self.scan.info, set(self.scan.streams), self.scan.path)
-        for node in layout.streams:
-            self.scan.streams[node.stream].definition  # Bliss2Error names the stream
+        for node in list(layout.streams):
+            stream = self.scan.streams[node.stream]
+            stream.definition  # Bliss2Error names the stream
+            if stream.lima is not None and not stream.lima.saved:
+                # blisswriter 3.0.0 drops the stream with a warning, writes the rest
+                layout.streams.remove(node)
+                self.status.warn(f"stream {node.stream!r} not written ({node.path}): lima "
+                                 "saving is off, no file holds its frames (as blisswriter "
+                                 "3.0.0)")
+            elif stream.lima is not None:
+                stream.saving_dir = str(PurePosixPath(layout.file).parent)
         self.file_path = resolve_scan_file(layout.file, self.config.data_roots)
         for file, root in [(layout.file, layout.root), *layout.others.items()]:
             resolve_scan_file(file, self.config.data_roots)

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 
 class ReferencesAppender:
@@ -20,8 +21,13 @@ class ReferencesAppender:
     pending_bytes = 0
 
     def __init__(self, group: h5py.Group, name: str, scan_file: Path, check_target,
-                 attrs=None, references=None):
+                 attrs=None, references=None, definition=None):
         self._group, self._name = group, name
+        # frames of a declared dtype and shape (a blissdata 2 lima stream): the virtual
+        # dataset is built from the declaration, whether the detector's files exist yet or not
+        self._declared = None
+        if definition is not None and definition.dtype is not None:
+            self._declared = (tuple(definition.shape), np.dtype(definition.dtype))
         self._scan_file = Path(scan_file)
         self._check_target = check_target  # raises PathRefused for a file outside data roots
         self._attrs = dict(attrs or {})
@@ -30,7 +36,8 @@ class ReferencesAppender:
         self._source_meta: dict[tuple[str, str], tuple] = {}
 
     @classmethod
-    def open(cls, dataset: h5py.Dataset, scan_file, check_target) -> "ReferencesAppender":
+    def open(cls, dataset: h5py.Dataset, scan_file, check_target,
+             definition=None) -> "ReferencesAppender":
         """Resume on a virtual dataset written before a restart."""
         refs = []
         for vs in dataset.virtual_sources():
@@ -38,7 +45,7 @@ class ReferencesAppender:
             (src_lo, *_), _ = vs.src_space.get_select_bounds()
             refs.extend((vs.file_name, vs.dset_name, src_lo + k) for k in range(hi - lo + 1))
         group, name = dataset.parent, dataset.name.rsplit("/", 1)[1]
-        self = cls(group, name, scan_file, check_target, dict(dataset.attrs), refs)
+        self = cls(group, name, scan_file, check_target, dict(dataset.attrs), refs, definition)
         self._built = len(refs)
         return self
 
@@ -58,6 +65,8 @@ class ReferencesAppender:
             self._refs.append((file, p["dataset"], int(p["index"])))
 
     def _meta(self, file: str, dataset: str):
+        if self._declared is not None:
+            return self._declared
         key = (file, dataset)
         if key not in self._source_meta:
             path = file if os.path.isabs(file) else str(self._scan_file.parent / file)
@@ -74,7 +83,10 @@ class ReferencesAppender:
         if self._built == len(self._refs) or not self._refs:
             return self._built if self._built >= 0 else 0
         shape, dtype = self._meta(*self._refs[0][:2])
-        layout = h5py.VirtualLayout(shape=(len(self._refs), *shape), dtype=dtype)
+        # declared frames (lima): extendable as blisswriter 3.0.0 writes them
+        maxshape = (None, *shape) if self._declared is not None else None
+        layout = h5py.VirtualLayout(shape=(len(self._refs), *shape), dtype=dtype,
+                                    maxshape=maxshape)
         i = 0
         while i < len(self._refs):  # one mapping per run of consecutive source indices
             file, dset, first = self._refs[i]

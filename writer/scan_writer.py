@@ -317,7 +317,7 @@ class ScanWriter(threading.Thread):
                 appender = TextAppender(group, name, attrs=node.attrs)
             elif definition.encoding == "references":
                 appender = ReferencesAppender(group, name, self.file_path, self._check_source,
-                                              attrs=node.attrs)
+                                              attrs=node.attrs, definition=definition)
             else:  # points of varying shape: their shapes too, in a dataset beside them
                 kind = self.varying_appender if definition.varying else DatasetAppender
                 appender = kind(
@@ -339,7 +339,8 @@ class ScanWriter(threading.Thread):
             if definition.encoding == "json":
                 return TextAppender.open(dataset)
             if definition.encoding == "references":
-                return ReferencesAppender.open(dataset, self.file_path, self._check_source)
+                return ReferencesAppender.open(dataset, self.file_path, self._check_source,
+                                               definition)
             kind = self.varying_appender if definition.varying else DatasetAppender
             return kind.open(dataset, executor=self.service.pool,
                              workers=self.config.compression_threads)
