@@ -392,6 +392,57 @@ def test_resume_after_kill_9(env, tmp_path):
         side.close()
 
 
+def test_other_writer_takes_over_after_kill_9(env, tmp_path):
+    """Two writers follow blissdata 2 scans; the one writing a running scan is killed -9:
+    the other one's sweep takes the scan over once the leases expire and finishes it, every
+    point once."""
+    side = Side(env, tmp_path / "data")
+    config = tmp_path / "writer.toml"
+    config.write_text("lease_ttl_s = 2.0\n")
+    writers = [side.start_ours("--config", str(config)) for _ in range(2)]
+    try:
+        time.sleep(1.0)
+        publisher = subprocess.Popen(
+            [env.python, str(Path(__file__).parent / "bliss2_publish.py"), side.url, "frames",
+             str(side.folder / "taken.h5"), "6", "npoints=100", "pace=0.05"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        found = None
+        while time.monotonic() < deadline:  # kill the holder once some points are durable
+            keys = side.client.zrange(writer_status.WRITER_SCANS, 0, -1)
+            found = writer_status.read(side.client, keys[0].decode()) if keys else None
+            if found and sum(found.points.values()) > 10:
+                break
+            time.sleep(0.05)
+        assert found is not None, "no writer took the scan"
+        holder = next(w for w in writers if found.writer.endswith(f":{w.pid}"))
+        survivor = next(w for w in writers if w is not holder)
+        # listed as unfinished for the whole pool, not only in the holder's memory
+        assert side.client.zscore("blissdata:writer:unfinished:bliss2", found.scan_key)
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        side.writer = survivor
+        out, err = publisher.communicate(timeout=90)
+        assert publisher.returncode == 0, err[-2000:]
+        status = side.status(out.strip().splitlines()[-1], timeout=90)
+        assert status.state == "done", status
+        assert status.writer.endswith(f":{survivor.pid}"), status.writer
+        assert any("resumed" in w for w in status.warnings), status.warnings
+        with h5py.File(side.folder / "taken.h5", "r", locking=False) as f:
+            frames = f["6.1/instrument/cam/data"]
+            assert frames.shape == (100, 64, 48)
+            assert list(frames[:, 0, 0]) == list(range(100))  # every point once
+            assert f["6.1/measurement/epoch"].shape == (100,)
+        assert side.client.zcard("blissdata:writer:unfinished:bliss2") == 0
+    finally:
+        for w in writers:
+            if w.poll() is None:
+                w.terminate()
+                w.wait(20)
+        side.writer = None
+        side.close()
+
+
 def test_both_protocols_in_one_process(env, tmp_path):
     """Both in the configuration (`protocols`), one writer process."""
     from blissdata import DataStore

@@ -57,6 +57,7 @@ from . import status as writer_status
 from .nexus_skeleton import stream_dataset_parent
 from .dataset_writer import DatasetAppender
 from .paths import check_link_target, resolve_scan_file
+from .pool import UNFINISHED_BLISS2
 from .scan_writer import ScanFailed, ScanWriter
 
 log = logging.getLogger("blisswriter")
@@ -933,7 +934,7 @@ class Bliss2Follower(threading.Thread):
     def __init__(self, service, stop: threading.Event):
         super().__init__(name="follow-blissdata2", daemon=True)
         self.service, self.client, self._stop = service, service.redis, stop
-        self.pending: set[str] = set()  # scans another writer held when offered
+        self._not_wanted: set[str] = set()  # listed scans of sessions this writer skips
 
     def _identity(self, key: str) -> dict | None:
         raw = self.client.execute_command("JSON.GET", key, "$.id")
@@ -942,27 +943,49 @@ class Bliss2Follower(threading.Thread):
 
     def _offer(self, key: str) -> None:
         """Write the scan if it is of a wanted session and no other writer of the pool has
-        it (the same scan and file leases as native scans; writer/pool.py). A scan whose
-        lease another writer holds is tried again (`pending`): that writer may be dead, its
-        lease then expires (a restart after kill -9)."""
-        self.pending.discard(key)
+        it (the same scan and file leases as native scans; writer/pool.py). The scan is
+        listed as unfinished (UNFINISHED_BLISS2) until its writer is done: if another writer
+        holds it and dies, its leases expire and the sweep (`sweep`) of any writer of the
+        pool takes the scan over, resuming it from the file and the durable watermarks."""
+        if key in self._not_wanted or key in self.service.writers:
+            return
+        pool = self.service.writer_pool
         try:
             identity = self._identity(key)
         except redis.ResponseError as exc:  # not a JSON document: not a blissdata 2 scan
             log.warning("blissdata 2 scan %s unreadable: %s", key, exc)
+            self._not_wanted.add(key)
             return
-        if identity is None or not self.service.wants(identity.get("session") or ""):
+        if identity is None:  # deleted from Redis
+            pool.finished(key)
             return
-        if key in self.service.writers:
+        if not self.service.wants(identity.get("session") or ""):
+            self._not_wanted.add(key)
             return
         previous = writer_status.read(self.client, key)
         if previous is not None and previous.finished:
+            pool.finished(key)
             return
-        pool = self.service.writer_pool
+        pool.offer(key, listing=UNFINISHED_BLISS2)
         if pool.acquire(key, identity.get("path") or f"(no path) {key}") is None:
-            self.pending.add(key)  # another writer has it, for now
+            return  # another writer has it; the sweep tries again
+        previous = writer_status.read(self.client, key)  # its writer may just have ended
+        if previous is not None and previous.finished:
+            pool.release(key)
+            pool.finished(key)
             return
+        if previous is not None and previous.state == "writing" and \
+                previous.writer != self.service.identity:
+            pool.takeover_count += 1
+            self.service.metrics.takeovers.inc()
+            log.info("scan %s: taking it over from writer %s", key, previous.writer)
         self.service.start_scan(key, Bliss2ScanWriter)
+
+    def sweep(self) -> None:
+        """Take the listed blissdata 2 scans whose lease nobody holds: new ones, and those
+        of a writer that stopped renewing its leases (killed, cut off)."""
+        for key in self.service.writer_pool.candidates(UNFINISHED_BLISS2):
+            self._offer(key)
 
     def resume(self) -> str:
         """Start writers for interrupted or running scans; the history position to follow
@@ -992,16 +1015,14 @@ class Bliss2Follower(threading.Thread):
 
     def run(self) -> None:
         since = None
-        last_retry = 0.0
+        last_sweep = 0.0
         while not self._stop.is_set():
             try:
                 if since is None:
                     since = self.resume()
-                if self.pending and time.monotonic() - last_retry >= \
-                        self.service.writer_pool.sweep_s:
-                    last_retry = time.monotonic()
-                    for key in list(self.pending):
-                        self._offer(key)
+                if time.monotonic() - last_sweep >= self.service.writer_pool.sweep_s:
+                    last_sweep = time.monotonic()
+                    self.sweep()
                 reply = self.client.xread({SCAN_HISTORY: since}, block=500, count=64)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("Redis unreachable while following blissdata 2 scans (%s); "

@@ -7,6 +7,8 @@
   of that file, so one file has one writer), then the scan's. A writer that stops renewing
   (killed, paused, cut off) loses them after ``lease_ttl_s``; the next sweep of another
   writer takes its scans over and resumes them from the file and the durable watermarks.
+- Scans of blissdata 2.x are listed apart (``blissdata:writer:unfinished:bliss2``) and swept
+  by the blissdata 2 follower (writer/blissdata2.py), with the same leases.
 - A registry of the writers alive: ``blissdata:writers`` (sorted set: writer id -> last
   heartbeat) and ``blissdata:writers:<id>`` (hash: host, pid, heartbeat, scans, files).
 """
@@ -30,6 +32,10 @@ from .lease import ALLOW_OOM, FileLease, ScanLease, holder
 log = logging.getLogger("blisswriter")
 
 UNFINISHED = "blissdata:writer:unfinished"  # ZSET scan key -> creation time
+# the same for scans of blissdata 2.x (writer/blissdata2.py): a list apart, so that writers
+# following only native scans (older versions too) never meet a key they cannot read
+UNFINISHED_BLISS2 = "blissdata:writer:unfinished:bliss2"
+LISTINGS = (UNFINISHED, UNFINISHED_BLISS2)
 WRITERS = "blissdata:writers"  # ZSET writer id -> last heartbeat (Unix s)
 REGISTRY_KEEP_S = 3600  # a silent writer stays listed this long
 _instances = 0
@@ -77,17 +83,21 @@ class WriterPool:
         return min(1.0, self.ttl_s / 4)
 
     # ---- taking and giving back --------------------------------------------------------
-    def offer(self, scan_key: str, created: float | None = None) -> None:
+    def offer(self, scan_key: str, created: float | None = None,
+              listing: str = UNFINISHED) -> None:
         """A scan some writer must write (idempotent)."""
         script = ALLOW_OOM + _OFFER if self.allow_oom else _OFFER
-        self.client.eval(script, 1, UNFINISHED, scan_key, created or time.time())
+        self.client.eval(script, 1, listing, scan_key, created or time.time())
 
     def finished(self, scan_key: str) -> None:
-        self.client.zrem(UNFINISHED, scan_key)
+        pipe = self.client.pipeline(transaction=False)
+        for listing in LISTINGS:
+            pipe.zrem(listing, scan_key)
+        pipe.execute()
 
-    def candidates(self) -> list[str]:
+    def candidates(self, listing: str = UNFINISHED) -> list[str]:
         """Unfinished scans whose lease nobody holds, oldest first."""
-        scan_keys = [k.decode() for k in self.client.zrange(UNFINISHED, 0, -1)]
+        scan_keys = [k.decode() for k in self.client.zrange(listing, 0, -1)]
         if not scan_keys:
             return []
         pipe = self.client.pipeline(transaction=False)
