@@ -392,10 +392,11 @@ def test_resume_after_kill_9(env, tmp_path):
         side.close()
 
 
-def test_other_writer_takes_over_after_kill_9(env, tmp_path):
+@pytest.mark.parametrize("scenario", ["frames", "lima"])
+def test_other_writer_takes_over_after_kill_9(env, tmp_path, scenario):
     """Two writers follow blissdata 2 scans; the one writing a running scan is killed -9:
     the other one's sweep takes the scan over once the leases expire and finishes it, every
-    point once."""
+    point once (lima: the virtual dataset reopened and extended)."""
     side = Side(env, tmp_path / "data")
     config = tmp_path / "writer.toml"
     config.write_text("lease_ttl_s = 2.0\n")
@@ -403,8 +404,8 @@ def test_other_writer_takes_over_after_kill_9(env, tmp_path):
     try:
         time.sleep(1.0)
         publisher = subprocess.Popen(
-            [env.python, str(Path(__file__).parent / "bliss2_publish.py"), side.url, "frames",
-             str(side.folder / "taken.h5"), "6", "npoints=100", "pace=0.05"],
+            [env.python, str(Path(__file__).parent / "bliss2_publish.py"), side.url, scenario,
+             str(side.folder / "taken.h5"), "6", "npoints=100", "pace=0.05", "shape=(64, 48)"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         found = None
@@ -431,6 +432,7 @@ def test_other_writer_takes_over_after_kill_9(env, tmp_path):
         with h5py.File(side.folder / "taken.h5", "r", locking=False) as f:
             frames = f["6.1/instrument/cam/data"]
             assert frames.shape == (100, 64, 48)
+            assert frames.is_virtual == (scenario == "lima")
             assert list(frames[:, 0, 0]) == list(range(100))  # every point once
             assert f["6.1/measurement/epoch"].shape == (100,)
         assert side.client.zcard("blissdata:writer:unfinished:bliss2") == 0

@@ -819,6 +819,11 @@ class Bliss2ScanWriter(ScanWriter):
             raise LeaseLostError(f"scan {self.scan_key}: watermarks not published: another "
                                  "writer holds the scan's lease") from None
 
+    def _trimmable(self, durable: dict) -> dict:
+        """Not a lima stream's entries: they are statuses, not frames, and its readers need
+        the newest one."""
+        return {n: p for n, p in durable.items() if self.scan.streams[n].lima is None}
+
     def _load_scan(self):
         return Bliss2Scan(self.service.redis, self.scan_key)
 

@@ -347,6 +347,10 @@ class ScanWriter(threading.Thread):
         except ValueError as exc:
             raise ScanFailed(str(exc)) from None
 
+    def _trimmable(self, durable: dict) -> dict:
+        """The streams whose entries below their durable point may leave a full Redis."""
+        return durable
+
     def _check_source(self, path: str) -> None:
         check_link_target(path, str(self.file_path), self.config.data_roots)
 
@@ -477,7 +481,7 @@ class ScanWriter(threading.Thread):
         except redis.OutOfMemoryError:
             # Redis is full (producers outran the memory tracker) and our watermark is what
             # lets anything be trimmed: make room by trimming what is now in the file.
-            for name, points in durable.items():
+            for name, points in self._trimmable(durable).items():
                 trim_durable(self.service.redis, self.scan.streams[name].key, points)
             try:
                 self._mark_durable(durable)
