@@ -6,7 +6,7 @@ bench/bench_bliss2.py.
     python bliss2_publish.py REDIS_URL SCENARIO FILE_PATH NUMBER [key=value ...]
 
 Prints the scan key on stdout. Scenarios: scalars, frames, aborted, links, varying,
-fallback, lima, lima_nosave, lima_edf, nomap, badnode, bench_frames, bench_counters.
+fallback, lima, lima_nosave, lima_edf, lima2, nomap, badnode, bench_frames, bench_counters.
 """
 
 import base64
@@ -243,6 +243,51 @@ def lima_scan(store, file_path, number, npoints=12, per_file=5, shape=(32, 24),
     return publish(store, file_path, number, streams, children, batches(), pace=pace, **kw)
 
 
+def no_lima2_conductor():
+    """blissdata_lima2's stream greets the detector's conductor (a Lima2 server) when it is
+    made: there is none here, the frames are in files written by the test."""
+    import lima2.client.services as l2s
+
+    class Offline:
+        def handshake(self):
+            pass
+
+    l2s.init = lambda **kw: Offline()
+
+
+def lima2_scan(store, file_path, number, npoints=12, shape=(32, 24), saved=True, **kw):
+    """A Lima2 detector (plugin lima2): the stream carries the count of frames the detector
+    holds (uint32); its frames are in its own files behind a master file, written here."""
+    import h5py
+    from blissdata_lima2 import Lima2Stream
+
+    no_lima2_conductor()
+    stem = os.path.splitext(os.path.basename(file_path))[0]
+    master_file = os.path.join(os.path.dirname(file_path), f"{stem}_lima2", "master.h5")
+    frames = np.arange(npoints * shape[0] * shape[1], dtype=np.uint16).reshape(npoints, *shape)
+    os.makedirs(os.path.dirname(master_file), exist_ok=True)
+    with h5py.File(master_file, "w") as f:
+        f["/entry_0000/processing/frames/data"] = frames
+    streams = {"cam2:frames": Lima2Stream.make_definition(
+        "cam2:frames", source_name="frames", conductor_hostname="localhost",
+        conductor_port=1, acq_uuid="0000", dtype="uint16", shape=list(shape),
+        master_file=(master_file, "/entry_0000/processing/frames/data") if saved else None),
+        "timer:epoch": Stream.make_definition("timer:epoch", "float64")}
+    children = {
+        "instrument": Group(attributes={"NX_class": "NXinstrument"}, children={
+            "cam2": Group(attributes={"NX_class": "NXdetector"}, children={
+                "data": Dataset(attributes={"interpretation": "image"},
+                                value=StreamItem(stream="cam2:frames"))})}),
+        "measurement": Group(attributes={"NX_class": "NXcollection"}, children={
+            "cam2": SoftLink(target_path=f"/{number}.1/instrument/cam2/data"),
+            "epoch": StreamItem(stream="timer:epoch")}),
+    }
+    batches = [{"cam2:frames": np.array([min(i + 4, npoints)], dtype=np.uint32),
+                "timer:epoch": 1.7e9 + np.arange(i, min(i + 4, npoints)) * 0.1}
+               for i in range(0, npoints, 4)]
+    return publish(store, file_path, number, streams, children, batches, **kw)
+
+
 def badnode_scan(store, file_path, number, **kw):
     """An h5map with a node this writer version does not know: a virtual dataset."""
     from blissdata.h5map import SpaceSelection, VirtualDataset, VirtualSource
@@ -327,7 +372,8 @@ def main(argv):
     fn = {"scalars": scalar_scan, "frames": frame_scan, "links": links_scan,
           "varying": varying_scan, "fallback": fallback_scan,
           "lima": lima_scan, "lima_nosave": lambda *a, **k: lima_scan(*a, saving=False, **k),
-          "lima_edf": lambda *a, **k: lima_scan(*a, file_format="EDF", **k), "badnode": badnode_scan,
+          "lima_edf": lambda *a, **k: lima_scan(*a, file_format="EDF", **k),
+          "lima2": lima2_scan, "badnode": badnode_scan,
           "bench_frames": bench_frames, "bench_counters": bench_counters,
           "aborted": lambda *a, **k: scalar_scan(*a, end_reason="USER_ABORT", stop_after=2, **k),
           "nomap": lambda *a, **k: scalar_scan(*a, h5maps=False, **k)}[scenario]

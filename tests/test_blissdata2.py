@@ -68,7 +68,12 @@ class Side:
         return self.writer
 
     def start_reference(self):
-        self.writer = subprocess.Popen([self.env.blisswriter, "run", self.url],
+        # blisswriter 3.0.0 run as its script does, with no Lima2 conductor to greet
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                "import bliss2_publish; bliss2_publish.no_lima2_conductor(); "
+                "from blisswriter.cli import cli; sys.argv = ['blisswriter', 'run', "
+                f"{self.url!r}]; sys.exit(cli())")
+        self.writer = subprocess.Popen([self.env.python, "-c", code], cwd="/",
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return self.writer
 
@@ -183,7 +188,7 @@ def assert_same_tree(ours: Path, ref: Path):
 
 
 SCENARIOS = ["scalars", "frames", "aborted", "links", "varying", "fallback", "lima",
-             "lima_nosave"]
+             "lima_nosave", "lima2"]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -242,6 +247,14 @@ def test_lima_saving_off_and_edf(sides):
     status = ours.status(key)
     assert status.state == "failed", status
     assert "'cam:image'" in status.error and "EDF" in status.error, status.error
+
+
+def test_lima2_without_master_file_fails_naming_the_stream(sides):
+    ours, _ = sides
+    key, _ = ours.publish("lima2", 25, "saved=False", name="lima2_nomaster")
+    status = ours.status(key)
+    assert status.state == "failed", status
+    assert "'cam2:frames'" in status.error and "master file" in status.error, status.error
 
 
 def test_lima_frames_outside_the_data_roots_are_refused(sides):
@@ -500,8 +513,13 @@ def test_unknown_encoding_names_the_stream():
     with pytest.raises(Bliss2Error, match="stream 'lima:image': lima stream info unreadable"):
         _definition("lima:image", {"encoding": {"type": "json"},
                                    "info": {"format": "lima_v1"}})
-    with pytest.raises(Bliss2Error, match="stream 'l2:image': blissdata plugin 'lima2'"):
-        _definition("l2:image", {"encoding": {"type": "json"}, "info": {"plugin": "lima2"}})
+    with pytest.raises(Bliss2Error, match="stream 'l2:image': lima2 protocol version None"):
+        _definition("l2:image", {"encoding": {"type": "numeric"}, "info": {"plugin": "lima2"}})
+    with pytest.raises(Bliss2Error, match=r"stream 'l2:image': lima2 master_file \['a.h5'\]"):
+        _definition("l2:image", {"encoding": {"type": "numeric"}, "info": {
+            "plugin": "lima2", "protocol_version": 2, "master_file": ["a.h5"]}})
+    with pytest.raises(Bliss2Error, match="stream 'seq': blissdata plugin 'scan_sequence'"):
+        _definition("seq", {"encoding": {"type": "json"}, "info": {"format": "subscan"}})
     lima = {"plugin": "lima", "dtype": "uint16", "shape": [4, 4], "lima_info": {
         "protocol_version": 2, "frame_per_acquisition": 1}}
     with pytest.raises(Bliss2Error, match="stream 'cam:image': lima protocol version 2"):

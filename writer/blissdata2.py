@@ -25,11 +25,12 @@ The protocol (blissdata 2.4.5, ``_PROTOCOL_VERSION_`` = 1; needs RedisJSON + Red
 
 Lima streams (plugin ``lima``, read from blissdata/streams/lima and lima/client.py; written
 as blisswriter's stream_writers.LimaStreamWriter): a virtual dataset onto the detector's
-HDF5 files (writer/references.py). A scan without ``path`` or ``h5maps`` is skipped (as
-blisswriter 3.0.0 does). What this version cannot write (another encoding, a plugin other
-than lima and hdf5_fallback, lima files other than HDF5, a virtual dataset node, an unknown
-node or data item type, streams in another file than the scan's own) fails the scan with a
-reason naming it.
+HDF5 files (writer/references.py); lima2 streams (blissdata_lima2 2.0.2, Lima2StreamWriter):
+an external link to the detector's master file, at the end. A scan without ``path`` or
+``h5maps`` is skipped (as blisswriter 3.0.0 does). What this version cannot write (another
+encoding, a plugin other than lima, lima2 and hdf5_fallback, lima files other than HDF5, a
+virtual dataset node, an unknown node or data item type, streams in another file than the
+scan's own) fails the scan with a reason naming it.
 """
 
 from __future__ import annotations
@@ -142,10 +143,11 @@ def _definition(name: str, model: dict) -> StreamDefinition:
                                     "subscan": "scan_sequence"}.get(info.get("format", ""))
     if plugin == "lima":
         return LimaFiles.from_info(name, info).definition
+    if plugin == "lima2":
+        return lima2_definition(name, info)
     if plugin not in (None, "hdf5_fallback"):
-        raise Bliss2Error(f"stream {name!r}: blissdata plugin {plugin!r} (lima2: frames in a "
-                          "detector's own files; scan_sequence: subscans) is not written by "
-                          "this writer version")
+        raise Bliss2Error(f"stream {name!r}: blissdata plugin {plugin!r} (scan_sequence: "
+                          "subscans) is not written by this writer version")
     if kind == "numeric":
         try:
             dtype = np.dtype(encoding["dtype_str"])
@@ -239,6 +241,28 @@ class LimaFiles:
         return {"file": path, "dataset": self.data_path, "index": in_file}
 
 
+LIMA2_PROTOCOL_VERSION = 2  # blissdata_lima2 2.0.2 (Lima2Stream.PROTOCOL_VERSION)
+
+
+def lima2_definition(name: str, info: dict) -> StreamDefinition:
+    """A Lima2 stream (plugin ``lima2``): its events are uint32 counts of the frames the
+    detector holds; the frames are in its own files, behind ``info["master_file"]``
+    ``[file, dataset]`` (blisswriter 3.0.0 links to it: Lima2StreamWriter)."""
+    if info.get("protocol_version") != LIMA2_PROTOCOL_VERSION:
+        raise Bliss2Error(f"stream {name!r}: lima2 protocol version "
+                          f"{info.get('protocol_version')!r}, this writer reads "
+                          f"{LIMA2_PROTOCOL_VERSION}")
+    master = info.get("master_file")
+    if master is None:
+        raise Bliss2Error(f"stream {name!r}: lima2 stream without a master file, its frames "
+                          "are in no file (blisswriter 3.0.0 cannot save it either)")
+    if not (isinstance(master, (list, tuple)) and len(master) == 2
+            and all(isinstance(m, str) and m for m in master)):
+        raise Bliss2Error(f"stream {name!r}: lima2 master_file {master!r} is not "
+                          "[file, dataset]")
+    return StreamDefinition(name=name, encoding="numeric", dtype="<u4", shape=(), info=info)
+
+
 class Bliss2Stream:
     """One data stream of a blissdata 2 scan, with the surface the scan writer uses."""
 
@@ -247,11 +271,14 @@ class Bliss2Stream:
         self._definition: StreamDefinition | None = None
         self._error: str | None = None
         self.lima: LimaFiles | None = None  # a lima stream: its events are statuses
+        self.lima2_master: tuple | None = None  # a lima2 stream: (file, dataset) of frames
         self.saving_dir: str | None = None  # the scan file's folder (lima paths relative)
         try:
             self._definition = _definition(name, model)
             if self._definition.encoding == "references":
                 self.lima = LimaFiles.from_info(name, self._definition.info)
+            elif self._definition.info.get("plugin") == "lima2":
+                self.lima2_master = tuple(self._definition.info["master_file"])
         except Bliss2Error as exc:
             self._error = str(exc)
 
@@ -271,6 +298,14 @@ class Bliss2Stream:
         if entry_id.decode() == SEAL_ENTRY:
             return int(fields[b"id"])
         return int(entry_id.split(b"-")[0]) + int(fields.get(b"len", 1))
+
+    def lima2_frames(self) -> int:
+        """The frames a lima2 detector holds: its newest count."""
+        for entry_id, fields in self.scan.client.xrevrange(self.key, count=2):
+            if entry_id.decode() != SEAL_ENTRY:
+                count = int(fields.get(b"len", 1))
+                return int(self.decode(fields[b"payload"], count)[-1])
+        return 0
 
     def lima_status(self, entries) -> int:
         """Frames acquired: last_index + 1 of the newest status among `entries`."""
@@ -824,6 +859,21 @@ class Bliss2ScanWriter(ScanWriter):
         the newest one."""
         return {n: p for n, p in durable.items() if self.scan.streams[n].lima is None}
 
+    def _link_lima2(self, h5: h5py.File) -> None:
+        """Lima2 streams with frames: an external link to the master file, its path relative
+        to the scan file's folder when below it (blisswriter 3.0.0's Lima2StreamWriter)."""
+        for path, stream in self.lima2_links:
+            parent_path, name = path.rsplit("/", 1)
+            parent = h5[parent_path or "/"]
+            if name in parent or not stream.lima2_frames():
+                continue
+            file, dataset = stream.lima2_master
+            try:
+                file = str(PurePosixPath(file).relative_to(PurePosixPath(self.layout.file).parent))
+            except ValueError:
+                pass
+            parent[name] = h5py.ExternalLink(file, dataset)
+
     def _load_scan(self):
         return Bliss2Scan(self.service.redis, self.scan_key)
 
@@ -836,6 +886,7 @@ class Bliss2ScanWriter(ScanWriter):
 
     def _plan(self):
         layout = plan(self.scan.info, set(self.scan.streams), self.scan.path)
+        self.lima2_links: list = []  # (HDF5 path, lima2 stream)
         for node in list(layout.streams):
             stream = self.scan.streams[node.stream]
             stream.definition  # Bliss2Error names the stream
@@ -847,6 +898,12 @@ class Bliss2ScanWriter(ScanWriter):
                                  "3.0.0)")
             elif stream.lima is not None:
                 stream.saving_dir = str(PurePosixPath(layout.file).parent)
+            elif stream.lima2_master is not None:
+                # an external link to the detector's master file, made at the end of the
+                # scan as blisswriter 3.0.0 does (its frame count is known then)
+                layout.streams.remove(node)
+                check_link_target(stream.lima2_master[0], layout.file, self.config.data_roots)
+                self.lima2_links.append((node.path, stream))
         self.file_path = resolve_scan_file(layout.file, self.config.data_roots)
         for file, root in [(layout.file, layout.root), *layout.others.items()]:
             resolve_scan_file(file, self.config.data_roots)
@@ -920,6 +977,7 @@ class Bliss2ScanWriter(ScanWriter):
                                 self.status.warn)
                     stamp_root(h5)
                     self._write_others(final.others, before=self.layout.others)
+            self._link_lima2(h5)
             self.status.state = "done"
             self.entry = h5[self.entry_name]
             writer_status.write_note(self.entry, self.status)
