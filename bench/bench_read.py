@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis() as server:
         path = Path(tmp) / "scan.h5"
-        with h5py.File(path, "w") as f:  # what the writer leaves: chunked, compressed
+        with h5py.File(path, "w", libver="latest") as f:  # as the writer: chunked, compressed
             f.create_dataset("cam", data=frames, chunks=(1, *frames.shape[1:]),
                              **hdf5plugin.Bitshuffle(cname="lz4"))
             f.create_dataset("x", data=scalars, chunks=(65536,),
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         reader = DataStore(server.url).load_scan(scan.key)
         rcam, rx = reader.streams["cam"], reader.streams["x"]
         lo, hi = 10, len(frames) - 10
-        f = h5py.File(path, "r", locking=False)
+        f = h5py.File(path, "r", swmr=True, locking=False)  # README's recipe (and ours)
 
         t_h5 = best_of(3, lambda: f["cam"][lo:hi])
         t_api = best_of(3, lambda: rcam[lo:hi])

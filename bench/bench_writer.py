@@ -86,8 +86,12 @@ def finish(store, scan) -> None:
             break
         assert time.monotonic() < deadline, "writer did not finish the scan"
         time.sleep(0.01)
+    # the scan's own file (where its data is: docs/files.md) and the file linking to it
+    files = {json.loads(v)["file"] for v in
+             store.redis.hgetall(keys.durable_key(scan.key)).values()}
     store.delete_scan(scan.key)
-    Path(json.loads(raw)["file"]).unlink(missing_ok=True)
+    for path in files | {json.loads(raw)["file"]}:
+        Path(path).unlink(missing_ok=True)
 
 
 def writer_frames_backlog(store, root, number, frames, precompressed, proc) -> float:

@@ -25,6 +25,7 @@ import numpy as np
 
 from .encoding import StreamDefinition
 from .point_shapes import varying_points
+from .file_backing import open_h5
 from .exceptions import BlissdataError, EndOfStream, IndexWontBeThereError
 from .scan import ScanState
 from .stream import StreamView
@@ -174,6 +175,9 @@ class ArchivedScan:
     def _from_header(self, group, header: dict) -> None:
         self.identity = header["identity"]
         self.info = header["info"]
+        for field in ("start_time", "end_time", "end_reason"):  # filled after the header
+            if field not in self.info and _text(group, field):
+                self.info[field] = _text(group, field)
         self.streams = {}
         for name, d in header["streams"].items():
             dataset = self._h5.get(header.get("datasets", {}).get(name, ""))
@@ -281,7 +285,7 @@ def open_scan(path: str, entry: str | None = None) -> ArchivedScan:
         raise ArchiveError(f"{path}: no such file")
     if not h5py.is_hdf5(p):
         raise ArchiveError(f"{path}: not an HDF5 file")
-    h5 = h5py.File(p, "r", locking=False)
+    h5 = open_h5(str(p))  # a scan still being written is read in SWMR mode
     entries = [n for n in h5 if isinstance(h5[n], h5py.Group)
                and _jsonable(h5[n].attrs.get("NX_class")) == "NXentry"]
     if not entries:

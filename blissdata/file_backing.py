@@ -3,7 +3,8 @@
 The writer publishes per stream `{"file", "dataset", "points"}` once points are durable; the
 memory tracker may then trim them from Redis. Readers get them from the file without noticing:
 same values, same dtype. Files are opened once per DataStore (reader) and reused, read-only
-with HDF5 locking off, so they can be read while the writer still writes them.
+in SWMR mode with HDF5 locking off, so they can be read while the writer still writes them;
+every read returns the points asked for or raises DataFileError saying which are missing.
 
 `references` streams (frames a detector stored in its own files): readers get the frames;
 the reference files are opened the same way (relative paths start at the scan file's folder).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import h5py
 import hdf5plugin  # noqa: F401  (registers the compression filters for reading)
@@ -27,8 +29,38 @@ class DataFileError(BlissdataError, OSError):
     """A file that should hold trimmed points is missing, moved or unreadable."""
 
 
+def open_h5(path: str) -> h5py.File:
+    """Open an HDF5 file to read it, whether or not a writer is still appending to it: SWMR
+    read mode (the writer writes its files in SWMR mode; the flag is harmless on others),
+    HDF5's file locking off (the writer opens its files without it).
+
+    HDF5 opens a file once per process, and every open must agree on these flags: when
+    this process already has the file open otherwise (e.g. a user's own h5py.File), that
+    way is used."""
+    tries = [dict(swmr=True, locking=False), dict(swmr=False, locking=False),
+             dict(swmr=True), dict(swmr=False)]
+    for i, flags in enumerate(tries):
+        try:
+            return h5py.File(path, "r", **flags)
+        except OSError as exc:
+            if i == len(tries) - 1 or not _flags_differ(exc):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _flags_differ(exc: OSError) -> bool:
+    text = str(exc)
+    return "not the same for file that is already open" in text or "don't match" in text
+
+
 class FileCache:
-    """Open HDF5 files of one reader (thread-safe)."""
+    """Open HDF5 files of one reader (thread-safe).
+
+    HDF5 opens a file once per process: two readers of one file in a process share what
+    HDF5 knows of it, so a dataset opened earlier can show an older length. A dataset that
+    shows fewer points than asked for is refreshed (SWMR), then the file is opened again;
+    what it still does not hold raises DataFileError (:func:`read_points` also checks the
+    number of points it read)."""
 
     def __init__(self):
         self._files: dict[str, h5py.File] = {}
@@ -38,20 +70,15 @@ class FileCache:
         self._lock = threading.Lock()
 
     def dataset(self, path: str, name: str, min_length: int = 0) -> h5py.Dataset:
-        """`path`:`name`, reopened if this handle shows fewer than `min_length` points (the
-        writer has flushed more since we opened it)."""
+        """`path`:`name` showing at least `min_length` points."""
         with self._lock:
             dset = self._datasets.get((path, name))
-            if dset is not None and dset.shape[0] >= min_length:
+            if dset is not None and _length(dset, min_length) >= min_length:
                 return dset
-            f = self._files.get(path)
-            if f is not None and dset is None and name in f and f[name].shape[0] >= min_length:
-                dset = self._datasets[(path, name)] = f[name]
-                return dset
-            if f is not None:
+            if path in self._files:  # stale: open the file again
                 self._forget(path)
             try:
-                f = self._files[path] = h5py.File(path, "r", locking=False)
+                f = self._files[path] = open_h5(path)
             except FileNotFoundError:
                 self._files.pop(path, None)
                 raise DataFileError(f"file {path} should hold data of this scan but does "
@@ -62,7 +89,17 @@ class FileCache:
             if name not in f:
                 raise DataFileError(f"file {path} has no dataset {name}")
             dset = self._datasets[(path, name)] = f[name]
+            length = _length(dset, min_length)
+            if length < min_length:
+                raise DataFileError(f"file {path} dataset {name} holds {length} points, "
+                                    f"{min_length} were published as written")
             return dset
+
+    def refresh(self, path: str, name: str) -> None:
+        """Forget what HDF5 knows of `path` (the next read opens it again)."""
+        with self._lock:
+            if path in self._files:
+                self._forget(path)
 
     def _forget(self, path: str) -> None:
         for key in [k for k in self._datasets if k[0] == path]:
@@ -75,6 +112,20 @@ class FileCache:
             for f in self._files.values():
                 f.close()
             self._files.clear()
+
+
+def _length(dset: h5py.Dataset, wanted: int) -> int:
+    """The dataset's length, refreshed from the file (SWMR) when it shows fewer than
+    `wanted` points."""
+    if dset.shape[0] < wanted and dset.file.swmr_mode:
+        dset.refresh()
+    return dset.shape[0]
+
+
+#: a read that failed is tried again after these pauses (s): a handle may describe an older
+#: state of the file, and a writer resuming a scan reopens its file (for a few tens of ms it
+#: is then not yet in SWMR mode and readers cannot open it)
+READ_RETRY_PAUSES = (0.0, 0.05, 0.2, 0.5, 1.0)
 
 
 def lost_ranges(raw) -> list[list[int]]:
@@ -91,14 +142,41 @@ def read_points(stream, start: int, stop: int, backing: dict | None, lost: list)
         raise IndexNoMoreThereError(
             f"stream {stream.name!r} of scan {stream._scan.key}: points [{start}, {stop}) are no "
             f"more in Redis{why}")
-    dset = stream._scan._store._files.dataset(backing["file"], backing["dataset"], stop)
-    data = dset[start:stop]
+    data = read_range(stream._scan._store._files, backing["file"], backing["dataset"],
+                      start, stop)
     definition = stream.definition
     if definition.encoding == "json":
         return [json.loads(v) for v in data]
     if definition.varying:  # each point cut to its own shape (point_shapes.py)
         return varying_points(dset, start, data)
     return data
+
+
+def read_range(files: FileCache, path: str, name: str, start: int, stop: int):
+    """Points [start, stop) of `path`:`name`, all of them or DataFileError naming what is
+    missing: never a shorter array. A read that fails is tried again on the file opened
+    anew (a handle opened earlier may describe an older state of a file being written)."""
+    problem = None
+    for pause in (*READ_RETRY_PAUSES, None):
+        try:
+            data = files.dataset(path, name, stop)[start:stop]
+        except DataFileError as exc:
+            problem = str(exc)
+            if not os.path.exists(path):  # deleted or moved: waiting will not bring it back
+                break
+        except (OSError, RuntimeError, ValueError) as exc:
+            problem = f"file {path} dataset {name}: points [{start}, {stop}) cannot be read: " \
+                      f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        else:
+            if len(data) == stop - start:
+                return data
+            problem = (f"file {path} dataset {name}: read {len(data)} points of [{start}, "
+                       f"{stop}); points [{start + len(data)}, {stop}) are missing")
+        if pause is None:
+            break
+        files.refresh(path, name)
+        time.sleep(pause)
+    raise DataFileError(problem)
 
 
 def reference_frames(stream, references: list) -> np.ndarray:
@@ -108,6 +186,6 @@ def reference_frames(stream, references: list) -> np.ndarray:
     frames = []
     for ref in references:
         path = ref["file"] if os.path.isabs(ref["file"]) else os.path.join(folder, ref["file"])
-        dset = files.dataset(path, ref["dataset"], ref["index"] + 1)
-        frames.append(dset[ref["index"]])
+        frames.append(read_range(files, path, ref["dataset"], ref["index"],
+                                 ref["index"] + 1)[0])
     return np.stack(frames) if frames else np.empty((0,))

@@ -20,6 +20,7 @@ import hdf5plugin  # noqa: F401  (registers the compression filters for reading)
 import numpy as np
 
 from .exceptions import ScanNotFoundError
+from .file_backing import open_h5
 
 
 def _entry_order(name: str):
@@ -138,7 +139,7 @@ class File(Group):
             entries = {scan.info.get("entry_name") or f"{scan.number}.1": scan
                        for scan in scans}
         elif os.path.exists(self.filename):  # archived: the file's entries, in scan order
-            self._h5 = h5py.File(self.filename, "r", locking=False)
+            self._h5 = open_h5(self.filename)
             entries = {name: None for name in sorted(self._h5, key=_entry_order)}
         else:
             raise FileNotFoundError(f"no scan of {self.filename} in Redis at "
@@ -192,8 +193,8 @@ class File(Group):
             return Dataset(path, attrs, stream=scan.streams[value])
         if kind == "SOFT_LINK":
             return self._resolve_abs(root + value)
-        with h5py.File(os.path.join(os.path.dirname(self.filename), value["file"]), "r",
-                       locking=False) as f:  # EXTERNAL_LINK
+        with open_h5(os.path.join(os.path.dirname(self.filename),
+                                  value["file"])) as f:  # EXTERNAL_LINK
             return Dataset(path, attrs, value=f[value["path"]][()])
 
     def _resolve_abs(self, path: str):

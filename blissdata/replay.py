@@ -74,7 +74,9 @@ def replay(store: DataStore, archived: ArchivedScan, session: str | None = None,
             if not src.dataset.is_virtual:
                 archived.not_replayable[name] = "references stored without a virtual dataset"
                 continue
-            refs[name] = _references(src, original.resolve().parent,
+            # relative sources start at the folder of the file holding the virtual dataset
+            # (a scan's own file: docs/files.md)
+            refs[name] = _references(src, Path(src.dataset.file.filename).resolve().parent,
                                      Path(identity["path"]).resolve().parent)
         # frames stored one per Bitshuffle+LZ4 chunk travel as those chunks (no decompression
         # here, no compression in the writer); readers get the same arrays

@@ -208,7 +208,10 @@ class DatasetAppender:
         self._queue: deque = deque()  # (end point, [(offset, Future | bytes)], nbytes)
         self._queued_bytes = 0
         self._max_inflight = 2 * max(self._workers, 1) + 2
-        self._pad = padding_tolerated(dset.id.get_create_plist())  # see flush()
+        plist = dset.id.get_create_plist()
+        self._pad = padding_tolerated(plist)  # see flush()
+        self._raw_mask = (1 << plist.get_nfilters()) - 1  # every filter skipped: stored raw
+        self._raw_nbytes = self.dtype.itemsize * int(np.prod(self._chunks, dtype=np.int64))
         self._compressor = None  # made when first needed (filters other than bslz4)
         # one frame per chunk, whole frame: precompressed frames can go in untouched
         self._direct_frames = (self._bslz4 and not self._varying
@@ -222,8 +225,12 @@ class DatasetAppender:
         # the tail's chunks as the file holds them, padded:
         # offset in the point axes -> (filter mask, compressed bytes, stored size)
         self._held: dict[tuple, tuple[int, bytes, int]] = {}
+        # the same in SWMR mode, where a stored version is never overwritten unless it is
+        # raw: offset -> (filter mask, stored size, bytes of older versions left behind)
+        self._versions: dict[tuple, tuple[int, int, int]] = {}
         if self._k:  # resuming on a partial chunk: what the file holds is what to protect
             for offset, (mask, data) in last_chunks(dset).items():
+                self._versions[offset] = (mask, len(data), 0)
                 if self._pad:
                     self._held[offset] = (mask, data, len(data))
             self._tail[:self._k] = dset[self._tail_start:stored]
@@ -436,7 +443,11 @@ class DatasetAppender:
                 self._tail = self._new_tail()
                 self._k = 0
                 self._tail_flushed = 0
-                if self._held:  # flushed partially: replace the padded chunks safely
+                if self._versions and self._swmr_filtered():  # stored partially (SWMR)
+                    self._drain(keep=0)
+                    self._store_version(tail, complete=True, length=self._tail_start + n)
+                    self._tail_start += n
+                elif self._held:  # flushed partially: replace the padded chunks safely
                     self._drain(keep=0)
                     self._store(tail, padding=False, length=self._tail_start + n)
                     self._tail_start += n
@@ -532,7 +543,13 @@ class DatasetAppender:
         the end of a scan) stores it at its exact size. The caller flushes the file."""
         self._drain(keep=0)
         end = self._tail_start + self._k
-        if (self._held and final) or (self._pad and not final and self._tail_flushed < self._k):
+        if self._swmr_filtered():
+            if self._tail_flushed < self._k:
+                self._tail[self._k:] = self.fill_value  # rows past the points: fill
+                self._store_version(self._tail, complete=False, length=end)
+            else:
+                self._set_length(end)
+        elif (self._held and final) or (self._pad and not final and self._tail_flushed < self._k):
             self._tail[self._k:] = self.fill_value  # rows past the points: fill, not garbage
             self._store(self._tail, padding=not final, length=end)
         elif self._tail_flushed < self._k:  # HDF5's own path
@@ -574,6 +591,67 @@ class DatasetAppender:
             write(coord, padded(data, size), filter_mask=mask)
             if padding:
                 self._held[offset] = (mask, data, size)
+
+    def _swmr_filtered(self) -> bool:
+        return self._raw_mask != 0 and self._dset.file.swmr_mode
+
+    def _store_version(self, block: np.ndarray, complete: bool, length: int) -> None:
+        """SWMR mode: store the chunk row ``block`` (at ``self._tail_start``) so that no
+        byte a reader may be reading changes, then make the dataset ``length`` points long.
+
+        A reader (another process, any time) reads a chunk where the index it last read
+        says: rewriting a compressed chunk where it lies could hand it half old, half new
+        bytes (wrong values, or a decoder crash). So a compressed version of a partial chunk
+        always goes to a new place (a size other than the stored one: HDF5's SWMR mode then
+        allocates new room and never frees the old, which readers may still use). Those
+        leftovers would grow with every flush of a slowly filling chunk; once they would
+        pass one uncompressed chunk, the chunk is stored raw (filters skipped, a per-chunk
+        HDF5 flag every reader understands) and rewritten in place from then on: the bytes
+        of points already there never change, only rows past them. A chunk stored raw stays
+        raw. See docs/files.md."""
+        write = self._dset.id.write_direct_chunk
+        # longer first (a chunk is written inside the extent only); HDF5's SWMR flush order
+        # puts the chunk index on disk before the length readers see
+        self._set_length(length)
+        versions, mask_changed = {}, False  # mask_changed: forget HDF5's last lookup
+        for offset, part in self._split(block):
+            coord = (self._tail_start, *offset)
+            old = self._versions.get(offset)
+            if old is not None and old[0] == self._raw_mask:  # raw: in place, prefix intact
+                write(coord, part.tobytes(), filter_mask=self._raw_mask)
+                versions[offset] = old
+                mask_changed = True
+                continue
+            mask, data = self._compress_chunk(part)
+            left = old[1] + old[2] if old is not None else 0
+            if old is not None and len(data) == old[1]:  # same size: HDF5 would overwrite
+                data = padded(data, len(data) + 1) if self._pad else None
+            raw = data is None or (not complete and left + len(data) > self._raw_nbytes)
+            if raw and old is not None and old[1] == self._raw_nbytes and self._pad:
+                raw, data = False, padded(data or self._compress_chunk(part)[1],
+                                          self._raw_nbytes + 1)  # raw would overwrite
+            if raw:
+                write(coord, part.tobytes(), filter_mask=self._raw_mask)
+                versions[offset] = (self._raw_mask, self._raw_nbytes, left)
+            else:
+                write(coord, data, filter_mask=mask)
+                versions[offset] = (mask, len(data), left)
+            mask_changed |= versions[offset][0] != 0 or (old is not None and old[0] != 0)
+        if mask_changed:
+            self._forget_last_lookup()
+        self._versions = {} if complete else versions
+        self._held = {}
+
+    def _forget_last_lookup(self) -> None:
+        """HDF5 (2.0) remembers the chunk it last looked up, but after a
+        ``write_direct_chunk`` with a filter mask it remembers the wrong mask: a read in this
+        process would decode a raw chunk. Looking up a chunk past the dataset's end makes it
+        forget (tests/test_swmr_files.py reads back after every flush)."""
+        try:
+            self._dset.id.read_direct_chunk(
+                (self._tail_start + self._n, *(0,) * len(self.point_shape)))
+        except (OSError, RuntimeError, KeyError, ValueError):
+            pass
 
     def _compress_chunk(self, part: np.ndarray, points: int | None = None) -> tuple[int, bytes]:
         """(filter mask, stored bytes) of one full chunk, as HDF5 would store it. ``points``:

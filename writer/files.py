@@ -1,17 +1,26 @@
-"""Open HDF5 files shared by the scans written into them (several scans, one file)."""
+"""The writer's HDF5 files: each scan's own file, written in SWMR mode (:class:`OpenFiles`),
+the shared file of a session that links to them (:func:`link_entry`), and the repair of a
+file left "open for writing" by a writer killed -9 (:func:`clear_write_flags`).
+
+Why this layout: see docs/files.md.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import re
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
+
+log = logging.getLogger("blisswriter")
 
 
 def os_reason(exc: BaseException) -> str:
@@ -70,6 +79,92 @@ class FileLockedError(OSError):
     """Another process has the file open for writing (its exclusive lock is taken)."""
 
 
+# ---- the superblock's consistency flags ---------------------------------------------------
+_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _rot(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & 0xFFFFFFFF
+
+
+def lookup3(data: bytes, initval: int = 0) -> int:
+    """Bob Jenkins' lookup3 ``hashlittle``, the checksum of HDF5's metadata
+    (``H5_checksum_lookup3``)."""
+    m = 0xFFFFFFFF
+    length = len(data)
+    a = b = c = (0xDEADBEEF + length + initval) & m
+    k = 0
+    while length > 12:
+        a = (a + int.from_bytes(data[k:k + 4], "little")) & m
+        b = (b + int.from_bytes(data[k + 4:k + 8], "little")) & m
+        c = (c + int.from_bytes(data[k + 8:k + 12], "little")) & m
+        a = (a - c) & m; a ^= _rot(c, 4); c = (c + b) & m  # noqa: E702
+        b = (b - a) & m; b ^= _rot(a, 6); a = (a + c) & m  # noqa: E702
+        c = (c - b) & m; c ^= _rot(b, 8); b = (b + a) & m  # noqa: E702
+        a = (a - c) & m; a ^= _rot(c, 16); c = (c + b) & m  # noqa: E702
+        b = (b - a) & m; b ^= _rot(a, 19); a = (a + c) & m  # noqa: E702
+        c = (c - b) & m; c ^= _rot(b, 4); b = (b + a) & m  # noqa: E702
+        length -= 12
+        k += 12
+    if length == 0:
+        return c
+    tail = data[k:] + bytes(12 - length)
+    a = (a + int.from_bytes(tail[0:4], "little")) & m
+    b = (b + int.from_bytes(tail[4:8], "little")) & m
+    c = (c + int.from_bytes(tail[8:12], "little")) & m
+    c ^= b; c = (c - _rot(b, 14)) & m  # noqa: E702
+    a ^= c; a = (a - _rot(c, 11)) & m  # noqa: E702
+    b ^= a; b = (b - _rot(a, 25)) & m  # noqa: E702
+    c ^= b; c = (c - _rot(b, 16)) & m  # noqa: E702
+    a ^= c; a = (a - _rot(c, 4)) & m  # noqa: E702
+    b ^= a; b = (b - _rot(a, 14)) & m  # noqa: E702
+    c ^= b; c = (c - _rot(b, 24)) & m  # noqa: E702
+    return c
+
+
+def clear_write_flags(path) -> bool:
+    """What ``h5clear -s`` does: mark a file as no longer open for writing. A writer killed
+    while it had the file open (SWMR or not) leaves these flags set, and HDF5 then refuses
+    to open the file except read-only with ``swmr=True``.
+
+    The flags are byte 11 of a version 2 or 3 superblock (at offset 0, or 512, 1024, ... after
+    a user block), covered by the superblock's lookup3 checksum. True if flags were cleared,
+    False if there were none; ValueError if the file has no such superblock. Only for a file
+    no program has open for writing (the writer checks its own lock first)."""
+    with open(path, "r+b") as fh:
+        offset = 0
+        while True:
+            fh.seek(offset)
+            head = fh.read(48)
+            if len(head) < 8:
+                raise ValueError(f"{path}: no HDF5 superblock found")
+            if head[:8] == _SIGNATURE:
+                break
+            offset = 512 if offset == 0 else offset * 2
+        version, size_offsets = head[8], head[9]
+        if version not in (2, 3):
+            raise ValueError(f"{path}: superblock version {version} has no consistency "
+                             "flags to clear (only versions 2 and 3, libver 'latest')")
+        end = 12 + 4 * size_offsets  # flags, then 4 addresses, then the checksum
+        fh.seek(offset)
+        block = bytearray(fh.read(end + 4))
+        if lookup3(bytes(block[:end])) != int.from_bytes(block[end:end + 4], "little"):
+            raise ValueError(f"{path}: the superblock's checksum is wrong; not touched")
+        if block[11] == 0:
+            return False
+        block[11] = 0
+        block[end:end + 4] = lookup3(bytes(block[:end])).to_bytes(4, "little")
+        fh.seek(offset)
+        fh.write(block)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+def _left_open(exc: OSError) -> bool:
+    return "already open for write" in str(exc)
+
+
 @dataclass
 class OpenFile:
     path: Path
@@ -83,34 +178,52 @@ class OpenFile:
         :func:`reserve_space`); the room not used is given back when the file is closed."""
         return reserve_space(self.lock_fd, self.h5.id.get_filesize(), nbytes)
 
+    @property
+    def swmr(self) -> bool:
+        return bool(self.h5.swmr_mode)
+
+    def start_swmr(self) -> None:
+        """From now on: appending and changing values only, no new object (HDF5's SWMR
+        rule); readers open the file with ``h5py.File(path, "r", swmr=True,
+        locking=False)``. The writer keeps its exclusive lock until it closes the file: a
+        writer taking a scan over waits for it (docs/protocol.md, "Writer pool")."""
+        with self.lock:
+            if not self.h5.swmr_mode:
+                self.h5.swmr_mode = True
+
 
 class OpenFiles:
     """`acquire(path)` opens (or shares) a file for appending; `release()` closes it when its
-    last scan is done.
+    last user is done.
 
-    The writer takes the same exclusive lock as HDF5 (flock) itself and opens the file with
-    HDF5's own locking off: another program that has the file open for writing makes the open
-    fail with a clear error, programs opening it with HDF5's default locking are kept out,
-    and readers that open it with ``h5py.File(path, "r", locking=False)`` (in any process,
-    this one included) see everything up to the last flush."""
+    Files are created with ``libver="latest"`` (what SWMR needs); SWMR writing starts once
+    every object of the scan exists (:meth:`OpenFile.start_swmr`). The writer holds the
+    same exclusive lock as HDF5 (flock) while the file is open and opens it with HDF5's own
+    locking off: another program that has the file open for writing makes the open fail
+    with a clear error. Readers open the file with ``h5py.File(path, "r", swmr=True,
+    locking=False)`` and see everything up to the last flush. ``acquire(path, resume=True)`` first clears the "open for writing" flags a
+    writer killed -9 left in the file (:func:`clear_write_flags`)."""
 
     def __init__(self):
         self._files: dict[Path, OpenFile] = {}
         self._lock = threading.Lock()
 
-    def acquire(self, path: Path) -> OpenFile:
+    def acquire(self, path: Path, resume: bool = False, swmr: bool = True) -> OpenFile:
+        """`swmr=False`: a file that will not be written in SWMR mode is made as before
+        (HDF5's earliest format: no "open for writing" flags that would keep readers out)."""
         with self._lock:
             handle = self._files.get(path)
             if handle is None:
-                handle = self._files[path] = self._open(path)
+                handle = self._files[path] = self._open(path, resume, swmr)
             handle.users += 1
             return handle
 
     @staticmethod
-    def _open(path: Path) -> OpenFile:
+    def _open(path: Path, resume: bool = False, swmr: bool = True) -> OpenFile:
+        libver = "latest" if swmr else None
         try:
             if not path.exists():
-                h5py.File(path, "w-", locking=False).close()
+                h5py.File(path, "w-", libver=libver, locking=False).close()
             fd = os.open(path, os.O_RDWR)
         except OSError as exc:
             raise OSError(f"cannot create or open {path} for writing: {os_reason(exc)}") \
@@ -122,8 +235,16 @@ class OpenFiles:
             raise FileLockedError(f"cannot open {path} for writing: it is locked by another "
                           f"program that has it open") from None
         try:
-            h5 = h5py.File(path, "r+", locking=False)
-        except OSError as exc:
+            try:
+                h5 = h5py.File(path, "r+", libver=libver, locking=False)
+            except OSError as exc:
+                # left "open for writing" by a writer killed -9: ours (resume) and unlocked
+                if not (resume and _left_open(exc) and clear_write_flags(path)):
+                    raise
+                log.warning("%s was left open for writing (a writer killed?): flags cleared, "
+                            "resuming", path)
+                h5 = h5py.File(path, "r+", libver=libver, locking=False)
+        except (OSError, ValueError) as exc:
             os.close(fd)
             raise OSError(f"cannot open {path} as HDF5 for writing: {os_reason(exc)}") \
                 from None
@@ -155,3 +276,116 @@ class OpenFiles:
             for handle in self._files.values():
                 self._close(handle)
             self._files.clear()
+
+
+# ---- the shared file: one external link per scan -------------------------------------------
+_master_locks: dict[Path, threading.Lock] = {}
+_master_locks_guard = threading.Lock()
+
+
+@contextmanager
+def _master_lock(master: Path):
+    """One writer at a time rewrites a shared file: threads of this process (a lock per
+    path), other processes (flock on a lock file next to the scans' files)."""
+    with _master_locks_guard:
+        local = _master_locks.setdefault(master, threading.Lock())
+    with local:
+        lock_path = scans_folder(master) / f".{master.name}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def _not_being_written(master: Path):
+    """OSError if another program has `master` open for writing (HDF5's exclusive lock);
+    programs reading it (HDF5's shared lock) are no obstacle: the file is replaced, never
+    changed where it lies."""
+    try:
+        fd = os.open(master, os.O_RDONLY)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OSError(f"cannot add a scan to {master}: it is locked by another program "
+                          f"that has it open for writing") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def scans_folder(master: Path) -> Path:
+    """Where the scans of a shared file have their own files: `<folder>/<stem>/`."""
+    return master.parent / master.stem
+
+
+def scan_file_in(master: Path, entry_name: str) -> Path:
+    """The own file of scan entry `entry_name` of shared file `master`:
+    ``sample.h5`` -> ``sample/sample_3.1.h5``."""
+    return scans_folder(master) / f"{master.stem}_{entry_name}{master.suffix or '.h5'}"
+
+
+def entry_in(master: Path, entry_name: str) -> str | None:
+    """How `master` holds `entry_name`: "link" (an external link, this writer's layout),
+    "group" (written by an older writer), or None (not there, or no such file)."""
+    if not master.exists():
+        return None
+    with _not_being_written(master), \
+            h5py.File(master, "r", locking=False, swmr=True) as f:
+        link = f.get(entry_name, getlink=True)
+    if link is None:
+        return None
+    return "link" if isinstance(link, h5py.ExternalLink) else "group"
+
+
+def link_entry(master: Path, entry_name: str, scan_file: Path) -> None:
+    """Make `master:/<entry_name>` an external link to `scan_file:/<entry_name>`.
+
+    The shared file is never changed where it lies: a new version is written beside it and
+    renamed over it (atomic), so a program reading the old version keeps a complete file (it
+    sees the new scan once it opens the file again) and a crash leaves the old or the new
+    one, whole. A file whose entries are groups (written by an older writer) cannot be
+    copied cheaply: the link is then added in place."""
+    target = os.path.relpath(scan_file, master.parent)
+    with _master_lock(master):
+        if entry_in(master, entry_name) == "link":
+            return
+        with _not_being_written(master):
+            legacy = master.exists() and _has_groups(master)
+        if legacy:
+            with h5py.File(master, "r+", locking=False) as f:
+                f[entry_name] = h5py.ExternalLink(target, f"/{entry_name}")
+                f.attrs["default"] = entry_name
+            return
+        tmp = master.with_name(f".{master.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            with h5py.File(tmp, "w", libver="latest") as new:
+                if master.exists():
+                    with h5py.File(master, "r", locking=False, swmr=True) as old:
+                        new.attrs.update(old.attrs)
+                        for name in old:
+                            link = old.get(name, getlink=True)
+                            new[name] = h5py.ExternalLink(link.filename, link.path)
+                else:
+                    new.attrs.update({"NX_class": "NXroot", "creator": "blisswriter",
+                                      "HDF5_Version": h5py.version.hdf5_version,
+                                      "h5py_version": h5py.version.version})
+                new.attrs["file_name"] = str(master)
+                new[entry_name] = h5py.ExternalLink(target, f"/{entry_name}")
+                new.attrs["default"] = entry_name
+            os.replace(tmp, master)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def _has_groups(master: Path) -> bool:
+    with h5py.File(master, "r", locking=False, swmr=True) as f:
+        return any(not isinstance(f.get(n, getlink=True), h5py.ExternalLink) for n in f)

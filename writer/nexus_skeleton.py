@@ -176,13 +176,49 @@ def stream_dataset_parent(entry: h5py.Group, path: str) -> tuple[h5py.Group, str
     return (entry.require_group(parent[1:]) if parent else entry), name
 
 
+#: room of the text fields made before SWMR writing starts and filled later (ISO 8601
+#: times, end reasons): fixed-length strings are changed where they lie
+END_FIELD_BYTES = 64
+END_FIELDS = ("start_time", "end_time", "end_reason")
+
+
+def prepare_end_fields(entry: h5py.Group) -> None:
+    """Create start_time (unless there), end_time and end_reason empty, to be filled by
+    :func:`set_text_field`: no object may be created once SWMR writing has started."""
+    for name in END_FIELDS:
+        if name not in entry:
+            entry.create_dataset(name, shape=(), dtype=f"S{END_FIELD_BYTES}")
+
+
+def set_text_field(entry: h5py.Group, name: str, value: str) -> None:
+    """`entry/name` = value: in place if it is a fixed-length string with room for it (the
+    only way once SWMR writing has started), else made again."""
+    data = value.encode()
+    dset = entry.get(name)
+    if (dset is not None and dset.dtype.kind == "S" and dset.shape == ()
+            and len(data) <= dset.dtype.itemsize):
+        dset[()] = np.bytes_(data)
+        return
+    if entry.file.swmr_mode:  # no new object: keep what fits
+        if dset is not None and dset.dtype.kind == "S" and dset.shape == ():
+            dset[()] = np.bytes_(data[:dset.dtype.itemsize])
+        return
+    if dset is not None:
+        del entry[name]
+    entry[name] = value
+
+
+def is_finalized(entry: h5py.Group) -> bool:
+    """Whether the entry has its end_reason (set by :func:`finalize_entry`)."""
+    reason = entry.get("end_reason")
+    return reason is not None and bool(reason[()])
+
+
 def finalize_entry(entry: h5py.Group, info: dict, end_reason: str) -> None:
     """end_time (info's or now) and end_reason: the entry is complete. Also start_time, when
     the scan started after the entry was made (the writer starts at PREPARED)."""
-    if "start_time" not in entry and info.get("start_time"):
-        entry["start_time"] = str(info["start_time"])
-    for name, value in (("end_time", info.get("end_time") or _now()),
-                        ("end_reason", str(end_reason))):
-        if name in entry:
-            del entry[name]
-        entry[name] = value
+    start = entry.get("start_time")
+    if info.get("start_time") and (start is None or not start[()]):
+        set_text_field(entry, "start_time", str(info["start_time"]))
+    set_text_field(entry, "end_time", str(info.get("end_time") or _now()))
+    set_text_field(entry, "end_reason", str(end_reason))

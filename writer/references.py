@@ -21,14 +21,16 @@ class ReferencesAppender:
     pending_bytes = 0
 
     def __init__(self, group: h5py.Group, name: str, scan_file: Path, check_target,
-                 attrs=None, references=None, definition=None):
+                 attrs=None, references=None, definition=None, base: Path | None = None):
         self._group, self._name = group, name
         # frames of a declared dtype and shape (a blissdata 2 lima stream): the virtual
         # dataset is built from the declaration, whether the detector's files exist yet or not
         self._declared = None
         if definition is not None and definition.dtype is not None:
             self._declared = (tuple(definition.shape), np.dtype(definition.dtype))
-        self._scan_file = Path(scan_file)
+        self._scan_file = Path(scan_file)  # the file holding the virtual dataset
+        # relative reference paths start there (the scan's path: see blissdata.file_backing)
+        self._base = Path(base) if base is not None else self._scan_file.parent
         self._check_target = check_target  # raises PathRefused for a file outside data roots
         self._attrs = dict(attrs or {})
         self._refs: list[tuple[str, str, int]] = list(references or [])
@@ -37,15 +39,20 @@ class ReferencesAppender:
 
     @classmethod
     def open(cls, dataset: h5py.Dataset, scan_file, check_target,
-             definition=None) -> "ReferencesAppender":
+             definition=None, base: Path | None = None) -> "ReferencesAppender":
         """Resume on a virtual dataset written before a restart."""
         refs = []
+        folder = Path(scan_file).parent
         for vs in dataset.virtual_sources():
             (lo, *_), (hi, *_) = vs.vspace.get_select_bounds()
             (src_lo, *_), _ = vs.src_space.get_select_bounds()
-            refs.extend((vs.file_name, vs.dset_name, src_lo + k) for k in range(hi - lo + 1))
+            file = vs.file_name
+            if base is not None and not os.path.isabs(file):  # back to the references' base
+                file = os.path.relpath(folder / file, base)
+            refs.extend((file, vs.dset_name, src_lo + k) for k in range(hi - lo + 1))
         group, name = dataset.parent, dataset.name.rsplit("/", 1)[1]
-        self = cls(group, name, scan_file, check_target, dict(dataset.attrs), refs, definition)
+        self = cls(group, name, scan_file, check_target, dict(dataset.attrs), refs, definition,
+                   base)
         self._built = len(refs)
         return self
 
@@ -60,7 +67,7 @@ class ReferencesAppender:
     def append(self, points: list) -> None:
         for p in points:
             file = p["file"]
-            target = Path(file) if os.path.isabs(file) else self._scan_file.parent / file
+            target = Path(file) if os.path.isabs(file) else self._base / file
             self._check_target(str(target))
             self._refs.append((file, p["dataset"], int(p["index"])))
 
@@ -69,7 +76,7 @@ class ReferencesAppender:
             return self._declared
         key = (file, dataset)
         if key not in self._source_meta:
-            path = file if os.path.isabs(file) else str(self._scan_file.parent / file)
+            path = file if os.path.isabs(file) else str(self._base / file)
             try:
                 with h5py.File(path, "r", locking=False) as f:
                     d = f[dataset]
@@ -98,6 +105,8 @@ class ReferencesAppender:
             if src_shape != shape:
                 raise ValueError(f"referenced frames {file}::{dset} have shape {src_shape}, "
                                  f"the earlier ones {shape}")
+            if not os.path.isabs(file):  # HDF5 looks for it from the virtual dataset's folder
+                file = os.path.relpath(self._base / file, self._scan_file.parent)
             source = h5py.VirtualSource(file, dset, shape=(first + (j - i), *shape))
             layout[i:j] = source[first:first + (j - i)]
             i = j

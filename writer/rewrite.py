@@ -94,11 +94,14 @@ class _SourceMover:
 def _copy_group(src, dst, setting, counts, copied: dict, chunk_points: int, sources) -> None:
     for name in src:
         link = src.get(name, getlink=True)
+        # a shared file's entries are external links to each scan's own file
+        # (docs/files.md): the entry itself is rewritten into the output
+        entry_link = isinstance(link, h5py.ExternalLink) and src.name == "/"
         if isinstance(link, h5py.SoftLink):
             dst[name] = link
             counts["links"] += 1
             continue
-        if isinstance(link, h5py.ExternalLink):
+        if isinstance(link, h5py.ExternalLink) and not entry_link:
             dst[name] = h5py.ExternalLink(sources(link.filename), link.path)
             counts["links"] += 1
             continue

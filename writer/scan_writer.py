@@ -29,11 +29,12 @@ from . import status as writer_status
 from .dataset_writer import DatasetAppender, last_chunks
 from .varying_points import VaryingPointsAppender
 from .default_mapping import default_mapping
-from .files import is_file_error, os_reason
+from .files import entry_in, is_file_error, link_entry, os_reason, scan_file_in
 from .grid_plot import write_grid_plot
 from .mapping import MappingError, parse_mapping
 from .names import invalid_names
-from .nexus_skeleton import (EntryExistsError, finalize_entry, stream_dataset_parent,
+from .nexus_skeleton import (END_FIELDS, EntryExistsError, finalize_entry, is_finalized,
+                             prepare_end_fields, set_text_field, stream_dataset_parent,
                              write_entry)
 from .paths import PathRefused, check_link_target, scan_file_path
 from .pool import wait_for_file
@@ -81,13 +82,15 @@ class ScanWriter(threading.Thread):
         self.appenders: dict[str, DatasetAppender] = {}  # stream name -> appender
         self.definitions: dict[str, StreamDefinition] = {}  # as they were when writing began
         self.dataset_paths: dict[str, str] = {}  # stream name -> dataset path in the file
-        self.file_path: Path | None = None
+        self.file_path: Path | None = None  # the scan's own file (SWMR)
+        self.master_path: Path | None = None  # the shared file linking to it ("shared" layout)
         self.file = None
         self.entry = None
         self._last_event = time.monotonic()
         self._stop_requested = threading.Event()
         self._largest_entry = 0  # bytes of the largest Redis entry read (sizes the reads)
         self._redefined_at = None  # stream name -> points published when seen redefined
+        self._start_time_written = False
 
     # ---- thread body -----------------------------------------------------------------
     def run(self) -> None:
@@ -108,7 +111,7 @@ class ScanWriter(threading.Thread):
         except Exception as exc:
             if is_file_error(exc):
                 log.debug("scan %s: %s", self.scan_key, exc)  # HDF5's full story
-                self._fail(f"file {self.file_path}: {os_reason(exc)}")
+                self._fail(f"file {self.where}: {os_reason(exc)}")
             else:  # a bug: keep the service alive, say it loudly
                 log.exception("scan %s: unexpected error", self.scan_key)
                 self._fail(f"internal error: {type(exc).__name__}: {exc}")
@@ -179,12 +182,13 @@ class ScanWriter(threading.Thread):
     def _info_updated(self) -> None:
         """The scan's info was reloaded (a state change) while writing."""
         start_time = self.scan.info.get("start_time")
-        if start_time and "start_time" not in self.entry:
-            with self.file.lock:
-                self.entry["start_time"] = str(start_time)
+        if start_time and not self._start_time_written:
+            with self.file.lock:  # made empty with the entry (SWMR), filled in place
+                set_text_field(self.entry, "start_time", str(start_time))
+            self._start_time_written = True
 
     def _end_failed_entry(self, end_reason: str) -> None:
-        if "end_reason" not in self.entry:
+        if not is_finalized(self.entry):
             finalize_entry(self.entry, self.scan.info, end_reason)
 
     def _wait_for(self, state: ScanState) -> None:
@@ -229,13 +233,31 @@ class ScanWriter(threading.Thread):
                              f"letters, digits, _, no leading digit): {', '.join(odd[:10])}"
                              + (f" and {len(odd) - 10} more" if len(odd) > 10 else ""))
         self.file_path = self._file_path()
+        scan_path = self.master_path or self.file_path
         for link in getattr(layout, "external_links", []):
-            check_link_target(link.file, self.file_path, self.config.data_roots)
+            # relative to the scan's path (as h5api reads them); HDF5 resolves them from the
+            # folder of the file holding the link, the scan's own file
+            check_link_target(link.file, scan_path, self.config.data_roots)
+            if not os.path.isabs(link.file):
+                link.file = os.path.relpath(scan_path.parent / link.file, self.file_path.parent)
         return layout
 
     def _file_path(self) -> Path:
-        return scan_file_path(self.scan.path, self.scan.number, self.config.file_layout,
+        """The scan's own file. Layout "shared": the scan path is a file shared by the scans
+        of a session, holding one external link per scan to its own file (docs/files.md)."""
+        path = scan_file_path(self.scan.path, self.scan.number, self.config.file_layout,
                               self.config.data_roots)
+        if self.config.file_layout == "per_scan":
+            return path
+        self.master_path = path
+        return scan_file_in(self.master_path, self.entry_name)
+
+    @property
+    def where(self) -> str:
+        """The scan's file as users know it (the shared file), and the scan's own file."""
+        if self.master_path is None:
+            return str(self.file_path)
+        return f"{self.master_path} (scan file {self.file_path})"
 
     @property
     def entry_name(self) -> str:
@@ -243,9 +265,10 @@ class ScanWriter(threading.Thread):
 
     def _open_entry(self, layout, previous) -> None:
         self.lease.check()
-        self.status.file, self.status.entry = str(self.file_path), self.entry_name
+        self.status.file = str(self.master_path or self.file_path)
+        self.status.entry = self.entry_name
         resuming = (previous is not None and previous.state in ("writing", "idle")
-                    and previous.file == str(self.file_path)
+                    and previous.file == self.status.file
                     and previous.entry == self.entry_name)
         if not resuming:
             self.status.state = "writing"
@@ -255,27 +278,55 @@ class ScanWriter(threading.Thread):
             self.status.started = previous.started
             self.status.state = "writing"
             self.status.warnings = previous.warnings + ["resumed after a writer restart"]
+        try:
+            in_master = self.master_path is not None and entry_in(self.master_path,
+                                                                  self.entry_name)
+        except OSError as exc:
+            raise ScanFailed(str(exc)) from None
+        if not resuming and in_master:
+            raise EntryExistsError(f"entry {self.entry_name} already exists in "
+                                   f"{self.master_path}; the writer never overwrites an entry")
         self.file_path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self._acquire_file()
+        self.file = self._acquire_file(resuming, self._swmr_possible(layout))
         with self.file.lock:
             h5 = self.file.h5
             if resuming and self.entry_name in h5:
                 self.entry = h5[self.entry_name]
                 self._check_entry_is_ours()
+                writer_status.write_note(self.entry, self.status)  # in its SWMR-ready form
+                if self._swmr_possible(layout) and self._entry_complete(layout):
+                    # SWMR at once: readers of the points already there are not kept out
+                    # (nor left unprotected) while the writer checks and trims its datasets
+                    h5.flush()
+                    self.file.start_swmr()
             else:
                 self.entry = self._new_entry(h5, layout)
                 writer_status.write_note(self.entry, self.status)
             self._create_appenders(layout, resume=resuming)
-            self._write_header_note()
+            if not self.file.swmr:  # (resuming in SWMR mode: written when the scan began)
+                self._write_header_note()
+            # every object of the scan exists before SWMR writing starts (HDF5's rule):
+            # what comes at the end is made now and filled then
+            prepare_end_fields(self.entry)
+            if self.scan.info.get("grid_shape") and "grid" not in self.entry:
+                why_not = write_grid_plot(self.entry, self.scan.info,
+                                          {n: a.dataset for n, a in self.appenders.items()})
+                if why_not:
+                    self.status.warn(f"no grid image: {why_not}")
             h5.flush()
+            if self._swmr_possible(layout) and not self.file.swmr:
+                self.file.start_swmr()
+        if self.master_path is not None:
+            link_entry(self.master_path, self.entry_name, self.file_path)
         log.info("scan %s %s:%s %s -> %s::/%s%s", self.scan_key, self.scan.session,
-                 self.scan.number, self.scan.name, self.file_path, self.entry_name,
+                 self.scan.number, self.scan.name, self.where, self.entry_name,
                  " (resumed)" if resuming else "")
 
-    def _acquire_file(self):
+    def _acquire_file(self, resume: bool, swmr: bool):
         """The file, open for writing. Taken over from another writer that still has it
         locked (paused, or about to notice it lost the lease): wait for it to let go."""
-        acquire = lambda: self.service.files.acquire(self.file_path)  # noqa: E731
+        acquire = lambda: self.service.files.acquire(self.file_path, resume=resume,  # noqa: E731
+                                                     swmr=swmr)
         if not self.service.writer_pool.file_claimed_by_another(str(self.file_path)):
             return acquire()
 
@@ -287,15 +338,35 @@ class ScanWriter(threading.Thread):
         return wait_for_file(acquire, self.lease, self.config.inactivity_timeout_s,
                              self._stop_requested, tell)
 
+    def _entry_complete(self, layout) -> bool:
+        """Whether the entry has every object a scan begins with (a writer may have been
+        killed while making them)."""
+        entry = self.entry
+        if self.scan.info.get("grid_shape") and "grid" not in entry:
+            return False
+        note = entry.get("writer_status/data")
+        return (note is not None and note.dtype.kind == "S"
+                and "scan_header/data" in entry
+                and all(name in entry for name in END_FIELDS)
+                and all(node.path[1:] in entry for node in layout.streams))
+
+    def _swmr_possible(self, layout) -> bool:
+        """False for a scan with a `references` stream (its virtual dataset is made again at
+        each flush: a new object, which SWMR forbids) or a `json` stream (variable-length
+        strings, which SWMR readers cannot read while they are appended: measured). Such a
+        scan's file is written as before SWMR (docs/files.md)."""
+        return not any(self.scan.streams[n.stream].definition.encoding in ("references", "json")
+                       for n in layout.streams)
+
     def _check_entry_is_ours(self) -> None:
         note = self.entry.get("writer_status/data")
         if note is None:
-            raise ScanFailed(f"entry {self.entry_name} in {self.file_path} exists and was not "
+            raise ScanFailed(f"entry {self.entry_name} in {self.where} exists and was not "
                              f"written by this writer for scan {self.scan_key}; not touched")
         raw = note[()]
         raw = raw.decode() if isinstance(raw, bytes) else raw
         if writer_status.ScanStatus.from_json(raw).scan_key != self.scan_key:
-            raise ScanFailed(f"entry {self.entry_name} in {self.file_path} belongs to another "
+            raise ScanFailed(f"entry {self.entry_name} in {self.where} belongs to another "
                              f"scan; not touched")
 
     def _create_appenders(self, layout, resume: bool) -> None:
@@ -317,7 +388,8 @@ class ScanWriter(threading.Thread):
                 appender = TextAppender(group, name, attrs=node.attrs)
             elif definition.encoding == "references":
                 appender = ReferencesAppender(group, name, self.file_path, self._check_source,
-                                              attrs=node.attrs, definition=definition)
+                                              attrs=node.attrs, definition=definition,
+                                              base=Path(self.scan.path).parent)
             else:  # points of varying shape: their shapes too, in a dataset beside them
                 kind = self.varying_appender if definition.varying else DatasetAppender
                 appender = kind(
@@ -340,7 +412,8 @@ class ScanWriter(threading.Thread):
                 return TextAppender.open(dataset)
             if definition.encoding == "references":
                 return ReferencesAppender.open(dataset, self.file_path, self._check_source,
-                                               definition)
+                                               definition,
+                                               base=Path(self.scan.path).parent)
             kind = self.varying_appender if definition.varying else DatasetAppender
             return kind.open(dataset, executor=self.service.pool,
                              workers=self.config.compression_threads)
@@ -440,7 +513,7 @@ class ScanWriter(threading.Thread):
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             raise ScanFailed(f"disk full: no room for the next {need / 1e6:.1f} MB of "
-                             f"{self.file_path}, {why}") from None
+                             f"{self.where}, {why}") from None
         folder = self.file_path.parent
         st = os.statvfs(folder)
         free = st.f_bavail * st.f_frsize
@@ -546,22 +619,19 @@ class ScanWriter(threading.Thread):
         with self.file.lock:
             self.lease.check()
             end_reason = self.scan.info.get("end_reason", "SUCCESS")
-            if self.scan.info.get("grid_shape") and end_reason == "SUCCESS":
-                why_not = write_grid_plot(self.entry, self.scan.info,
-                                          {n: a.dataset for n, a in self.appenders.items()})
-                if why_not:
-                    self.status.warn(f"no grid image: {why_not}")
             finalize_entry(self.entry, self.scan.info, end_reason)
-            # again, with the end time and reason
-            writer_status.write_header_note(self.entry, self.scan, self.dataset_paths)
+            if not self.file.swmr:  # again, with the end time and reason
+                writer_status.write_header_note(self.entry, self.scan, self.dataset_paths)
             self.status.state = "done"
             writer_status.write_note(self.entry, self.status)
             self.file.h5.flush()
+        # "done" once the file is closed: who waits for it can open it at once
+        self._release_file()
         self._publish_final_status()
         total = sum(self.status.points.values())
         log.info("scan %s %s:%s done: %d points in %d streams, %.1f MB -> %s::/%s (%s)",
                  self.scan_key, self.scan.session, self.scan.number, total,
-                 len(self.appenders), self.status.bytes_written / 1e6, self.file_path,
+                 len(self.definitions), self.status.bytes_written / 1e6, self.where,
                  self.entry_name, self.scan.info.get("end_reason"))
 
     def _publish_final_status(self, patience_s: float = 30.0) -> None:
@@ -593,14 +663,18 @@ class ScanWriter(threading.Thread):
                     writer_status.write_note(self.entry, self.status)
                     self._end_failed_entry("DELETION" if "deleted" in reason else "FAILURE")
                     self.file.h5.flush()
-                kept = f"; {sum(durable.values())} points kept in {self.file_path}"
+                kept = f"; {sum(durable.values())} points kept in {self.where}"
             except Exception as exc:  # the disk may be the problem: keep what is there
                 # the points handed to HDF5 above may not be on disk: never publish them
                 self.status.points = durable_before
                 kept = (f"; {sum(self.status.points.values())} points durable in "
-                        f"{self.file_path} before that; the failure could not be recorded in "
+                        f"{self.where} before that; the failure could not be recorded in "
                         f"the file: {os_reason(exc)}")
         self.status.error = reason + kept
+        try:
+            self._release_file()  # "failed" once the file is closed, like "done"
+        except Exception as exc:
+            log.error("scan %s: closing %s: %s", self.scan_key, self.file_path, exc)
         try:
             if self.status.points and self.service.redis.exists(self.scan_key):
                 self._mark_durable(self.status.points)  # readers get the kept points

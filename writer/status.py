@@ -8,6 +8,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import redis
 
 from blissdata import keys
@@ -131,9 +132,28 @@ def write_json_note(entry, name: str, data: str, description: str) -> None:
         note[key] = value
 
 
+#: room for the status JSON in the file: it is rewritten in place (SWMR allows no new object)
+NOTE_BYTES = 16 * 1024
+
+
 def write_note(entry, status: ScanStatus) -> None:
-    """The status as an NXnote `<entry>/writer_status`."""
-    write_json_note(entry, "writer_status", status.to_json(), "blisswriter status of this scan")
+    """The status as an NXnote `<entry>/writer_status`; its `data` is a fixed-length string
+    with room to change in place while the file is written in SWMR mode (a status too long
+    for it keeps its last warnings and the start of its error)."""
+    text = status.to_json().encode()
+    data = entry.get("writer_status/data")
+    if data is None or data.dtype.kind != "S" or data.shape != ():
+        write_json_note(entry, "writer_status", "", "blisswriter status of this scan")
+        del entry["writer_status/data"]
+        size = max(NOTE_BYTES, 2 * len(text))
+        data = entry["writer_status"].create_dataset("data", shape=(), dtype=f"S{size}")
+    room = data.dtype.itemsize
+    if len(text) > room:
+        short = ScanStatus.from_json(text)
+        short.warnings = short.warnings[-3:]
+        short.error = short.error[:room // 2]
+        text = short.to_json().encode()[:room]
+    data[()] = np.bytes_(text)
 
 
 def write_header_note(entry, scan, dataset_paths: dict) -> None:

@@ -1,0 +1,124 @@
+"""A reader process for the SWMR stress tests (tests/test_swmr_readers.py).
+
+    python tests/swmr_reader.py MODE REDIS_URL SCAN_KEY DURATION_S SEED
+
+Reads random ranges of points the writer has published as durable, for DURATION_S seconds,
+and checks every value against what the producer sends (`expected`). MODE:
+
+- ``stream``: the Stream API, slices and single points (trimmed points come from the file);
+- ``h5api``: ``blissdata.h5api.File`` on the scan's path;
+- ``h5py``: plain h5py with the README's recipe, on the scan's path (the shared file).
+
+Prints one JSON line {"mode", "reads", "points", "problems"}; exit status 1 if there was a
+problem (a short read, a wrong value, an exception), 0 if not. A crash shows as a signal.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+
+import numpy as np
+
+FRAME_SHAPE = (128, 128)
+STREAMS = {"cam:image": "cam", "diode:diode": "diode"}
+MAPPING = [{"NX_class": "NXentry"},
+           {"measurement": [{"NX_class": "NXcollection"},
+                            {"cam": [{}, "STREAM", "cam:image"],
+                             "diode": [{}, "STREAM", "diode:diode"]}]}]
+MAX_RANGE = 48
+
+
+def expected(stream: str, start: int, stop: int) -> np.ndarray:
+    """What the producer sends as points [start, stop) of `stream`."""
+    index = np.arange(start, stop)
+    if stream == "diode:diode":
+        return index * 0.5 + 1.0
+    pixels = np.arange(FRAME_SHAPE[0] * FRAME_SHAPE[1]).reshape(FRAME_SHAPE)
+    return ((pixels[np.newaxis] + index[:, np.newaxis, np.newaxis] * 7) % 65536) \
+        .astype(np.uint16)
+
+
+def _check(stream, start, stop, data, problems, how):
+    want = expected(stream, start, stop)
+    data = np.asarray(data)
+    if data.shape != want.shape:
+        problems.append(f"{how} {stream}[{start}:{stop}]: shape {data.shape}, "
+                        f"expected {want.shape}")
+    elif not np.array_equal(data, want):
+        bad = np.argwhere(data != want)[0]
+        problems.append(f"{how} {stream}[{start}:{stop}]: wrong value at {tuple(bad)}")
+
+
+def _random_range(durable: int):
+    a = random.randrange(durable)
+    return a, min(durable, a + random.randint(1, MAX_RANGE))
+
+
+def main(mode, url, scan_key, duration):
+    from blissdata import DataStore
+
+    store = DataStore(url)
+    scan = store.load_scan(scan_key)
+    problems, reads, points = [], 0, 0
+    deadline = time.monotonic() + duration
+    h5file = h5_dsets = None
+    api = None
+    while time.monotonic() < deadline and len(problems) < 5:
+        stream = random.choice(list(STREAMS))
+        backing = scan.streams[stream].file_backing
+        durable = backing["points"] if backing else 0
+        if not durable:
+            time.sleep(0.01)
+            continue
+        start, stop = _random_range(durable)
+        try:
+            if mode == "stream":
+                s = scan.streams[stream]
+                if random.random() < 0.5:
+                    _check(stream, start, stop, s[start:stop], problems, "stream")
+                else:
+                    _check(stream, start, start + 1, np.asarray(s[start])[np.newaxis],
+                           problems, "stream point")
+                    stop = start + 1
+            elif mode == "h5api":
+                if api is None:
+                    from blissdata.h5api import File
+                    api = File(store, scan.path)
+                # with the entry's name: another scan may have started in that file since
+                path = f"/{scan.number}.1/measurement/{STREAMS[stream]}"
+                _check(stream, start, stop, api[path][start:stop], problems, "h5api")
+            elif mode == "h5py":
+                import h5py
+                import hdf5plugin  # noqa: F401  (the recipe: filters for compressed data)
+                if h5file is None or random.random() < 0.02:  # sometimes open anew
+                    if h5file is not None:
+                        h5file.close()
+                    h5file = h5py.File(scan.path, "r", swmr=True, locking=False)
+                    entry = h5file[f"{scan.number}.1"]
+                    h5_dsets = {name: entry[f"measurement/{leaf}"]
+                                for name, leaf in STREAMS.items()}
+                dset = h5_dsets[stream]
+                dset.refresh()
+                stop = min(stop, dset.shape[0])
+                if stop <= start:
+                    continue
+                _check(stream, start, stop, dset[start:stop], problems, "h5py")
+            else:
+                raise SystemExit(f"unknown mode {mode!r}")
+        except Exception as exc:  # noqa: BLE001  (any exception is a problem to report)
+            problems.append(f"{mode} {stream}[{start}:{stop}]: {type(exc).__name__}: {exc}")
+            continue
+        reads += 1
+        points += stop - start
+    print(json.dumps({"mode": mode, "reads": reads, "points": points, "problems": problems}),
+          flush=True)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    mode, url, key, duration, seed = sys.argv[1:6]
+    random.seed(int(seed))
+    sys.exit(main(mode, url, key, float(duration)))

@@ -1,0 +1,168 @@
+"""The pieces of the SWMR layout (docs/files.md): clearing the flags a writer killed -9 leaves,
+partial chunks stored so that no byte a reader may read changes, the shared file replaced
+atomically."""
+
+import os
+import subprocess
+import sys
+
+import h5py
+import hdf5plugin  # noqa: F401
+import numpy as np
+import pytest
+
+from writer.dataset_writer import DatasetAppender
+from writer.files import clear_write_flags, link_entry, lookup3, scan_file_in
+
+KILLED_WRITER = """
+import sys, time, h5py
+f = h5py.File(sys.argv[1], "w", libver="latest")
+f.create_dataset("x", data=[1.0, 2.0, 3.0], maxshape=(None,), chunks=(4,))
+f.swmr_mode = True
+f["x"].resize(5, axis=0)
+f.flush()
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_lookup3_is_hdf5s_checksum(tmp_path):
+    path = tmp_path / "a.h5"
+    h5py.File(path, "w", libver="latest").close()
+    block = path.read_bytes()[:48]
+    assert lookup3(block[:44]) == int.from_bytes(block[44:48], "little")
+
+
+def test_clear_write_flags_after_kill_9(tmp_path):
+    path = tmp_path / "killed.h5"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.kill()
+    proc.wait()
+    with pytest.raises(OSError, match="already open for write"):
+        h5py.File(path, "r")
+    with h5py.File(path, "r", swmr=True) as f:  # what a reader can always do
+        assert f["x"].shape == (5,)
+    assert clear_write_flags(path) is True
+    with h5py.File(path, "r+") as f:
+        assert list(f["x"][:3]) == [1.0, 2.0, 3.0] and f["x"].shape == (5,)
+    assert clear_write_flags(path) is False  # nothing left to clear
+
+
+def test_clear_write_flags_refuses_what_it_cannot_fix(tmp_path):
+    old = tmp_path / "old.h5"
+    h5py.File(old, "w").close()  # superblock version 0: no flags byte
+    with pytest.raises(ValueError, match="superblock version 0"):
+        clear_write_flags(old)
+    text = tmp_path / "text.h5"
+    text.write_text("not HDF5")
+    with pytest.raises(ValueError, match="no HDF5 superblock"):
+        clear_write_flags(text)
+    broken = tmp_path / "broken.h5"
+    h5py.File(broken, "w", libver="latest").close()
+    data = bytearray(broken.read_bytes())
+    data[20] ^= 0xFF  # inside the superblock: its checksum no longer matches
+    broken.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        clear_write_flags(broken)
+
+
+@pytest.mark.parametrize("compression", ["bitshuffle-lz4", "gzip", "zstd"])
+def test_swmr_partial_chunks_never_overwritten_compressed(tmp_path, compression):
+    """One point per flush, as at a slow rate: every flush stores the partial chunk; every
+    value reads back right (in this process, and in another), the file stays bounded."""
+    path = tmp_path / "slow.h5"
+    f = h5py.File(path, "w", libver="latest", locking=False)
+    app = DatasetAppender(f, "x", "float64", compression=compression, workers=0)
+    f.swmr_mode = True
+    values = np.sin(np.arange(600) * 0.01)
+    raw_chunk = 8 * app.chunks[0]
+    for i, v in enumerate(values):
+        app.append(values[i:i + 1])
+        assert app.flush() == i + 1
+        f.flush()
+        if i % 37 == 0:
+            assert np.array_equal(f["x"][:i + 1], values[:i + 1])
+    assert np.array_equal(f["x"][:], values)
+    mask = f["x"].id.read_direct_chunk((0,))[0]
+    assert mask != 0  # went raw once the compressed versions left behind passed one chunk
+    # leftovers: at most one raw chunk of compressed versions, then the raw chunk itself
+    assert os.path.getsize(path) < 2 * raw_chunk + 64 * 1024
+    code = (f"import h5py, hdf5plugin, numpy as np\nf = h5py.File({str(path)!r}, 'r', "
+            "swmr=True, locking=False)\nprint(repr(f['x'][:].tolist()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert np.array_equal(np.array(eval(out)), values)
+    app.close()
+    f.close()
+
+
+def test_swmr_chunk_filled_fast_stays_compressed(tmp_path):
+    path = tmp_path / "fast.h5"
+    with h5py.File(path, "w", libver="latest", locking=False) as f:
+        app = DatasetAppender(f, "x", "float64", workers=0)
+        f.swmr_mode = True
+        n = app.chunks[0]
+        data = np.arange(n + 10, dtype=np.float64)
+        app.append(data[:100])
+        app.flush()
+        app.append(data[100:])  # the first chunk fills: stored compressed, new place
+        app.flush()
+        assert f["x"].id.read_direct_chunk((0,))[0] == 0
+        assert np.array_equal(f["x"][:], data)
+        app.close()
+    assert os.path.getsize(path) < 8 * n  # compressed (the partial version left behind too)
+
+
+def test_shared_file_replaced_whole(tmp_path):
+    master = tmp_path / "sample.h5"
+    for n in (1, 2):
+        scan_file = scan_file_in(master, f"{n}.1")
+        scan_file.parent.mkdir(exist_ok=True)
+        with h5py.File(scan_file, "w", libver="latest") as f:
+            f.create_group(f"{n}.1").attrs["NX_class"] = "NXentry"
+            f[f"{n}.1/value"] = n
+        if n == 1:
+            link_entry(master, "1.1", scan_file)
+            reader = h5py.File(master, "r", swmr=True, locking=False)  # the first version
+        else:
+            link_entry(master, "2.1", scan_file)
+    assert list(reader) == ["1.1"] and reader["1.1/value"][()] == 1  # still whole
+    reader.close()
+    with h5py.File(master, "r", swmr=True) as f:
+        assert sorted(f) == ["1.1", "2.1"] and f["2.1/value"][()] == 2
+        assert f.attrs["default"] == "2.1" and f.attrs["NX_class"] == "NXroot"
+        assert f.get("2.1", getlink=True).filename == "sample/sample_2.1.h5"  # relative
+    link_entry(master, "2.1", scan_file_in(master, "2.1"))  # again: nothing changes
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_shared_file_of_an_older_writer_gets_links_in_place(tmp_path):
+    master = tmp_path / "old.h5"
+    with h5py.File(master, "w") as f:
+        f.create_group("1.1")["value"] = 1
+    scan_file = scan_file_in(master, "2.1")
+    scan_file.parent.mkdir()
+    with h5py.File(scan_file, "w", libver="latest") as f:
+        f.create_group("2.1")["value"] = 2
+    link_entry(master, "2.1", scan_file)
+    with h5py.File(master, "r") as f:
+        assert f["1.1/value"][()] == 1 and f["2.1/value"][()] == 2
+
+
+def test_rewrite_of_a_shared_file_rewrites_its_scans(tmp_path):
+    from writer.rewrite import rewrite
+
+    master = tmp_path / "sample.h5"
+    scan_file = scan_file_in(master, "1.1")
+    scan_file.parent.mkdir()
+    with h5py.File(scan_file, "w", libver="latest") as f:
+        f.create_group("1.1").create_dataset("x", data=np.arange(1000.0), chunks=(100,),
+                                              compression="gzip")
+    link_entry(master, "1.1", scan_file)
+    out = tmp_path / "out.h5"
+    rewrite(str(master), str(out), compression="bitshuffle-lz4")
+    with h5py.File(out, "r") as f:
+        assert isinstance(f.get("1.1", getlink=True), h5py.HardLink)  # the data, not a link
+        assert np.array_equal(f["1.1/x"][()], np.arange(1000.0))

@@ -1,0 +1,200 @@
+"""Readers of files the writer is still writing (SWMR): real processes, no crash, no short
+read, no wrong value.
+
+A writer process appends frames and scalars while the memory tracker trims Redis hard, and 4
+reader processes (tests/swmr_reader.py: Stream API, h5api.File, plain h5py with the README's
+recipe) read random durable ranges and check every value. The durations are parameters
+(``STRESS_S`` environment variable, seconds of full-speed writing; default 10) so that a
+longer run is one variable away.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from blissdata import DataStore
+from blissdata.h5api import File
+from swmr_reader import FRAME_SHAPE, MAPPING, expected
+from writer_helpers import wait_status
+
+HERE = Path(__file__).parent
+STRESS_S = float(os.environ.get("STRESS_S", "10"))
+READER_MODES = ("stream", "stream", "h5api", "h5py")
+
+
+def _start(args, log_path, env=None):
+    log = open(log_path, "ab")
+    return subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
+                            env=env)
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def services(store, tmp_path):
+    """A writer process (max_lag_s 0.1) and a memory tracker trimming everything durable."""
+    data_root = tmp_path / "data"
+    data_root.mkdir()
+    config = tmp_path / "writer.toml"
+    config.write_text(f'data_roots = ["{data_root}"]\nmax_lag_s = 0.1\n'
+                      'inactivity_timeout_s = 60\n')
+    procs = [_start(["-m", "writer.cli", "run", "--config", str(config), "--redis", store.url],
+                    tmp_path / "writer.log"),
+             _start(["-m", "blissdata.memory_tracker", "--redis", store.url, "--budget", "0",
+                     "--hard-limit", "100000", "--interval", "0.05"], tmp_path / "tracker.log")]
+    time.sleep(1.0)  # the writer subscribes
+    yield data_root
+    for proc in procs:
+        _stop(proc)
+    for proc in procs:
+        assert proc.returncode in (0, -15), (tmp_path / "writer.log").read_text()[-3000:]
+
+
+def _new_scan(store, path, number):
+    scan = store.create_scan(
+        {"session": "stress", "name": "timescan", "number": number, "path": str(path)},
+        info={"title": f"timescan {number}", "type": "timescan", "scan_nb": number,
+              "mapping": MAPPING})
+    cam = scan.create_stream("cam:image", "uint16", FRAME_SHAPE)
+    diode = scan.create_stream("diode:diode", "float64")
+    scan.prepare()
+    scan.start()
+    return scan, cam, diode
+
+
+def _produce(scan, cam, diode, seconds, rate=None, batch=8):
+    """Frames and scalars for `seconds`: at full speed, or `rate` points per second."""
+    sent, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        n = batch if rate is None else 1
+        scan.send_many({cam: expected("cam:image", sent, sent + n),
+                        diode: expected("diode:diode", sent, sent + n)})
+        sent += n
+        if rate is not None:
+            time.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
+    return sent
+
+
+def _readers(store, scan, seconds, tmp_path):
+    procs = []
+    for i, mode in enumerate(READER_MODES):
+        procs.append(subprocess.Popen(
+            [sys.executable, str(HERE / "swmr_reader.py"), mode, store.url, scan.key,
+             str(seconds), str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _check_readers(procs):
+    reports = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"reader exit {proc.returncode}: {out} {err[-2000:]}"
+        report = json.loads(out.strip().splitlines()[-1])
+        assert report["reads"] > 0, report
+        reports.append(report)
+    return reports
+
+
+def _run(store, services, tmp_path, seconds, rate=None, second_scan=False):
+    path = services / "sample" / "sample.h5"
+    scan, cam, diode = _new_scan(store, path, 1)
+    readers = _readers(store, scan, seconds + 2, tmp_path)
+    second = None
+    if second_scan:  # another scan of the session starts in the same file mid-way
+        def later():
+            nonlocal second
+            time.sleep(seconds / 2)
+            second = _new_scan(store, path, 2)
+            _produce(*second, seconds / 4, rate=50)
+            second[0].stop()
+            second[0].close()
+        starter = threading.Thread(target=later)
+        starter.start()
+    sent = _produce(scan, cam, diode, seconds, rate)
+    scan.stop()
+    scan.close()
+    if second_scan:
+        starter.join()
+    reports = _check_readers(readers)
+    for key in [scan.key] + ([second[0].key] if second else []):
+        st = wait_status(store, key, timeout=60)
+        assert st.state == "done", st.error
+    # "done": the file is closed and unlocked; plain h5py with HDF5's default locking opens it
+    with h5py.File(path, "r") as f:
+        assert np.array_equal(f["1.1/measurement/diode"][()], expected("diode:diode", 0, sent))
+        assert f["1.1/measurement/cam"].shape == (sent, *FRAME_SHAPE)
+        assert np.array_equal(f["1.1/measurement/cam"][-5:], expected("cam:image", sent - 5, sent))
+        if second_scan:
+            assert f["2.1/measurement/diode"].shape[0] > 0
+    return sent, reports
+
+
+def test_readers_while_writing_full_speed(store, services, tmp_path):
+    sent, reports = _run(store, services, tmp_path, STRESS_S)
+    print(sent, reports)
+
+
+def test_readers_while_writing_20_points_per_s(store, services, tmp_path):
+    _run(store, services, tmp_path, max(4.0, STRESS_S / 4), rate=20)
+
+
+def test_readers_while_a_second_scan_starts_in_the_shared_file(store, services, tmp_path):
+    _run(store, services, tmp_path, max(5.0, STRESS_S / 2), second_scan=True)
+
+
+def test_two_data_stores_and_h5api_in_one_process(store, services, tmp_path):
+    """HDF5 shares one open file per process: readers opened at different lengths of a
+    growing file all get every point they ask for."""
+    path = services / "one" / "one.h5"
+    scan, cam, diode = _new_scan(store, path, 1)
+    stores = [DataStore(store.url), DataStore(store.url)]
+    api = None
+    sent, checked = 0, 0
+    try:
+        for _ in range(40):
+            scan.send_many({cam: expected("cam:image", sent, sent + 5),
+                            diode: expected("diode:diode", sent, sent + 5)})
+            sent += 5
+            deadline = time.monotonic() + 10
+            while (scan.streams["diode:diode"].file_backing or {}).get("points", 0) < sent \
+                    or (scan.streams["cam:image"].file_backing or {}).get("points", 0) < sent:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            store.redis.xtrim(scan.streams["diode:diode"].key, maxlen=1, approximate=False)
+            store.redis.xtrim(scan.streams["cam:image"].key, maxlen=1, approximate=False)
+            if api is None:
+                api = File(stores[0], str(path))
+            for reader in stores:
+                s = reader.load_scan(scan.key)
+                assert np.array_equal(s.streams["diode:diode"][0:sent],
+                                      expected("diode:diode", 0, sent))
+                assert np.array_equal(s.streams["cam:image"][sent - 5:sent],
+                                      expected("cam:image", sent - 5, sent))
+                assert np.array_equal(s.streams["cam:image"][sent - 1],
+                                      expected("cam:image", sent - 1, sent)[0])
+            assert np.array_equal(api["/measurement/diode"][0:sent],
+                                  expected("diode:diode", 0, sent))
+            checked += 1
+    finally:
+        for reader in stores:
+            reader.close()
+    scan.stop()
+    scan.close()
+    assert checked == 40
+    assert wait_status(store, scan.key, timeout=30).state == "done"
