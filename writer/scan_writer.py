@@ -327,7 +327,9 @@ class ScanWriter(threading.Thread):
         locked (paused, or about to notice it lost the lease): wait for it to let go."""
         acquire = lambda: self.service.files.acquire(self.file_path, resume=resume,  # noqa: E731
                                                      swmr=swmr)
-        if not self.service.writer_pool.file_claimed_by_another(str(self.file_path)):
+        # the pool claims files by the scan's path (with the shared layout, the shared file)
+        claimed = str(self.master_path or self.file_path)
+        if not self.service.writer_pool.file_claimed_by_another(claimed):
             return acquire()
 
         def tell():
