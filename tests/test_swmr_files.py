@@ -68,14 +68,36 @@ def test_clear_write_flags_refuses_what_it_cannot_fix(tmp_path):
         clear_write_flags(broken)
 
 
+CONCURRENT_READER = """
+import os, sys, h5py, hdf5plugin, numpy as np
+path, done = sys.argv[1:3]
+f = h5py.File(path, "r", swmr=True, locking=False)
+d, reads, bad = f["x"], 0, []
+while not os.path.exists(done):
+    d.refresh()
+    n = d.shape[0]
+    if n:
+        got = d[:n]
+        if not np.array_equal(got, np.sin(np.arange(n) * 0.01)):
+            bad.append(n)
+        reads += 1
+print(reads, bad)
+sys.exit(1 if bad else 0)
+"""
+
+
 @pytest.mark.parametrize("compression", ["bitshuffle-lz4", "gzip", "zstd"])
 def test_swmr_partial_chunks_never_overwritten_compressed(tmp_path, compression):
     """One point per flush, as at a slow rate: every flush stores the partial chunk; every
     value reads back right (in this process, and in another), the file stays bounded."""
     path = tmp_path / "slow.h5"
+    done = tmp_path / "done"
     f = h5py.File(path, "w", libver="latest", locking=False)
     app = DatasetAppender(f, "x", "float64", compression=compression, workers=0)
     f.swmr_mode = True
+    f.flush()
+    reader = subprocess.Popen([sys.executable, "-c", CONCURRENT_READER, str(path), str(done)],
+                              stdout=subprocess.PIPE, text=True)
     values = np.sin(np.arange(600) * 0.01)
     raw_chunk = 8 * app.chunks[0]
     for i, v in enumerate(values):
@@ -84,6 +106,10 @@ def test_swmr_partial_chunks_never_overwritten_compressed(tmp_path, compression)
         f.flush()
         if i % 37 == 0:
             assert np.array_equal(f["x"][:i + 1], values[:i + 1])
+    done.touch()
+    out, _ = reader.communicate(timeout=60)
+    assert reader.returncode == 0, out  # a reader in another process all along: all right
+    assert int(out.split()[0]) > 0, out
     assert np.array_equal(f["x"][:], values)
     mask = f["x"].id.read_direct_chunk((0,))[0]
     assert mask != 0  # went raw once the compressed versions left behind passed one chunk
