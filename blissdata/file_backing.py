@@ -22,7 +22,7 @@ import hdf5plugin  # noqa: F401  (registers the compression filters for reading)
 import numpy as np
 
 from .exceptions import BlissdataError, IndexNoMoreThereError
-from .point_shapes import varying_points
+from .point_shapes import shapes_dataset, varying_points
 
 
 class DataFileError(BlissdataError, OSError):
@@ -142,12 +142,16 @@ def read_points(stream, start: int, stop: int, backing: dict | None, lost: list)
         raise IndexNoMoreThereError(
             f"stream {stream.name!r} of scan {stream._scan.key}: points [{start}, {stop}) are no "
             f"more in Redis{why}")
-    data = read_range(stream._scan._store._files, backing["file"], backing["dataset"],
-                      start, stop)
+    files = stream._scan._store._files
+    data = read_range(files, backing["file"], backing["dataset"], start, stop)
     definition = stream.definition
     if definition.encoding == "json":
         return [json.loads(v) for v in data]
     if definition.varying:  # each point cut to its own shape (point_shapes.py)
+        dset = files.dataset(backing["file"], backing["dataset"], stop)
+        shapes = shapes_dataset(dset)
+        if shapes is not None:
+            _length(shapes, stop)  # refreshed (SWMR) if it shows fewer shapes than points
         return varying_points(dset, start, data)
     return data
 

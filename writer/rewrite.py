@@ -96,7 +96,8 @@ def _copy_group(src, dst, setting, counts, copied: dict, chunk_points: int, sour
         link = src.get(name, getlink=True)
         # a shared file's entries are external links to each scan's own file
         # (docs/files.md): the entry itself is rewritten into the output
-        entry_link = isinstance(link, h5py.ExternalLink) and src.name == "/"
+        entry_link = (isinstance(link, h5py.ExternalLink) and src.name == "/"
+                      and link.path == f"/{name}")
         if isinstance(link, h5py.SoftLink):
             dst[name] = link
             counts["links"] += 1
@@ -114,7 +115,12 @@ def _copy_group(src, dst, setting, counts, copied: dict, chunk_points: int, sour
             group = dst.create_group(name)
             group.attrs.update(dict(obj.attrs))
             counts["groups"] += 1
-            _copy_group(obj, group, setting, counts, copied, chunk_points, sources)
+            # inside a scan's own file, relative names start at that file's folder
+            outer, sources.src_dir = sources.src_dir, Path(obj.file.filename).resolve().parent
+            try:
+                _copy_group(obj, group, setting, counts, copied, chunk_points, sources)
+            finally:
+                sources.src_dir = outer
         elif obj.is_virtual:
             layout = h5py.VirtualLayout(shape=obj.shape, dtype=obj.dtype)
             for vs in obj.virtual_sources():
