@@ -48,7 +48,8 @@ def _stop(proc):
 
 @pytest.fixture
 def services(store, tmp_path):
-    """A writer process (max_lag_s 0.1) and a memory tracker trimming everything durable."""
+    """A writer process (max_lag_s 0.1) and a memory tracker trimming everything durable
+    (budget 1 kB: Redis always uses more)."""
     data_root = tmp_path / "data"
     data_root.mkdir()
     config = tmp_path / "writer.toml"
@@ -56,7 +57,7 @@ def services(store, tmp_path):
                       'inactivity_timeout_s = 60\n')
     procs = [_start(["-m", "writer.cli", "run", "--config", str(config), "--redis", store.url],
                     tmp_path / "writer.log"),
-             _start(["-m", "blissdata.memory_tracker", "--redis", store.url, "--budget", "0",
+             _start(["-m", "blissdata.memory_tracker", "--redis", store.url, "--budget", "0.001",
                      "--hard-limit", "100000", "--interval", "0.05"], tmp_path / "tracker.log")]
     time.sleep(1.0)  # the writer subscribes
     yield data_root
