@@ -827,6 +827,8 @@ class Bliss2ScanWriter(ScanWriter):
     idle_flush_after_s = 0.2
     # varying shapes padded as blisswriter 3.0.0 does, with no dataset of shapes beside
     varying_appender = DatasetAppender
+    # objects made at CLOSED, as blisswriter 3 does: not SWMR (docs/files.md)
+    writes_swmr = False
 
     def run(self) -> None:
         # this thread compresses only small pieces (partial chunks; full ones go to the pool):

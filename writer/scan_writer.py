@@ -67,6 +67,9 @@ class ScanWriter(threading.Thread):
     idle_flush_after_s = 0.0
     # points of varying shape: padded, and their shapes in a dataset beside them
     varying_appender = VaryingPointsAppender
+    # SWMR (docs/files.md): every object made when the entry is; a subclass that makes
+    # objects later (blissdata2: the end of a scan as blisswriter 3 writes it) sets False
+    writes_swmr = True
 
     def __init__(self, service, scan_key: str):
         super().__init__(name=f"scan-{scan_key[-9:-1]}", daemon=True)
@@ -307,7 +310,8 @@ class ScanWriter(threading.Thread):
                 self._write_header_note()
             # every object of the scan exists before SWMR writing starts (HDF5's rule):
             # what comes at the end is made now and filled then
-            prepare_end_fields(self.entry)
+            if self._swmr_possible(layout):
+                prepare_end_fields(self.entry)
             if self.scan.info.get("grid_shape") and "grid" not in self.entry:
                 why_not = write_grid_plot(self.entry, self.scan.info,
                                           {n: a.dataset for n, a in self.appenders.items()})
@@ -357,8 +361,9 @@ class ScanWriter(threading.Thread):
         each flush: a new object, which SWMR forbids) or a `json` stream (variable-length
         strings, which SWMR readers cannot read while they are appended: measured). Such a
         scan's file is written as before SWMR (docs/files.md)."""
-        return not any(self.scan.streams[n.stream].definition.encoding in ("references", "json")
-                       for n in layout.streams)
+        return self.writes_swmr and not any(
+            self.scan.streams[n.stream].definition.encoding in ("references", "json")
+            for n in layout.streams)
 
     def _check_entry_is_ours(self) -> None:
         note = self.entry.get("writer_status/data")
