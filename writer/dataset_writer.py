@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from contextlib import contextmanager
 import os
 import threading
 import zlib
@@ -218,6 +219,8 @@ class DatasetAppender:
                                and self._chunks == (1, *point_shape))
         stored = dset.shape[0]
         self._length = stored  # == dataset.shape[0], kept here: h5py's shape costs ~10 us
+        # a write failed (disk full...): the points stored before it, all that counts now
+        self._failed_at: int | None = None
         self._tail_start = stored - stored % self._n
         self._tail = self._new_tail()
         self._k = stored - self._tail_start
@@ -365,10 +368,11 @@ class DatasetAppender:
         zeros = (0,) * len(self.point_shape)
         if not self._queue:  # nothing in flight: one resize, then the chunks as they are
             start = self._tail_start
-            self._set_length(start + len(chunks))
-            write = self._dset.id.write_direct_chunk
-            for k, c in enumerate(chunks):
-                write((start + k, *zeros), c)
+            with self._guard():
+                self._set_length(start + len(chunks))
+                write = self._dset.id.write_direct_chunk
+                for k, c in enumerate(chunks):
+                    write((start + k, *zeros), c)
             self._tail_start += len(chunks)
             return
         for c in chunks:
@@ -445,11 +449,13 @@ class DatasetAppender:
                 self._tail_flushed = 0
                 if self._versions and self._swmr_filtered():  # stored partially (SWMR)
                     self._drain(keep=0)
-                    self._store_version(tail, complete=True, length=self._tail_start + n)
+                    with self._guard():
+                        self._store_version(tail, complete=True, length=self._tail_start + n)
                     self._tail_start += n
                 elif self._held:  # flushed partially: replace the padded chunks safely
                     self._drain(keep=0)
-                    self._store(tail, padding=False, length=self._tail_start + n)
+                    with self._guard():
+                        self._store(tail, padding=False, length=self._tail_start + n)
                     self._tail_start += n
                     # its old index entry must not outlive this write for long
                     self._dset.file.flush()
@@ -462,9 +468,10 @@ class DatasetAppender:
         n = self._n
         self._tail_start += n
         if not self._bslz4 and self._deflate is None:
-            self._set_length(start + n)
-            self._dset[(slice(start, start + n), *(slice(0, s) for s in block.shape[1:]))] \
-                = block
+            with self._guard():
+                self._set_length(start + n)
+                self._dset[(slice(start, start + n), *(slice(0, s) for s in block.shape[1:]))] \
+                    = block
             return
         pieces = []
         nbytes = block.nbytes
@@ -529,18 +536,40 @@ class DatasetAppender:
             q.popleft()
         if not ready:
             return
-        self._set_length(ready[-1][0])
-        write = self._dset.id.write_direct_chunk
-        for _end, pieces, nbytes in ready:
-            for offset, data in pieces:
-                write(offset, data)
-            self._queued_bytes -= nbytes
+        with self._guard():
+            self._set_length(ready[-1][0])
+            write = self._dset.id.write_direct_chunk
+            for _end, pieces, nbytes in ready:
+                for offset, data in pieces:
+                    write(offset, data)
+                self._queued_bytes -= nbytes
+
+    @contextmanager
+    def _guard(self):
+        """Writes that may fail: the length is set before the chunks are written (HDF5 writes
+        inside the extent only), so a failure leaves it ahead of what is stored; from then
+        on, flush() reports only the points stored before."""
+        before = self._length
+        try:
+            yield
+        except BaseException:
+            self._failed_at = before if self._failed_at is None else min(self._failed_at,
+                                                                         before)
+            raise
 
     def flush(self, final: bool = False) -> int:
         """Write every appended point into the HDF5 dataset and return the number of points
         stored (== npoints). The partial tail is stored padded, so that its rewrites happen
         in place (:mod:`writer.partial_chunks`); ``final=True`` (no more points will come:
-        the end of a scan) stores it at its exact size. The caller flushes the file."""
+        the end of a scan) stores it at its exact size. The caller flushes the file.
+        After a failed write, the points stored before it (nothing more is written)."""
+        if self._failed_at is not None:
+            return min(self._length, self._failed_at)
+        with self._guard():
+            self._flush(final)
+        return self._length
+
+    def _flush(self, final: bool) -> None:
         self._drain(keep=0)
         end = self._tail_start + self._k
         if self._swmr_filtered():
@@ -560,7 +589,6 @@ class DatasetAppender:
         else:
             self._set_length(end)
         self._tail_flushed = self._k
-        return self._length
 
     def _store(self, block: np.ndarray, padding: bool, length: int) -> None:
         """Store the chunks of the chunk row ``block`` (at ``self._tail_start``) compressed,
