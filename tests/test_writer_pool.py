@@ -140,6 +140,9 @@ def test_three_writers_share_a_dozen_scans(store, writers, data_root, tmp_path, 
         time.sleep(0.05)
     wait_for(lambda: all(holder_pid(store, scan.key) for scan, _ in running), 20,
              "every scan taken", procs, tmp_path)
+    # a writer publishes a scan's status once it has opened the scan's file, after its lease
+    wait_for(lambda: sum(1 for st in writer_status.read_recent(store.redis) if st.held_by)
+             == len(running), 20, "every scan's status published", procs, tmp_path)
     assert cli_main(["status", "--redis", store.url]) == 0
     shown = capsys.readouterr().out
     assert shown.count(" alive ") == 3, shown
