@@ -1,0 +1,388 @@
+"""What the write path costs for slow scans, many channels and fast scalars: writer CPU, RSS,
+lag and the file's bytes outside its data, each against a baseline measured in the same run.
+
+    python bench/bench_write_cost.py [--slow-seconds 20] [--json bench/results/write_cost.json]
+
+Every load runs on a fresh writer process (`blisswriter run`, default configuration:
+max_lag_s 1, memory_budget_mb 512) on a private embedded server; the producer runs in this
+process. Measures:
+
+* slow scan: N float64 channels at 10 Hz (header: npoints, count_time 0.1): the writer's CPU
+  (its user + system times over the scan's wall time, % of one core) and the lag of each point
+  until durable (p99); the issue's runs lasted 120 s, these `--slow-seconds`.
+* RSS vs channels: the writer's peak RSS (VmHWM) for N float64 channels x `--rss-points`
+  points in batches of 100, against `memory_budget_mb`.
+* file overhead: the scan's own file size minus the stored bytes of every dataset minus HDF5's
+  metadata, as a share of the file. The metadata is measured, not guessed: the same objects
+  copied with HDF5 (H5Ocopy: same chunks, filters and stored chunks) into a new file in one go;
+  that file's bytes outside its datasets' storage are the metadata.
+* size spread: the same published data written twice at different paces (a live producer,
+  and a backlog the writer finds once resumed); (largest - smallest) / smallest.
+* fast scalars: 64 channels x `--scalar-points` in batches of 100, writer CPU seconds from the
+  first publish to the scan done; baseline: bare h5py writing the same batches (this
+  process's CPU), and blisswriter 3.0.0's 0.8 s measured earlier on this machine (DESIGN.md;
+  not run here).
+* concurrent: 16 scans, each a 256x256 uint16 frame + 4 counters at 50 Hz: lag p99 of the
+  counters and the frames, writer CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401  (filters for reading the files)
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, write_json  # noqa: E402
+
+from blissdata import DataStore, keys  # noqa: E402
+from blissdata.redis_server import EmbeddedRedis  # noqa: E402
+
+BLISSWRITER_3_SCALARS_CPU_S = 0.8  # 64 x 100k scalars, measured earlier on this machine
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_peak_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Writer:
+    """A fresh `blisswriter run` process for one load."""
+
+    def __init__(self, url: str, root: Path, name: str):
+        self.log = open(root / f"writer-{name}.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "writer.cli", "run", "--redis",
+                                      url, "--data-root", str(root)], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        time.sleep(1.5)
+
+    @property
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
+    @property
+    def rss_peak_mb(self) -> float:
+        return rss_peak_mb(self.proc.pid)
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+def durable(store, scan_key, stream) -> int:
+    raw = store.redis.hget(keys.durable_key(scan_key), stream)
+    return json.loads(raw)["points"] if raw else 0
+
+
+def wait_done(store, scan_key, timeout=300) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        raw = store.redis.hget(keys.writer_key(scan_key), "status")
+        if raw and json.loads(raw)["state"] in ("done", "failed"):
+            status = json.loads(raw)
+            if status["state"] == "failed":
+                raise RuntimeError(f"scan failed: {status.get('error')}")
+            return status
+        if time.monotonic() > deadline:
+            raise RuntimeError("writer did not finish the scan")
+        time.sleep(0.01)
+
+
+def wait_picked(store, scan_key) -> None:
+    deadline = time.monotonic() + 30
+    while store.redis.hget(keys.writer_key(scan_key), "status") is None:
+        assert time.monotonic() < deadline, "writer did not pick the scan up"
+        time.sleep(0.01)
+    time.sleep(0.3)
+
+
+def scan_file(store, scan_key) -> str:
+    for v in store.redis.hgetall(keys.durable_key(scan_key)).values():
+        return json.loads(v)["file"]
+    raise RuntimeError("no durable watermark")
+
+
+def new_scan(store, root, number, name, info=None):
+    return store.create_scan({"session": "bench", "name": name, "number": number,
+                              "path": str(root / f"{name}.h5")},
+                             {"title": name, "type": name, "scan_nb": number, **(info or {})})
+
+
+def storage_bytes(h5) -> int:
+    total = 0
+
+    def visit(_name, obj):
+        nonlocal total
+        if isinstance(obj, h5py.Dataset) and not obj.is_virtual:
+            total += obj.id.get_storage_size()
+    h5.visititems(visit)
+    return total
+
+
+def file_overhead(path: str, tmp: Path) -> dict:
+    """Bytes outside the datasets' stored data and HDF5's metadata, against a copy of the
+    same objects made by HDF5 in one go (whose non-data bytes are the metadata)."""
+    copy = tmp / "overhead-copy.h5"
+    with h5py.File(path, "r", swmr=True, locking=False) as src, \
+            h5py.File(copy, "w", libver="latest") as dst:
+        for name in src:
+            src.copy(src[name], dst, name=name)
+        stored = storage_bytes(src)
+    size = os.path.getsize(path)
+    with h5py.File(copy, "r") as dst:
+        copy_stored = storage_bytes(dst)
+    metadata = os.path.getsize(copy) - copy_stored
+    copy.unlink()
+    outside = size - stored - metadata
+    return {"file MB": size / 1e6, "data MB": stored / 1e6, "metadata MB": metadata / 1e6,
+            "overhead %": 100 * outside / size}
+
+
+# ---- loads ----------------------------------------------------------------------------
+def slow_scan(url, root, channels, seconds, rate=10.0) -> dict:
+    writer = Writer(url, root, f"slow{channels}")
+    try:
+        store = DataStore(url)
+        n = int(rate * seconds)
+        scan = new_scan(store, root, channels, f"slow{channels}",
+                        {"npoints": n, "count_time": 1 / rate})
+        streams = [scan.create_stream(f"c{c}", "float64") for c in range(channels)]
+        scan.prepare()
+        scan.start()
+        wait_picked(store, scan.key)
+        values = np.random.default_rng(channels).random(channels)
+        published, lags, seen = [], [], 0
+        cpu0, t0 = writer.cpu, time.perf_counter()
+        for i in range(n):
+            target = t0 + i / rate
+            while (now := time.perf_counter()) < target:
+                time.sleep(min(0.005, target - now))
+            scan.send_many({s: values[c:c + 1] for c, s in enumerate(streams)})
+            published.append(time.perf_counter())
+            d = min(durable(store, scan.key, "c0"), durable(store, scan.key, f"c{channels-1}"))
+            now = time.perf_counter()
+            while seen < d:
+                lags.append(now - published[seen])
+                seen += 1
+        while seen < n:
+            d = min(durable(store, scan.key, "c0"), durable(store, scan.key, f"c{channels-1}"))
+            now = time.perf_counter()
+            while seen < d:
+                lags.append(now - published[seen])
+                seen += 1
+            time.sleep(0.005)
+        wall = time.perf_counter() - t0
+        cpu = writer.cpu - cpu0
+        scan.close()
+        wait_done(store, scan.key)
+        path = scan_file(store, scan.key)
+        row = {"load": f"slow scan {channels} ch x 10 Hz, {seconds:g} s",
+               "cpu %": 100 * cpu / wall, "lag p99 s": float(np.percentile(lags, 99)),
+               "lag max s": float(max(lags)), "rss MB": writer.rss_peak_mb}
+        row.update(file_overhead(path, root))
+        return row
+    finally:
+        writer.close()
+
+
+def many_channels(url, root, channels, points, batch=100) -> dict:
+    writer = Writer(url, root, f"rss{channels}")
+    try:
+        store = DataStore(url)
+        scan = new_scan(store, root, 100000 + channels, f"rss{channels}", {"npoints": points})
+        streams = [scan.create_stream(f"c{c}", "float64") for c in range(channels)]
+        scan.prepare()
+        scan.start()
+        wait_picked(store, scan.key)
+        data = np.random.default_rng(0).random(batch)
+        for _ in range(points // batch):
+            scan.send_many({s: data for s in streams})
+        scan.close()
+        wait_done(store, scan.key, timeout=600)
+        path = scan_file(store, scan.key)
+        row = {"load": f"{channels} ch x {points} points", "rss MB": writer.rss_peak_mb}
+        row.update(file_overhead(path, root))
+        return row
+    finally:
+        writer.close()
+
+
+def fast_scalars(url, root, points, paused=False, channels=64, batch=100) -> dict:
+    name = "fastpaused" if paused else "fast"
+    writer = Writer(url, root, name)
+    try:
+        store = DataStore(url)
+        scan = new_scan(store, root, 2 if paused else 1, name,
+                        {"npoints": points, "count_time": 0.001})
+        streams = [scan.create_stream(f"c{c}", "float64") for c in range(channels)]
+        scan.prepare()
+        scan.start()
+        wait_picked(store, scan.key)
+        rng = np.random.default_rng(0)
+        batches = [rng.random(batch) for _ in range(8)]
+        if paused:
+            os.kill(writer.proc.pid, signal.SIGSTOP)
+        cpu0, t0 = writer.cpu, time.perf_counter()
+        for i in range(points // batch):
+            scan.send_many({s: batches[(i + c) % 8] for c, s in enumerate(streams)})
+        if paused:
+            os.kill(writer.proc.pid, signal.SIGCONT)
+        scan.close()
+        wait_done(store, scan.key)
+        cpu, wall = writer.cpu - cpu0, time.perf_counter() - t0
+        path = scan_file(store, scan.key)
+        row = {"load": f"fast scalars {channels} ch x {points}" + (", backlog" if paused else ""),
+               "cpu s": cpu, "wall s": wall, "rss MB": writer.rss_peak_mb,
+               "ratio": BLISSWRITER_3_SCALARS_CPU_S / cpu}
+        row.update(file_overhead(path, root))
+        return row
+    finally:
+        writer.close()
+
+
+def bare_scalars(root, points, channels=64, batch=100) -> float:
+    """CPU of bare h5py appending the same batches (resize + write per batch), bslz4."""
+    rng = np.random.default_rng(0)
+    batches = [rng.random(batch) for _ in range(8)]
+    t0 = time.process_time()
+    with h5py.File(root / "bare.h5", "w", libver="latest") as f:
+        dsets = [f.create_dataset(f"c{c}", shape=(0,), maxshape=(None,), chunks=(131072,),
+                                  dtype="f8", **hdf5plugin.Bitshuffle()) for c in range(channels)]
+        for i in range(points // batch):
+            for c, d in enumerate(dsets):
+                d.resize((i + 1) * batch, axis=0)
+                d[i * batch:] = batches[(i + c) % 8]
+    cpu = time.process_time() - t0
+    (root / "bare.h5").unlink()
+    return cpu
+
+
+def concurrent(url, root, n_scans=16, rate=50.0, seconds=6.0) -> dict:
+    writer = Writer(url, root, "concurrent")
+    try:
+        store = DataStore(url)
+        frame = np.random.default_rng(0).poisson(20, (256, 256)).astype(np.uint16)
+        scans, lags = [], {"frame": [], "counter": []}
+        for k in range(n_scans):
+            scan = new_scan(store, root, 1000 + k, f"conc{k}",
+                            {"npoints": int(rate * seconds), "count_time": 1 / rate})
+            cam = scan.create_stream("cam:image", "uint16", frame.shape)
+            cts = [scan.create_stream(f"ct{c}", "float64") for c in range(4)]
+            scan.prepare()
+            scan.start()
+            scans.append((scan, cam, cts))
+        for scan, _, _ in scans:
+            wait_picked(store, scan.key)
+        n = int(rate * seconds)
+        lock = threading.Lock()
+
+        def produce(scan, cam, cts):
+            s = DataStore(url)
+            sc = s.load_scan(scan.key)
+            cam_s, ct_s = sc.streams[cam.name], [sc.streams[c.name] for c in cts]
+            published, seen = [], {"cam:image": 0, "ct0": 0}
+            my = {"frame": [], "counter": []}
+            t0 = time.perf_counter()
+
+            def check(now):
+                for stream, kind in (("cam:image", "frame"), ("ct0", "counter")):
+                    d = durable(s, scan.key, stream)
+                    while seen[stream] < d:
+                        my[kind].append(now - published[seen[stream]])
+                        seen[stream] += 1
+            for i in range(n):
+                target = t0 + i / rate
+                while (now := time.perf_counter()) < target:
+                    time.sleep(min(0.002, target - now))
+                cam_s.send(frame[np.newaxis])
+                for c in ct_s:
+                    c.send(np.array([float(i)]))
+                published.append(time.perf_counter())
+                if i % 5 == 0:
+                    check(time.perf_counter())
+            while min(seen.values()) < n:
+                check(time.perf_counter())
+                time.sleep(0.005)
+            sc.close()
+            with lock:
+                for k in my:
+                    lags[k].extend(my[k])
+
+        cpu0, t0 = writer.cpu, time.perf_counter()
+        threads = [threading.Thread(target=produce, args=s) for s in scans]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        cpu, wall = writer.cpu - cpu0, time.perf_counter() - t0
+        for scan, _, _ in scans:
+            wait_done(store, scan.key)
+        return {"load": f"{n_scans} scans: 256x256 frame + 4 counters at {rate:g} Hz",
+                "cpu %": 100 * cpu / wall,
+                "lag p99 s": float(np.percentile(lags["counter"] + lags["frame"], 99)),
+                "lag max s": float(max(lags["counter"] + lags["frame"])),
+                "rss MB": writer.rss_peak_mb}
+    finally:
+        writer.close()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slow-seconds", type=float, default=20.0)
+    parser.add_argument("--slow-channels", default="16,64,256")
+    parser.add_argument("--rss-channels", default="8,256,1024,4096")
+    parser.add_argument("--rss-points", type=int, default=2000)
+    parser.add_argument("--scalar-points", type=int, default=100_000)
+    parser.add_argument("--concurrent-seconds", type=float, default=6.0)
+    parser.add_argument("--json", default="bench/results/write_cost.json")
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-cost-") as tmp, EmbeddedRedis() as server:
+        root = Path(tmp)
+        bare = bare_scalars(root, args.scalar_points)
+        rows.append({"load": "fast scalars 64 ch: bare h5py, batches of 100 (baseline)",
+                     "cpu s": bare, "ratio": BLISSWRITER_3_SCALARS_CPU_S / bare})
+        rows.append({"load": "fast scalars 64 ch: blisswriter 3.0.0 (earlier figure)",
+                     "cpu s": BLISSWRITER_3_SCALARS_CPU_S, "ratio": 1.0})
+        fast = fast_scalars(server.url, root, args.scalar_points)
+        backlog = fast_scalars(server.url, root, args.scalar_points, paused=True)
+        spread = abs(fast["file MB"] - backlog["file MB"]) / min(fast["file MB"],
+                                                                   backlog["file MB"])
+        fast["size spread %"] = backlog["size spread %"] = 100 * spread
+        rows += [fast, backlog]
+        for channels in (int(c) for c in args.slow_channels.split(",") if c):
+            rows.append(slow_scan(server.url, root, channels, args.slow_seconds))
+        for channels in (int(c) for c in args.rss_channels.split(",") if c):
+            rows.append(many_channels(server.url, root, channels, args.rss_points))
+        if args.concurrent_seconds > 0:
+            rows.append(concurrent(server.url, root, seconds=args.concurrent_seconds))
+    print_table("Write cost (fast-scalar ratio = blisswriter 3.0.0 CPU / this CPU; memory "
+                "budget 512 MB, max_lag_s 1)", rows,
+                ["load", "cpu %", "cpu s", "ratio", "lag p99 s", "lag max s", "rss MB",
+                 "file MB", "data MB", "metadata MB", "overhead %", "size spread %"])
+    write_json(args.json, "write_cost", rows, vars(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
