@@ -112,9 +112,9 @@ def test_swmr_partial_chunks_never_overwritten_compressed(tmp_path, compression)
     assert int(out.split()[0]) > 0, out
     assert np.array_equal(f["x"][:], values)
     mask = f["x"].id.read_direct_chunk((0,))[0]
-    assert mask != 0  # went raw once the compressed versions left behind passed one chunk
-    # leftovers: at most one raw chunk of compressed versions, then the raw chunk itself
-    assert os.path.getsize(path) < 2 * raw_chunk + 64 * 1024
+    assert mask != 0  # raw from its first flush, rewritten in place
+    # nothing left behind: the raw chunk itself and HDF5's metadata
+    assert os.path.getsize(path) < raw_chunk + 64 * 1024
     code = (f"import h5py, hdf5plugin, numpy as np\nf = h5py.File({str(path)!r}, 'r', "
             "swmr=True, locking=False)\nprint(repr(f['x'][:].tolist()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -125,20 +125,25 @@ def test_swmr_partial_chunks_never_overwritten_compressed(tmp_path, compression)
 
 
 def test_swmr_chunk_filled_fast_stays_compressed(tmp_path):
+    """A chunk that fills between two flushes is stored compressed; one flushed partially
+    stays raw when it fills (a compressed version would leave the raw one behind)."""
     path = tmp_path / "fast.h5"
     with h5py.File(path, "w", libver="latest", locking=False) as f:
         app = DatasetAppender(f, "x", "float64", workers=0)
         f.swmr_mode = True
         n = app.chunks[0]
-        data = np.arange(n + 10, dtype=np.float64)
+        data = np.arange(2 * n + 10, dtype=np.float64)
         app.append(data[:100])
         app.flush()
-        app.append(data[100:])  # the first chunk fills: stored compressed, new place
+        app.append(data[100:])  # the first chunk fills (raw), the second fills at once
         app.flush()
-        assert f["x"].id.read_direct_chunk((0,))[0] == 0
+        assert f["x"].id.read_direct_chunk((0,))[0] != 0
+        assert f["x"].id.read_direct_chunk((n,))[0] == 0
         assert np.array_equal(f["x"][:], data)
         app.close()
-    assert os.path.getsize(path) < 8 * n  # compressed (the partial version left behind too)
+        stored = f["x"].id.get_storage_size()
+    assert stored < 2 * 8 * n + 8 * n // 2  # first and last raw, the second compressed
+    assert os.path.getsize(path) < stored + 64 * 1024  # nothing left behind
 
 
 def test_shared_file_replaced_whole(tmp_path):

@@ -1,9 +1,13 @@
 """Where the chunk shape of every streamed dataset is decided: :func:`chunk_shape`.
 
 The writer's datasets have shape ``(npoints, *point_shape)``; the chunk's first axis counts
-points. The choice depends on the dtype and the point shape only (never on the scan's
-announced number of points, the compression or the machine), so the same stream always gets
-the same layout and readers can rely on it.
+points. The choice depends on the dtype, the point shape and what the scan's header announces
+(``npoints``, ``count_time``), never on timing, the compression or the machine: the same
+stream of the same scan always gets the same layout.
+
+Why the header: a chunk that is not full is rewritten at every flush (``max_lag_s``); its size
+is what a flush costs and what an unfinished chunk holds. A slow scan's chunks are made small
+enough to fill in about a minute, a short scan's no bigger than the scan.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 import numpy as np
 
 __all__ = ["chunk_shape", "nominal_point_shape", "FRAME_BYTES", "TARGET_CHUNK_BYTES",
-           "MAX_CHUNK_BYTES", "varying_extent"]
+           "MAX_CHUNK_BYTES", "FILL_SECONDS", "MIN_CHUNK_POINTS", "varying_extent"]
 
 #: a point at least this big is a "frame": one point per chunk
 FRAME_BYTES = 256 * 1024
@@ -21,6 +25,10 @@ FRAME_BYTES = 256 * 1024
 TARGET_CHUNK_BYTES = 1024 * 1024
 #: a single point bigger than this is split along its own axes so a chunk stays <= this
 MAX_CHUNK_BYTES = 8 * 1024 * 1024
+#: small points: a chunk holds at most the points of this many seconds at one per count_time
+FILL_SECONDS = 64
+#: ... but never fewer points than this (nor than the byte target allows)
+MIN_CHUNK_POINTS = 64
 
 
 def varying_extent(n_varying: int) -> int:
@@ -37,7 +45,11 @@ def nominal_point_shape(point_shape) -> tuple:
     return tuple(nominal if d == -1 else d for d in shape)
 
 
-def chunk_shape(dtype, point_shape) -> tuple:
+def _pow2_at_least(n: float) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def chunk_shape(dtype, point_shape, npoints=None, count_time=None) -> tuple:
     """Chunk shape ``(points per chunk, *extent per point axis)`` for a dataset of points of
     ``dtype`` and ``point_shape`` (``-1`` = a dimension that varies per point).
 
@@ -54,6 +66,10 @@ def chunk_shape(dtype, point_shape) -> tuple:
     4. A small point (scalars, spectra): ``2**k`` points per chunk, the largest power of two
        with ``2**k * point_bytes <= TARGET_CHUNK_BYTES`` (1 MiB), at least 1 (e.g. float64
        scalars -> 131072 points per chunk; 4096-channel uint32 spectra -> 64).
+    5. A small point, from the scan's header: no more points per chunk than the power of two
+       at or above ``npoints``, nor than the power of two at or above ``FILL_SECONDS /
+       count_time`` (a 10 Hz scan: 1024), but at least ``MIN_CHUNK_POINTS`` (64, or what
+       rule 4 gives if fewer). Missing, zero or non-numeric values are ignored.
     """
     dt = np.dtype(dtype)
     shape = tuple(int(d) for d in point_shape)
@@ -74,5 +90,17 @@ def chunk_shape(dtype, point_shape) -> tuple:
             if itemsize * math.prod(nominal[axis:]) <= MAX_CHUNK_BYTES:
                 break
         return (1, *nominal)
-    npoints = 1 << max(0, int(TARGET_CHUNK_BYTES // point_bytes).bit_length() - 1)
-    return (npoints, *nominal)
+    per_chunk = 1 << max(0, int(TARGET_CHUNK_BYTES // point_bytes).bit_length() - 1)
+    cap = per_chunk
+    if _positive(npoints):
+        cap = min(cap, _pow2_at_least(npoints))
+    if _positive(count_time):
+        cap = min(cap, _pow2_at_least(FILL_SECONDS / float(count_time)))
+    return (max(cap, min(per_chunk, MIN_CHUNK_POINTS)), *nominal)
+
+
+def _positive(value) -> bool:
+    try:
+        return bool(value) and float(value) > 0 and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False

@@ -60,6 +60,9 @@ from .partial_chunks import ChunkCompressor, capacity_for, padded, padding_toler
 
 __all__ = ["DatasetAppender", "default_fill_value", "last_chunks"]
 
+#: memory first given to the points of a chunk being filled (then doubled as needed)
+TAIL_FIRST_BYTES = 16 * 1024
+
 
 def default_fill_value(dtype):
     """NaN for float/complex dtypes, 0 for the others."""
@@ -154,7 +157,8 @@ class DatasetAppender:
     """
 
     def __init__(self, group: h5py.Group, name: str, dtype, point_shape=(), compression=None,
-                 fill_value=None, attrs=None, *, executor=None, workers=None):
+                 fill_value=None, attrs=None, *, executor=None, workers=None, npoints=None,
+                 count_time=None):
         dtype = np.dtype(dtype)
         if dtype.kind not in "biufc":
             raise ValueError(f"dataset {name!r} in {group.file.filename}: dtype {dtype} is not "
@@ -163,8 +167,9 @@ class DatasetAppender:
         setting = parse_compression(compression)
         if fill_value is None:
             fill_value = default_fill_value(dtype)
-        # the chunk shape is decided here, by writer.chunking.chunk_shape (dtype, point shape)
-        chunks = chunk_shape(dtype, point_shape)
+        # the chunk shape is decided here, by writer.chunking.chunk_shape (dtype, point shape,
+        # and the scan header's npoints and count_time)
+        chunks = chunk_shape(dtype, point_shape, npoints, count_time)
         shape = (0, *(0 if d == -1 else d for d in point_shape))
         maxshape = (None, *(None if d == -1 else d for d in point_shape))
         dset = group.create_dataset(name, shape=shape, maxshape=maxshape, dtype=dtype,
@@ -222,8 +227,9 @@ class DatasetAppender:
         # a write failed (disk full...): the points stored before it, all that counts now
         self._failed_at: int | None = None
         self._tail_start = stored - stored % self._n
-        self._tail = self._new_tail()
+        self._point_nbytes = self.dtype.itemsize * int(np.prod(self._cur, dtype=np.int64))
         self._k = stored - self._tail_start
+        self._tail = self._new_tail(self._k)
         self._tail_flushed = self._k  # tail points already in the file
         # the tail's chunks as the file holds them, padded:
         # offset in the point axes -> (filter mask, compressed bytes, stored size)
@@ -237,7 +243,6 @@ class DatasetAppender:
                 if self._pad:
                     self._held[offset] = (mask, data, len(data))
             self._tail[:self._k] = dset[self._tail_start:stored]
-        self._point_nbytes = self.dtype.itemsize * int(np.prod(self._cur, dtype=np.int64))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -391,10 +396,33 @@ class DatasetAppender:
             raise ValueError(f"{self._where()}: compressed frame: {exc}") from None
 
     # ------------------------------------------------------------------ internals
-    def _new_tail(self) -> np.ndarray:
+    def _new_tail(self, rows: int = 0) -> np.ndarray:
+        """Room for the points of the chunk being filled: it grows with them (doubling, see
+        :meth:`_reserve_tail`) up to a chunk, so a slowly filling chunk of one of many
+        channels holds what came, not a chunk's worth of memory."""
+        first = max(1, TAIL_FIRST_BYTES // max(1, self._point_nbytes))
+        rows = min(self._n, max(rows, first))
         if self._varying:
-            return np.full((self._n, *self._cur), self.fill_value, dtype=self.dtype)
-        return np.empty((self._n, *self._cur), dtype=self.dtype)
+            return np.full((rows, *self._cur), self.fill_value, dtype=self.dtype)
+        return np.empty((rows, *self._cur), dtype=self.dtype)
+
+    def _reserve_tail(self, rows: int) -> None:
+        """Make the tail hold at least ``rows`` points (its points kept)."""
+        if rows <= len(self._tail):
+            return
+        tail = self._new_tail(max(rows, 2 * len(self._tail)))
+        tail[:self._k] = self._tail[:self._k]
+        self._tail = tail
+
+    def _full_tail(self) -> np.ndarray:
+        """The chunk row being filled at its full size: the points, then the fill value (a
+        new array while the tail is smaller than a chunk)."""
+        if len(self._tail) < self._n:
+            block = np.full((self._n, *self._cur), self.fill_value, dtype=self.dtype)
+            block[:self._k] = self._tail[:self._k]
+            return block
+        self._tail[self._k:] = self.fill_value  # rows past the points: fill, not garbage
+        return self._tail
 
     def _grow(self, shapes) -> None:
         """Grow the -1 dims of the current extent to hold points of ``shapes``."""
@@ -405,7 +433,7 @@ class DatasetAppender:
         if new == self._cur:
             return
         self._dset.resize((self._length, *new))
-        tail = np.full((self._n, *new), self.fill_value, dtype=self.dtype)
+        tail = np.full((len(self._tail), *new), self.fill_value, dtype=self.dtype)
         tail[(slice(None), *(slice(0, s) for s in self._cur))] = self._tail
         self._tail = tail
         self._cur = new
@@ -439,6 +467,7 @@ class DatasetAppender:
                     self._drain(keep=0)
                 continue
             take = min(n - self._k, m - i)
+            self._reserve_tail(self._k + take)
             self._tail[self._k:self._k + take] = arr[i:i + take]
             self._k += take
             i += take
@@ -574,13 +603,11 @@ class DatasetAppender:
         end = self._tail_start + self._k
         if self._swmr_filtered():
             if self._tail_flushed < self._k:
-                self._tail[self._k:] = self.fill_value  # rows past the points: fill
-                self._store_version(self._tail, complete=False, length=end)
+                self._store_version(self._full_tail(), complete=False, length=end)
             else:
                 self._set_length(end)
         elif (self._held and final) or (self._pad and not final and self._tail_flushed < self._k):
-            self._tail[self._k:] = self.fill_value  # rows past the points: fill, not garbage
-            self._store(self._tail, padding=not final, length=end)
+            self._store(self._full_tail(), padding=not final, length=end)
         elif self._tail_flushed < self._k:  # HDF5's own path
             self._set_length(end)
             a = self._tail_start + self._tail_flushed
@@ -629,14 +656,15 @@ class DatasetAppender:
 
         A reader (another process, any time) reads a chunk where the index it last read
         says: rewriting a compressed chunk where it lies could hand it half old, half new
-        bytes (wrong values, or a decoder crash). So a compressed version of a partial chunk
-        always goes to a new place (a size other than the stored one: HDF5's SWMR mode then
-        allocates new room and never frees the old, which readers may still use). Those
-        leftovers would grow with every flush of a slowly filling chunk; once they would
-        pass one uncompressed chunk, the chunk is stored raw (filters skipped, a per-chunk
-        HDF5 flag every reader understands) and rewritten in place from then on: the bytes
-        of points already there never change, only rows past them. A chunk stored raw stays
-        raw. See docs/files.md."""
+        bytes (wrong values, or a decoder crash); and a version of another size goes to a new
+        place (HDF5's SWMR mode never frees the old one, which readers may still use, nor
+        reuses it: measured), left behind for good. So a partial chunk is stored raw from its
+        first flush (filters skipped, a per-chunk HDF5 flag every reader understands) and
+        rewritten in place from then on, at the same size: the bytes of points already there
+        never change, only rows past them, and nothing is left behind. A chunk stored raw
+        stays raw when it fills; a chunk that fills between two flushes is compressed
+        (:meth:`_append`). A partial chunk found compressed (a file from an older version)
+        gets one raw version at a new place. See docs/files.md."""
         write = self._dset.id.write_direct_chunk
         # longer first (a chunk is written inside the extent only); HDF5's SWMR flush order
         # puts the chunk index on disk before the length readers see
@@ -650,14 +678,17 @@ class DatasetAppender:
                 versions[offset] = old
                 mask_changed = True
                 continue
-            mask, data = self._compress_chunk(part)
             left = old[1] + old[2] if old is not None else 0
-            if old is not None and len(data) == old[1]:  # same size: HDF5 would overwrite
-                data = padded(data, len(data) + 1) if self._pad else None
-            raw = data is None or (not complete and left + len(data) > self._raw_nbytes)
+            mask, data, raw = 0, None, True  # a partial chunk: raw, rewritten in place after
+            if complete:  # (a chunk never stored before: written compressed by _append)
+                mask, data = self._compress_chunk(part)
+                if old is not None and len(data) == old[1]:  # same size: HDF5 would overwrite
+                    data = padded(data, len(data) + 1) if self._pad else None
+                raw = data is None
             if raw and old is not None and old[1] == self._raw_nbytes and self._pad:
-                raw, data = False, padded(data or self._compress_chunk(part)[1],
-                                          self._raw_nbytes + 1)  # raw would overwrite
+                if data is None:  # raw would overwrite this compressed version in place
+                    mask, data = self._compress_chunk(part)
+                raw, data = False, padded(data, self._raw_nbytes + 1)
             if raw:
                 write(coord, part.tobytes(), filter_mask=self._raw_mask)
                 versions[offset] = (self._raw_mask, self._raw_nbytes, left)

@@ -63,8 +63,9 @@ class WriterStopping(Exception):
 
 
 class ScanWriter(threading.Thread):
-    # flush when the producer pauses, at most this often (another protocol may prefer less)
-    idle_flush_after_s = 0.0
+    # flush when the producer pauses, at most this often (None: never just for a pause, only
+    # once the oldest point has waited half the lag: a 10 Hz scan pauses after every point)
+    idle_flush_after_s = None
     # points of varying shape: padded, and their shapes in a dataset beside them
     varying_appender = VaryingPointsAppender
     # SWMR (docs/files.md): every object made when the entry is; a subclass that makes
@@ -403,7 +404,9 @@ class ScanWriter(threading.Thread):
                     group, name, definition.dtype, definition.shape,
                     compression=self.config.compression_for(node.stream),
                     fill_value=self._fill_value(definition), attrs=node.attrs,
-                    executor=self.service.pool, workers=self.config.compression_threads)
+                    executor=self.service.pool, workers=self.config.compression_threads,
+                    npoints=self.scan.info.get("npoints"),
+                    count_time=self.scan.info.get("count_time"))
             self.appenders[node.stream] = appender
             self.dataset_paths[node.stream] = f"{group.name}/{name}"
 
@@ -452,15 +455,21 @@ class ScanWriter(threading.Thread):
         ahead = ReadAhead(cursor, lambda: self._entries_per_read(len(names)),
                           name=f"read-{self.name}")
         half_lag = self.config.max_lag_s / 2
-        last_flush = time.monotonic()
         last_state_check = 0.0
-        dirty = False
+        dirty_since = None  # when the oldest point not flushed yet was read
+        last_flush = time.monotonic()
         try:
             while not ahead.ended:
-                # With data waiting to be flushed, a short wait tells "the producer paused":
-                # flush then (low latency at low rates); under a steady flow, every half lag.
+                # A flush costs about the same for one point as for many: flush when the
+                # oldest point read has waited half the lag (points read within the other
+                # half are durable within max_lag_s), or when memory asks for it; never
+                # just because the producer paused (a 10 Hz scan pauses after every point).
+                wait = 0.1 if dirty_since is None else \
+                    max(0.0, dirty_since + half_lag - time.monotonic())
+                if dirty_since is not None and self.idle_flush_after_s is not None:
+                    wait = min(wait, 0.02)  # a short wait tells "the producer paused"
                 try:
-                    views = ahead.get(timeout=min(0.02 if dirty else 0.1, half_lag))
+                    views = ahead.get(timeout=min(wait, 0.1, half_lag))
                 except MalformedEntryError:
                     self.scan.update(block=False)
                     self._check_definitions(final=True)  # a redefinition explains it
@@ -474,11 +483,14 @@ class ScanWriter(threading.Thread):
                         self.lease.check()
                         for name, view in views.items():
                             self._append(name, view)
-                    dirty = True
-                # a pause of the producer, and not too soon after the last flush
-                idle = not views and now - last_flush >= self.idle_flush_after_s
-                if dirty and (idle or now - last_flush >= half_lag or self._over_budget()):
-                    dirty = not self._flush()  # not published (Redis full): again soon
+                    dirty_since = now if dirty_since is None else dirty_since
+                # a pause of the producer (a protocol that asks for it), not too soon
+                idle = (self.idle_flush_after_s is not None and not views
+                        and now - last_flush >= self.idle_flush_after_s)
+                if dirty_since is not None and (idle or now - dirty_since >= half_lag
+                                                or self._over_budget()):
+                    # not published (Redis full): again within half a lag
+                    dirty_since = None if self._flush() else time.monotonic()
                     last_flush = now
                 if now - last_state_check > 0.5:
                     last_state_check = now
