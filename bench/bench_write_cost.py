@@ -48,6 +48,7 @@ from common import print_table, write_json  # noqa: E402
 
 from blissdata import DataStore, keys  # noqa: E402
 from blissdata.redis_server import EmbeddedRedis  # noqa: E402
+from writer.file_space import file_space  # noqa: E402
 
 BLISSWRITER_3_SCALARS_CPU_S = 0.8  # 64 x 100k scalars, measured earlier on this machine
 TICK = os.sysconf("SC_CLK_TCK")
@@ -128,34 +129,11 @@ def new_scan(store, root, number, name, info=None):
                              {"title": name, "type": name, "scan_nb": number, **(info or {})})
 
 
-def storage_bytes(h5) -> int:
-    total = 0
-
-    def visit(_name, obj):
-        nonlocal total
-        if isinstance(obj, h5py.Dataset) and not obj.is_virtual:
-            total += obj.id.get_storage_size()
-    h5.visititems(visit)
-    return total
-
-
 def file_overhead(path: str, tmp: Path) -> dict:
-    """Bytes outside the datasets' stored data and HDF5's metadata, against a copy of the
-    same objects made by HDF5 in one go (whose non-data bytes are the metadata)."""
-    copy = tmp / "overhead-copy.h5"
-    with h5py.File(path, "r", swmr=True, locking=False) as src, \
-            h5py.File(copy, "w", libver="latest") as dst:
-        for name in src:
-            src.copy(src[name], dst, name=name)
-        stored = storage_bytes(src)
-    size = os.path.getsize(path)
-    with h5py.File(copy, "r") as dst:
-        copy_stored = storage_bytes(dst)
-    metadata = os.path.getsize(copy) - copy_stored
-    copy.unlink()
-    outside = size - stored - metadata
-    return {"file MB": size / 1e6, "data MB": stored / 1e6, "metadata MB": metadata / 1e6,
-            "overhead %": 100 * outside / size}
+    """Bytes outside the datasets' stored data and HDF5's metadata (writer.file_space)."""
+    space = file_space(path, tmp)
+    return {"file MB": space.size / 1e6, "data MB": space.stored / 1e6,
+            "metadata MB": space.metadata / 1e6, "overhead %": 100 * space.outside_share}
 
 
 # ---- loads ----------------------------------------------------------------------------

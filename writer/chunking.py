@@ -67,9 +67,11 @@ def chunk_shape(dtype, point_shape, npoints=None, count_time=None) -> tuple:
        with ``2**k * point_bytes <= TARGET_CHUNK_BYTES`` (1 MiB), at least 1 (e.g. float64
        scalars -> 131072 points per chunk; 4096-channel uint32 spectra -> 64).
     5. A small point, from the scan's header: no more points per chunk than the power of two
-       at or above ``npoints``, nor than the power of two at or above ``FILL_SECONDS /
-       count_time`` (a 10 Hz scan: 1024), but at least ``MIN_CHUNK_POINTS`` (64, or what
-       rule 4 gives if fewer). Missing, zero or non-numeric values are ignored.
+       at or above ``FILL_SECONDS / count_time`` (a 10 Hz scan: 1024) but at least
+       ``MIN_CHUNK_POINTS`` (64, or what rule 4 gives if fewer); then, with ``npoints``, the
+       ``npoints`` are cut into equal chunks no bigger than that (100,000 points at most
+       65,536 per chunk: 2 chunks of 50,000), so that the last chunk of a scan that ends as
+       announced holds no fill values. Missing, zero or non-numeric values are ignored.
     """
     dt = np.dtype(dtype)
     shape = tuple(int(d) for d in point_shape)
@@ -92,11 +94,13 @@ def chunk_shape(dtype, point_shape, npoints=None, count_time=None) -> tuple:
         return (1, *nominal)
     per_chunk = 1 << max(0, int(TARGET_CHUNK_BYTES // point_bytes).bit_length() - 1)
     cap = per_chunk
-    if _positive(npoints):
-        cap = min(cap, _pow2_at_least(npoints))
     if _positive(count_time):
-        cap = min(cap, _pow2_at_least(FILL_SECONDS / float(count_time)))
-    return (max(cap, min(per_chunk, MIN_CHUNK_POINTS)), *nominal)
+        cap = max(min(cap, _pow2_at_least(FILL_SECONDS / float(count_time))),
+                  min(per_chunk, MIN_CHUNK_POINTS))
+    if _positive(npoints):  # equal chunks, the last one full when the scan ends as announced
+        n = int(npoints)
+        cap = -(-n // -(-n // cap))
+    return (cap, *nominal)
 
 
 def _positive(value) -> bool:

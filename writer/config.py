@@ -47,10 +47,13 @@ class WriterConfig:
     def disk_reserve_bytes(self) -> int:
         return int(self.disk_reserve_mb * 2**20)
 
-    def compression_for(self, stream_name: str) -> dict:
-        """Compression setting of a stream: per-stream override (first match) or default."""
+    def compression_for(self, stream_name: str, scalar: bool = False) -> dict:
+        """Compression setting of a stream: per-stream override (first match), else
+        ``scalars`` (default "none") for a stream of scalars, else ``default``."""
         level = self.compression.get("level")
         name = self.compression.get("default", "bitshuffle-lz4")
+        if scalar:
+            name = self.compression.get("scalars", "none")
         for pattern, override in (self.compression.get("streams") or {}).items():
             if fnmatch.fnmatchcase(stream_name, pattern):
                 name = override
@@ -89,6 +92,7 @@ def load_config(path: str | Path | None = None, **overrides) -> WriterConfig:
     for pattern in ["*", *(config.compression.get("streams") or {})]:
         try:
             parse_compression(config.compression_for(pattern))
+            parse_compression(config.compression_for(pattern, scalar=True))
         except ValueError as exc:
             raise ConfigError(f"configuration {source}: compression: {exc}") from None
     _check_data_roots(config)

@@ -220,6 +220,8 @@ class OpenFiles:
 
     @staticmethod
     def _open(path: Path, resume: bool = False, swmr: bool = True) -> OpenFile:
+        # rdcc_nbytes=0: no chunk cache. Points go straight to their chunk in the file; a
+        # cache would hold a whole chunk per dataset (1 MiB each: 1 GB for 1024 channels)
         libver = "latest" if swmr else None
         try:
             if not path.exists():
@@ -236,14 +238,14 @@ class OpenFiles:
                           f"program that has it open") from None
         try:
             try:
-                h5 = h5py.File(path, "r+", libver=libver, locking=False)
+                h5 = h5py.File(path, "r+", libver=libver, locking=False, rdcc_nbytes=0)
             except OSError as exc:
                 # left "open for writing" by a writer killed -9: ours (resume) and unlocked
                 if not (resume and _left_open(exc) and clear_write_flags(path)):
                     raise
                 log.warning("%s was left open for writing (a writer killed?): flags cleared, "
                             "resuming", path)
-                h5 = h5py.File(path, "r+", libver=libver, locking=False)
+                h5 = h5py.File(path, "r+", libver=libver, locking=False, rdcc_nbytes=0)
         except (OSError, ValueError) as exc:
             os.close(fd)
             raise OSError(f"cannot open {path} as HDF5 for writing: {os_reason(exc)}") \

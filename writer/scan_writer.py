@@ -402,7 +402,8 @@ class ScanWriter(threading.Thread):
                 kind = self.varying_appender if definition.varying else DatasetAppender
                 appender = kind(
                     group, name, definition.dtype, definition.shape,
-                    compression=self.config.compression_for(node.stream),
+                    compression=self.config.compression_for(
+                        node.stream, scalar=tuple(definition.shape) == ()),
                     fill_value=self._fill_value(definition), attrs=node.attrs,
                     executor=self.service.pool, workers=self.config.compression_threads,
                     npoints=self.scan.info.get("npoints"),
