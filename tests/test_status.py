@@ -157,3 +157,37 @@ def test_writer_refuses_to_start_without_its_data_roots(tmp_path, capsys, redis_
     assert cli_main(["run", "--config", str(config), "--redis", redis_url]) == 2
     assert f"configuration {config}: data root {tmp_path}/nowhere does not exist" in \
         capsys.readouterr().err
+
+
+def test_status_shows_running_and_latest_finished(redis_client, redis_url, capsys):
+    """Thousands of scans: running ones and the latest finished by default; filters by
+    session, state and count."""
+    from writer import status as writer_status
+
+    for i in range(40):
+        st = writer_status.ScanStatus(f"blissdata:scan:{{many{i}}}", session=f"many{i % 2}",
+                                      number=i, name="ct",
+                                      state="writing" if i in (3, 4) else "done",
+                                      file_bytes=2_000_000, stored_bytes=1_990_000)
+        writer_status.publish(redis_client, st)
+        time.sleep(0.002)  # distinct update times: "latest" is well defined
+
+    def rows(*args):
+        assert cli_main(["status", "--redis", redis_url, *args]) == 0
+        out = capsys.readouterr().out
+        return out, [line.split()[1] for line in out.splitlines()
+                     if line.startswith(("many0 ", "many1 "))]
+
+    out, numbers = rows("--session", "many0")
+    assert numbers == ["4"] + [str(i) for i in range(20, 40, 2)]
+    assert "9 older finished scans not shown" in out
+    assert "0.5%" in out  # the file's bytes that are not data
+    _, numbers = rows("--session", "many1", "--last", "3")
+    assert numbers == ["3", "35", "37", "39"]
+    _, numbers = rows("--state", "writing", "--all")
+    assert "3" in numbers and "4" in numbers and len(numbers) == 2
+    _, numbers = rows("--all")
+    assert len(numbers) == 40
+    with pytest.raises(SystemExit):
+        cli_main(["status", "--redis", redis_url, "--last", "-1"])
+    assert "must be 0 or more" in capsys.readouterr().err

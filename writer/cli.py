@@ -13,7 +13,7 @@ from .config import ConfigError, load_config
 from .logs import setup_logging
 from .metrics import MetricsError
 from . import status_command
-from .status_command import MIN_INTERVAL_S, check_interval
+from .status_command import MIN_INTERVAL_S, check_count, check_interval
 
 
 def _run(args) -> int:
@@ -46,7 +46,9 @@ def _run(args) -> int:
 
 def _status(args) -> int:
     url = url_from(args.redis)
-    return status_command.main(url, watch=args.watch, interval=args.interval, as_json=args.json)
+    return status_command.main(url, watch=args.watch, interval=args.interval, as_json=args.json,
+                               session=args.session, state=args.state,
+                               last=None if args.all else args.last)
 
 
 def _rewrite(args) -> int:
@@ -92,6 +94,14 @@ def main(argv=None) -> int:
                              f"{MIN_INTERVAL_S})")
     status.add_argument("--json", action="store_true",
                         help="the statuses as JSON, for scripts (one line per refresh)")
+    status.add_argument("--session", help="only the scans of this session")
+    status.add_argument("--state", choices=["waiting", "writing", "done", "failed", "skipped"],
+                        help="only the scans in this state")
+    status.add_argument("--last", type=check_count, default=10, metavar="N",
+                        help="the N scans finished most recently (default 10), and every "
+                             "scan not finished")
+    status.add_argument("--all", action="store_true",
+                        help="every scan of the last 24 h")
     status.set_defaults(func=_status)
 
     # listed here for `blisswriter --help`; main() hands its arguments to rewrite.main

@@ -290,20 +290,20 @@ class DatasetAppender:
     def _check(self, points, what="points") -> tuple[np.ndarray, bool]:
         """Return (points as an array of our dtype, whether we own its memory)."""
         arr = points if isinstance(points, np.ndarray) else np.asarray(points)
-        expected = f"dtype {self.dtype} (or one that casts safely) and shape (n, " \
-                   f"*{self.point_shape})"
+        expected = lambda: (f"dtype {self.dtype} (or one that casts safely) and shape "  # noqa: E731
+                            f"(n, *{self.point_shape})")  # (formatting dtypes costs: on error only)
         if arr.ndim != len(self.point_shape) + 1:
             raise ValueError(f"{self._where()}: {what} of dtype {arr.dtype} shape {arr.shape} "
-                             f"given, expected {expected}")
+                             f"given, expected {expected()}")
         for d, e in zip(arr.shape[1:], self.point_shape):
             if e != -1 and d != e:
                 raise ValueError(f"{self._where()}: {what} of shape {arr.shape} given, "
-                                 f"expected {expected}")
+                                 f"expected {expected()}")
         owned = False
         if arr.dtype != self.dtype:
             if not np.can_cast(arr.dtype, self.dtype, "safe"):
                 raise ValueError(f"{self._where()}: {what} of dtype {arr.dtype} given, "
-                                 f"expected {expected}")
+                                 f"expected {expected()}")
             arr = arr.astype(self.dtype)
             owned = True
         return arr, owned

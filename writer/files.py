@@ -172,11 +172,18 @@ class OpenFile:
     lock: threading.RLock = field(default_factory=threading.RLock)
     users: int = 0
     lock_fd: int = -1  # holds the exclusive file lock other HDF5 programs respect
+    reserved_to: int = 0  # the disk blocks up to this offset are held (reserve())
 
     def reserve(self, nbytes: int) -> bool:
         """Hold ``nbytes`` of disk beyond the file's end for the writes to come (see
-        :func:`reserve_space`); the room not used is given back when the file is closed."""
-        return reserve_space(self.lock_fd, self.h5.id.get_filesize(), nbytes)
+        :func:`reserve_space`); the room not used is given back when the file is closed.
+        Room already held is not asked for again (one system call per read otherwise)."""
+        start = self.h5.id.get_filesize()
+        if start + nbytes <= self.reserved_to:
+            return True
+        held = reserve_space(self.lock_fd, start, nbytes)
+        self.reserved_to = start + nbytes if held else 0
+        return held
 
     @property
     def swmr(self) -> bool:

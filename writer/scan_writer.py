@@ -29,6 +29,7 @@ from . import status as writer_status
 from .dataset_writer import DatasetAppender, last_chunks
 from .varying_points import VaryingPointsAppender
 from .default_mapping import default_mapping
+from .file_space import stored_bytes
 from .files import entry_in, is_file_error, link_entry, os_reason, scan_file_in
 from .grid_plot import write_grid_plot
 from .mapping import MappingError, parse_mapping
@@ -643,6 +644,9 @@ class ScanWriter(threading.Thread):
             if not self.file.swmr:  # again, with the end time and reason
                 writer_status.write_header_note(self.entry, self.scan, self.dataset_paths)
             self.status.state = "done"
+            self.file.h5.flush()  # the size the file has
+            self.status.stored_bytes = stored_bytes(self.file.h5)
+            self.status.file_bytes = self.file.h5.id.get_filesize()
             writer_status.write_note(self.entry, self.status)
             self.file.h5.flush()
         # "done" once the file is closed: who waits for it can open it at once

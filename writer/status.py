@@ -42,6 +42,8 @@ class ScanStatus:
     writer: str = ""  # host:pid of the writer process
     lease: str = ""  # token of the writer's lease on the scan: publish() is fenced by it
     held_by: str = ""  # writer holding the scan's lease when read (read_recent), "" if none
+    file_bytes: int = 0  # size of the scan's file once written (its own file: docs/files.md)
+    stored_bytes: int = 0  # bytes of its datasets' stored data then (the rest: metadata...)
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:

@@ -45,8 +45,34 @@ def check_interval(text: str) -> float:
     return value
 
 
+def check_count(text: str) -> int:
+    """argparse type of --last: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def done_points(st: writer_status.ScanStatus) -> int:
     return min(st.points.values()) if st.points else 0
+
+
+def select(statuses: list, session: str | None = None, state: str | None = None,
+           last: int | None = 10) -> tuple[list, int]:
+    """The scans to show: those of ``session`` and in ``state`` (None: any); of them, every
+    scan not finished and the ``last`` finished most recently (None: all). Returns (the
+    scans, oldest first, and how many finished ones were left out)."""
+    chosen = [st for st in statuses if (session is None or st.session == session)
+              and (state is None or st.state == state)]
+    finished = sorted((st for st in chosen if st.finished), key=lambda st: st.updated)
+    if last is None or len(finished) <= last:
+        return chosen, 0
+    kept = {id(st) for st in finished[len(finished) - last:]} if last else set()
+    shown = [st for st in chosen if not st.finished or id(st) in kept]
+    return shown, len(finished) - last
 
 
 def status_table(statuses: list, now: float | None = None):
@@ -58,8 +84,8 @@ def status_table(statuses: list, now: float | None = None):
     for name in ("session", "scan", "name", "state"):  # words wrap on a narrow terminal
         table.add_column(name, justify="right" if name == "scan" else "left")
     table.add_column("progress", min_width=8, max_width=BAR)  # a bar shrinks too
-    for name in ("points", "MB", "MB/s", "lag pts", "age"):  # numbers never do
-        table.add_column(name, justify="right", no_wrap=True)
+    for name in ("points", "MB", "MB/s", "lag pts", "file MB", "not data", "age"):
+        table.add_column(name, justify="right", no_wrap=True)  # numbers never wrap
     notes = []
     for st in statuses:
         done = done_points(st)
@@ -69,8 +95,13 @@ def status_table(statuses: list, now: float | None = None):
         state = Text(st.state, style={"failed": "red", "done": "green",
                                       "writing": "cyan"}.get(st.state, ""))
         rate = st.write_rate_mb_s if st.state == "writing" else 0.0
+        # the file's bytes that are not its datasets' data (HDF5 metadata and anything
+        # left behind): known once the scan is done
+        other = (f"{100 * (st.file_bytes - st.stored_bytes) / st.file_bytes:.1f}%"
+                 if st.file_bytes else "")
         table.add_row(st.session, str(st.number), st.name, state, bar, points,
                       f"{st.bytes_written / 1e6:.1f}", f"{rate:.1f}", str(st.lag_points),
+                      f"{st.file_bytes / 1e6:.1f}" if st.file_bytes else "", other,
                       f"{now - st.updated:.0f}s")
         where = f"{st.session}:{st.number} {st.name}"
         if st.file:
@@ -100,9 +131,13 @@ def writers_table(writers: list, now: float | None = None):
     return table
 
 
-def view(statuses: list, writers: list):
+def view(statuses: list, writers: list, left_out: int = 0):
     """What `status` draws: the writers, then the scans."""
-    return Group(writers_table(writers), Text(""), status_table(statuses))
+    parts = [writers_table(writers), Text(""), status_table(statuses)]
+    if left_out:
+        parts.append(Text(f"{left_out} older finished scans not shown (--last N, --all)",
+                          style="dim"))
+    return Group(*parts)
 
 
 def statuses_json(statuses: list) -> str:
@@ -110,13 +145,17 @@ def statuses_json(statuses: list) -> str:
 
 
 def main(url: str, watch: bool = False, interval: float = 1.0, as_json: bool = False,
-         console: Console | None = None) -> int:
+         console: Console | None = None, session: str | None = None, state: str | None = None,
+         last: int | None = 10) -> int:
+    """`blisswriter status`: scans not finished and the ``last`` finished (None: all of the
+    last 24 h), of ``session`` and in ``state`` if given."""
     console = console or Console(highlight=False)
+    read = lambda: select(writer_status.read_recent(client), session, state, last)  # noqa: E731
     if not console.is_terminal:
         console.width = max(console.width, 160)  # a log line is not wrapped at 80 columns
     try:  # a RedisCluster for redis+cluster:// URLs
         client = client_from_url(url, socket_connect_timeout=2, socket_timeout=10)
-        statuses = writer_status.read_recent(client)
+        statuses, left_out = read()
         writers = read_writers(client)
     except (redis.RedisError, redis.RedisClusterException, OSError, ValueError) as exc:
         print(f"blisswriter status: cannot reach Redis at {url}: {exc}", file=sys.stderr)
@@ -125,10 +164,10 @@ def main(url: str, watch: bool = False, interval: float = 1.0, as_json: bool = F
         if as_json:
             print(statuses_json(statuses))
         else:
-            console.print(view(statuses, writers))
+            console.print(view(statuses, writers, left_out))
         return 0
     try:
-        _watch(client, url, interval, as_json, console, statuses, writers)
+        _watch(read, client, url, interval, as_json, console, (statuses, left_out), writers)
     except KeyboardInterrupt:
         pass
     except redis.RedisError as exc:  # not a lost connection: an answer we cannot use
@@ -137,13 +176,14 @@ def main(url: str, watch: bool = False, interval: float = 1.0, as_json: bool = F
     return 0
 
 
-def _watch(client, url: str, interval: float, as_json: bool, console: Console,
-           statuses: list, writers: list) -> None:
+def _watch(read, client, url: str, interval: float, as_json: bool, console: Console,
+           shown: tuple, writers: list) -> None:
     """Refresh until Ctrl-C; a lost connection is said once, retried with backoff, and its
     end said too."""
     live = Live(console=console, auto_refresh=False) if (
         console.is_terminal and not as_json) else None
     lost_since, retry_s = None, interval
+    statuses, left_out = shown
     with live or contextlib.nullcontext():
         while True:
             if statuses is not None:
@@ -151,12 +191,13 @@ def _watch(client, url: str, interval: float, as_json: bool, console: Console,
                 if as_json:
                     print(statuses_json(statuses), flush=True)
                 elif live is not None:
-                    live.update(Group(header, view(statuses, writers)), refresh=True)
+                    live.update(Group(header, view(statuses, writers, left_out)),
+                                refresh=True)
                 else:
-                    console.print(header, view(statuses, writers), "")
+                    console.print(header, view(statuses, writers, left_out), "")
                 time.sleep(interval)
             try:
-                statuses = writer_status.read_recent(client)
+                statuses, left_out = read()
                 writers = read_writers(client)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 statuses = None
