@@ -460,14 +460,16 @@ class ScanWriter(threading.Thread):
         last_state_check = 0.0
         dirty_since = None  # when the oldest point not flushed yet was read
         last_flush = time.monotonic()
+        flush_s = 0.0  # what the last flush took: it comes out of the lag too
         try:
             while not ahead.ended:
                 # A flush costs about the same for one point as for many: flush when the
                 # oldest point read has waited half the lag (points read within the other
                 # half are durable within max_lag_s), or when memory asks for it; never
                 # just because the producer paused (a 10 Hz scan pauses after every point).
+                due = half_lag - flush_s
                 wait = 0.1 if dirty_since is None else \
-                    max(0.0, dirty_since + half_lag - time.monotonic())
+                    max(0.0, dirty_since + due - time.monotonic())
                 if dirty_since is not None and self.idle_flush_after_s is not None:
                     wait = min(wait, 0.02)  # a short wait tells "the producer paused"
                 try:
@@ -489,10 +491,11 @@ class ScanWriter(threading.Thread):
                 # a pause of the producer (a protocol that asks for it), not too soon
                 idle = (self.idle_flush_after_s is not None and not views
                         and now - last_flush >= self.idle_flush_after_s)
-                if dirty_since is not None and (idle or now - dirty_since >= half_lag
+                if dirty_since is not None and (idle or now - dirty_since >= due
                                                 or self._over_budget()):
                     # not published (Redis full): again within half a lag
                     dirty_since = None if self._flush() else time.monotonic()
+                    flush_s = min(time.monotonic() - now, half_lag / 2)
                     last_flush = now
                 if now - last_state_check > 0.5:
                     last_state_check = now
