@@ -39,8 +39,12 @@ def frame(i: int) -> np.ndarray:
 
 
 def start_writer(url: str, root: Path, log) -> subprocess.Popen:
+    # max_lag_s 0.2: the writer flushes 0.1 s after data came (at 1 s, the default, a flush
+    # is due 0.5 s after the first data: later than most kills, so little to check)
+    config = root / "writer.toml"
+    config.write_text(f'data_roots = ["{root}"]\nmax_lag_s = 0.2\n')
     return subprocess.Popen([sys.executable, "-m", "writer.cli", "run", "--redis", url,
-                             "--data-root", str(root)], stdout=log, stderr=subprocess.STDOUT)
+                             "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
 
 
 def check_file(path: str, datasets: dict, durable: dict) -> tuple[bool, bool, str]:

@@ -231,7 +231,7 @@ def fast_scalars(url, root, points, paused=False, channels=64, batch=100) -> dic
         path = scan_file(store, scan.key)
         row = {"load": f"fast scalars {channels} ch x {points}" + (", backlog" if paused else ""),
                "cpu s": cpu, "wall s": wall, "rss MB": writer.rss_peak_mb,
-               "ratio": BLISSWRITER_3_SCALARS_CPU_S / cpu}
+               "ratio": BLISSWRITER_3_SCALARS_CPU_S / max(cpu, 1e-9)}
         row.update(file_overhead(path, root))
         return row
     finally:
