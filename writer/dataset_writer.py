@@ -290,8 +290,9 @@ class DatasetAppender:
     def _check(self, points, what="points") -> tuple[np.ndarray, bool]:
         """Return (points as an array of our dtype, whether we own its memory)."""
         arr = points if isinstance(points, np.ndarray) else np.asarray(points)
-        expected = lambda: (f"dtype {self.dtype} (or one that casts safely) and shape "  # noqa: E731
-                            f"(n, *{self.point_shape})")  # (formatting dtypes costs: on error only)
+        def expected():  # formatting a dtype costs: on error only
+            return f"dtype {self.dtype} (or one that casts safely) and shape " \
+                   f"(n, *{self.point_shape})"
         if arr.ndim != len(self.point_shape) + 1:
             raise ValueError(f"{self._where()}: {what} of dtype {arr.dtype} shape {arr.shape} "
                              f"given, expected {expected()}")
