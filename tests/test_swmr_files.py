@@ -5,6 +5,7 @@ atomically."""
 import os
 import subprocess
 import sys
+import time
 
 import h5py
 import hdf5plugin  # noqa: F401
@@ -72,6 +73,7 @@ CONCURRENT_READER = """
 import os, sys, h5py, hdf5plugin, numpy as np
 path, done = sys.argv[1:3]
 f = h5py.File(path, "r", swmr=True, locking=False)
+open(done + ".started", "w").close()
 d, reads, bad = f["x"], 0, []
 while not os.path.exists(done):
     d.refresh()
@@ -98,6 +100,10 @@ def test_swmr_partial_chunks_never_overwritten_compressed(tmp_path, compression)
     f.flush()
     reader = subprocess.Popen([sys.executable, "-c", CONCURRENT_READER, str(path), str(done)],
                               stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60  # the flushes below take well under a second now
+    while not (tmp_path / "done.started").exists():
+        assert time.monotonic() < deadline and reader.poll() is None, "reader did not start"
+        time.sleep(0.01)
     values = np.sin(np.arange(600) * 0.01)
     raw_chunk = 8 * app.chunks[0]
     for i, v in enumerate(values):

@@ -32,7 +32,8 @@ class WriterConfig:
     lease_ttl_s: float = 5.0
     compression_threads: int = 2
     fill_value_int: int = 0
-    compression: dict = field(default_factory=lambda: {"default": "bitshuffle-lz4"})
+    compression: dict = field(default_factory=lambda: {"default": "bitshuffle-lz4",
+                                                       "scalars": "none"})
     metrics: dict = field(default_factory=lambda: {"enabled": False, "port": 9118,
                                                     "host": "127.0.0.1"})
     log_level: str = "INFO"

@@ -17,17 +17,19 @@ class VaryingPointsAppender:
     pending_bytes, dataset, name) over the points' dataset and their shapes' dataset."""
 
     def __init__(self, group: h5py.Group, name: str, dtype, point_shape, compression=None,
-                 fill_value=None, attrs=None, *, executor=None, workers=None):
+                 fill_value=None, attrs=None, *, executor=None, workers=None, npoints=None,
+                 count_time=None):
         companion = shapes_name(name)
         if companion in group:
             raise ValueError(f"{group.file.filename}: {group.name}/{companion} exists; it is "
                              f"where the shapes of the points of {name!r} go")
         self._shapes = DatasetAppender(group, companion, np.int64, (len(point_shape),),
                                        compression=compression, executor=executor,
-                                       workers=workers)
+                                       workers=workers, npoints=npoints, count_time=count_time)
         attrs = {**(attrs or {}), SHAPES_ATTR: self._shapes.name}
         self._points = DatasetAppender(group, name, dtype, point_shape, compression,
-                                       fill_value, attrs, executor=executor, workers=workers)
+                                       fill_value, attrs, executor=executor, workers=workers,
+                                       npoints=npoints, count_time=count_time)
 
     @classmethod
     def open(cls, dataset: h5py.Dataset, *, executor=None, workers=None):
