@@ -30,6 +30,14 @@ def redis_url(request):
 
 
 @pytest.fixture
+def data_root(tmp_path):
+    """A writer's data root: an empty folder of this test's own."""
+    root = tmp_path / "data"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
 def redis_client(redis_url):
     client = connect(redis_url)  # a RedisCluster for redis+cluster:// URLs
     client.flushall()  # on a cluster: every primary

@@ -19,13 +19,6 @@ from writer_helpers import SEED_STREAMS, seed_scan, wait_status
 
 
 @pytest.fixture
-def data_root(tmp_path):
-    root = tmp_path / "data"
-    root.mkdir()
-    return root
-
-
-@pytest.fixture
 def writer_process(store, data_root, tmp_path):
     """Factory: start a real writer process (it also takes the scans already unfinished)."""
     procs = []

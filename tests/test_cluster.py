@@ -29,7 +29,7 @@ from test_memory_tracker import (test_closed_scans_expire_and_inactive_ones_go, 
                                  test_hard_limit_trims_and_records_the_loss,
                                  test_never_trims_above_the_watermark,
                                  test_scan_larger_than_redis_is_written_and_read_back)
-from test_writer import (data_root, test_frames_raw_and_precompressed,  # noqa: F401
+from test_writer import (test_frames_raw_and_precompressed,  # noqa: F401
                          test_scan_deleted_mid_way, test_seed_scan_written_as_nexus,
                          test_several_sessions_and_scans_in_one_file, writer)
 from test_writer_pool import test_kill_9_writer_holding_running_scans, writers  # noqa: F401

@@ -13,13 +13,6 @@ from writer.cli import main as cli_main
 from writer_helpers import seed_scan, start_writer, wait_status
 
 
-@pytest.fixture
-def data_root(tmp_path):
-    root = tmp_path / "data"
-    root.mkdir()
-    return root
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,13 +20,6 @@ BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def data_root(tmp_path):
-    root = tmp_path / "data"
-    root.mkdir()
-    return root
-
-
 def status(*args, redis_url):
     return subprocess.run([str(BIN / "blisswriter"), "status", "--redis", redis_url, *args],
                           capture_output=True, text=True, timeout=60)

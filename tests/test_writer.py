@@ -16,13 +16,6 @@ from writer_helpers import (SEED_STREAMS, durable_points, expected_seed_data, se
 
 
 @pytest.fixture
-def data_root(tmp_path):
-    root = tmp_path / "data"
-    root.mkdir()
-    return root
-
-
-@pytest.fixture
 def writer(redis_url, data_root, redis_client):
     running = []
 

@@ -25,13 +25,6 @@ LEASE_TTL_S = 1.5
 
 
 @pytest.fixture
-def data_root(tmp_path):
-    root = tmp_path / "data"
-    root.mkdir()
-    return root
-
-
-@pytest.fixture
 def writers(store, data_root, tmp_path):
     """Factory: n `blisswriter run` processes on session "s"; stopped at the end."""
     procs = []
