@@ -59,6 +59,7 @@ class Side:
         env.publish(self.url, "init")
         folder.mkdir(parents=True, exist_ok=True)
         self.writer = None
+        self.log = None  # blisswriter 3.0.0 output (start_reference)
 
     def start_ours(self, *extra):
         self.writer = subprocess.Popen(
@@ -73,8 +74,10 @@ class Side:
                 "import bliss2_publish; bliss2_publish.no_lima2_conductor(); "
                 "from blisswriter.cli import cli; sys.argv = ['blisswriter', 'run', "
                 f"{self.url!r}]; sys.exit(cli())")
-        self.writer = subprocess.Popen([self.env.python, "-c", code], cwd="/",
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log = self.folder / "blisswriter3.log"  # read when its file is late
+        with open(self.log, "wb") as log:
+            self.writer = subprocess.Popen([self.env.python, "-c", code], cwd="/",
+                                           stdout=log, stderr=subprocess.STDOUT)
         return self.writer
 
     def publish(self, scenario, number, *kwargs, name=None):
@@ -104,9 +107,10 @@ class Side:
         self.server.stop()
 
 
-def wait_reference_file(path: Path, timeout=60):
+def wait_reference_file(path: Path, log: Path | None = None, timeout=120):
     """blisswriter 3.0.0 has no status outside its process: its file is complete once it
-    has let go of it (HDF5 lock) and the entry has the end_time of the final h5maps."""
+    has let go of it (HDF5 lock) and the entry has the end_time of the final h5maps. (It
+    is slow on a loaded machine: the bound is generous; `log`: its output, shown if late.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -116,7 +120,8 @@ def wait_reference_file(path: Path, timeout=60):
         except (OSError, BlockingIOError):
             pass
         time.sleep(0.1)
-    raise AssertionError(f"blisswriter 3.0.0 did not complete {path} in {timeout} s")
+    said = log.read_text(errors="replace")[-3000:] if log is not None else ""
+    raise AssertionError(f"blisswriter 3.0.0 did not complete {path} in {timeout} s\n{said}")
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +204,7 @@ def test_same_file_as_blisswriter_3(sides, scenario):
     _, ref_file = ref.publish(scenario, number)
     status = ours.status(key)
     assert status.state == "done", status
-    wait_reference_file(ref_file)
+    wait_reference_file(ref_file, ref.log)
     assert_same_tree(our_file, ref_file)
     with h5py.File(our_file, "r", locking=False) as f:
         note = json.loads(f[f"{number}.1/writer_status/data"][()])
@@ -278,7 +283,7 @@ def test_master_file_same_as_blisswriter_3(sides):
                                      name=f"with_master_{number}"))
         status = ours.status(done[0][0])
         assert status.state == "done", status
-        wait_reference_file(done[1][1])
+        wait_reference_file(done[1][1], ref.log)
         assert_same_tree(done[0][1], done[1][1])
     deadline = time.monotonic() + 30
     while True:  # blisswriter 3.0.0 lets go of the master file once the scan is done
