@@ -67,6 +67,9 @@ class ScanWriter(threading.Thread):
     # flush when the producer pauses, at most this often (None: never just for a pause, only
     # once the oldest point has waited half the lag: a 10 Hz scan pauses after every point)
     idle_flush_after_s = None
+    # ... but a pause after this much data since the last flush flushes at once: the flush
+    # then costs in proportion to what it stores (frames, bursts), and readers get it sooner
+    idle_flush_bytes = 1 << 20
     # points of varying shape: padded, and their shapes in a dataset beside them
     varying_appender = VaryingPointsAppender
     # SWMR (docs/files.md): every object made when the entry is; a subclass that makes
@@ -461,16 +464,19 @@ class ScanWriter(threading.Thread):
         dirty_since = None  # when the oldest point not flushed yet was read
         last_flush = time.monotonic()
         flush_s = 0.0  # what the last flush took: it comes out of the lag too
+        unflushed_bytes = 0  # read since the last flush
         try:
             while not ahead.ended:
                 # A flush costs about the same for one point as for many: flush when the
                 # oldest point read has waited half the lag (points read within the other
-                # half are durable within max_lag_s), or when memory asks for it; never
-                # just because the producer paused (a 10 Hz scan pauses after every point).
+                # half are durable within max_lag_s), or when memory asks for it; at a
+                # pause of the producer only once idle_flush_bytes came (a 10 Hz scan pauses
+                # after every point: a few bytes each).
                 due = half_lag - flush_s
                 wait = 0.1 if dirty_since is None else \
                     max(0.0, dirty_since + due - time.monotonic())
-                if dirty_since is not None and self.idle_flush_after_s is not None:
+                big = unflushed_bytes >= self.idle_flush_bytes
+                if dirty_since is not None and (big or self.idle_flush_after_s is not None):
                     wait = min(wait, 0.02)  # a short wait tells "the producer paused"
                 try:
                     views = ahead.get(timeout=min(wait, 0.1, half_lag))
@@ -481,22 +487,25 @@ class ScanWriter(threading.Thread):
                 now = time.monotonic()
                 if views:
                     self._event()
-                    self._check_disk_room(sum(_nbytes(part) for view in views.values()
-                                              for part in view.parts))
+                    incoming = sum(_nbytes(part) for view in views.values()
+                                   for part in view.parts)
+                    self._check_disk_room(incoming)
+                    unflushed_bytes += incoming
                     with self.file.lock:
                         self.lease.check()
                         for name, view in views.items():
                             self._append(name, view)
                     dirty_since = now if dirty_since is None else dirty_since
                 # a pause of the producer (a protocol that asks for it), not too soon
-                idle = (self.idle_flush_after_s is not None and not views
-                        and now - last_flush >= self.idle_flush_after_s)
+                idle = not views and (unflushed_bytes >= self.idle_flush_bytes or (
+                    self.idle_flush_after_s is not None
+                    and now - last_flush >= self.idle_flush_after_s))
                 if dirty_since is not None and (idle or now - dirty_since >= due
                                                 or self._over_budget()):
                     # not published (Redis full): again within half a lag
                     dirty_since = None if self._flush() else time.monotonic()
                     flush_s = min(time.monotonic() - now, half_lag / 2)
-                    last_flush = now
+                    last_flush, unflushed_bytes = now, 0
                 if now - last_state_check > 0.5:
                     last_state_check = now
                     self._check_scan()
