@@ -173,12 +173,16 @@ def test_tracker_and_writer_start_while_redis_is_full(small_redis, tmp_path):
     producer = threading.Thread(target=cam.send, args=(frames,))  # waits for room
     producer.start()
     command = [sys.executable, "-m", "blissdata.memory_tracker", "--redis", small_redis,
-               "--budget", "16", "--hard-limit", "64", "--interval", "0.05"]
-    tracker = subprocess.Popen(command, stderr=subprocess.PIPE)
+               "--budget", "16", "--hard-limit", "64", "--interval", "0.05",
+               "--log-level", "debug"]
+    # its log to a file: an unread pipe fills up (a line per round at 0.05 s) and blocks it
+    tracker_log = tmp_path / "tracker.log"
+    with open(tracker_log, "wb") as log_file:
+        tracker = subprocess.Popen(command, stderr=log_file)
     service, writer_thread = start_writer(small_redis, root, max_lag_s=0.2)
     try:
         time.sleep(2.0)
-        assert tracker.poll() is None, tracker.stderr.read().decode()[-2000:]
+        assert tracker.poll() is None, tracker_log.read_text()[-2000:]
         store.redis.config_set("maxmemory", 48 * MB)
         producer.join(60)
         assert not producer.is_alive()
@@ -190,9 +194,15 @@ def test_tracker_and_writer_start_while_redis_is_full(small_redis, tmp_path):
             assert np.array_equal(got[8 * i:8 * i + 8], frames)
     finally:
         tracker.terminate()
-        tracker.wait(10)
-        service.stop()
-        writer_thread.join(30)
+        try:
+            tracker.wait(10)
+        except subprocess.TimeoutExpired:  # it should stop on SIGTERM: say what it was doing
+            tracker.kill()
+            raise AssertionError("the tracker did not stop within 10 s of SIGTERM:\n"
+                                 + tracker_log.read_text()[-3000:]) from None
+        finally:
+            service.stop()
+            writer_thread.join(30)
 
 
 def _scan_with_points(store, path, n=100, batch=10):
