@@ -122,11 +122,10 @@ def scalar_scan(store, file_path, number, npoints=50, batch=10, **kw):
     return publish(store, file_path, number, streams, children, batches, **kw)
 
 
-def frame_scan(store, file_path, number, npoints=12, shape=(64, 48), dtype="uint16", batch=1,
-               pace=0.0, **kw):
-    streams = {"cam:image": Stream.make_definition("cam:image", dtype, shape),
-               "timer:epoch": Stream.make_definition("timer:epoch", "float64")}
-    children = {
+def camera_children(number):
+    """The h5map children of a camera scan: its frames under instrument/cam/data, linked from
+    measurement/cam beside the epoch timer."""
+    return {
         "instrument": Group(attributes={"NX_class": "NXinstrument"}, children={
             "cam": Group(attributes={"NX_class": "NXdetector"}, children={
                 "data": Dataset(attributes={"interpretation": "image"},
@@ -136,6 +135,13 @@ def frame_scan(store, file_path, number, npoints=12, shape=(64, 48), dtype="uint
             "cam": SoftLink(target_path=f"/{number}.1/instrument/cam/data"),
             "epoch": StreamItem(stream="timer:epoch")}),
     }
+
+
+def frame_scan(store, file_path, number, npoints=12, shape=(64, 48), dtype="uint16", batch=1,
+               pace=0.0, **kw):
+    streams = {"cam:image": Stream.make_definition("cam:image", dtype, shape),
+               "timer:epoch": Stream.make_definition("timer:epoch", "float64")}
+    children = camera_children(number)
     rng = np.random.default_rng(number)
     frame = rng.integers(0, 1000, size=(batch, *shape)).astype(dtype)
 
@@ -215,16 +221,7 @@ def lima_scan(store, file_path, number, npoints=12, per_file=5, shape=(32, 24),
         buffer_max_number=4, frames_per_acquisition=npoints, acquisition_offset=0,
         saving=files if saving else {}),
         "timer:epoch": Stream.make_definition("timer:epoch", "float64")}
-    children = {
-        "instrument": Group(attributes={"NX_class": "NXinstrument"}, children={
-            "cam": Group(attributes={"NX_class": "NXdetector"}, children={
-                "data": Dataset(attributes={"interpretation": "image"},
-                                value=StreamItem(stream="cam:image")),
-            })}),
-        "measurement": Group(attributes={"NX_class": "NXcollection"}, children={
-            "cam": SoftLink(target_path=f"/{number}.1/instrument/cam/data"),
-            "epoch": StreamItem(stream="timer:epoch")}),
-    }
+    children = camera_children(number)
     rng = np.random.default_rng(number)
     frames = rng.integers(0, 1000, size=(npoints, *shape)).astype(np.uint16)
     frames[:, 0, 0] = np.arange(npoints)

@@ -46,6 +46,17 @@ def writers(store, data_root, tmp_path):
         return procs
 
     yield start
+    stop_writers(procs)
+
+
+def logs(tmp_path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}"
+                     for p in sorted(tmp_path.glob("writer-*.log")))
+
+
+def stop_writers(procs):
+    """SIGTERM to each writer still running (SIGCONT first: one may be stopped), then wait,
+    killing those that do not stop within 20 s."""
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGCONT)
@@ -56,11 +67,6 @@ def writers(store, data_root, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def logs(tmp_path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}"
-                     for p in sorted(tmp_path.glob("writer-*.log")))
 
 
 def wait_for(predicate, timeout, what, procs=(), tmp_path=None):
@@ -434,11 +440,4 @@ def test_writer_cut_off_from_redis_is_replaced(store, data_root, tmp_path):
         assert validate_file(path).ok
         assert cut_off.poll() is None  # alive, retrying its Redis
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_writers(procs)
