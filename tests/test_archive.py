@@ -225,7 +225,9 @@ def test_rewrite_into_another_folder_keeps_detector_frames(tmp_path, round_trips
     args = ["rewrite", str(a), str(out)] + (["--absolute-sources"] if absolute else [])
     assert writer_cli(args) == 0
     assert "source names rewritten" in capsys.readouterr().out
-    with h5py.File(a, "r", locking=False) as fa, h5py.File(out, "r") as fo:
+    # both with locking=False: the two files share the detector's files, which HDF5 opens
+    # once per process and refuses to reopen with another locking setting (docs/files.md)
+    with h5py.File(a, "r", locking=False) as fa, h5py.File(out, "r", locking=False) as fo:
         frames = _virtual_datasets(fa)
         assert frames and all(v.sum() > 0 for v in frames.values())
         for name, values in frames.items():
