@@ -82,11 +82,6 @@ class ArchivedStream:
             return varying_points(self.dataset, start, data)
         return data
 
-    def _concat(self, parts):
-        if self.encoding == "json" or self.definition.varying:
-            return [p for part in parts for p in part]
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
-
     def __getitem__(self, item):
         if isinstance(item, slice):
             start, stop, step = item.indices(len(self))

@@ -140,9 +140,9 @@ def read_points(stream, start: int, stop: int, backing: dict | None, lost: list)
         why = (f"; lost (trimmed before any file held them): {detail}" if detail else
                f"; the file holds [0, {covered})" if backing else "; no file holds this stream")
         raise IndexNoMoreThereError(
-            f"stream {stream.name!r} of scan {stream._scan.key}: points [{start}, {stop}) are no "
+            f"stream {stream.name!r} of scan {stream.scan.key}: points [{start}, {stop}) are no "
             f"more in Redis{why}")
-    files = stream._scan._store._files
+    files = stream.scan.store.files
     data = read_range(files, backing["file"], backing["dataset"], start, stop)
     definition = stream.definition
     if definition.encoding == "json":
@@ -185,8 +185,8 @@ def read_range(files: FileCache, path: str, name: str, start: int, stop: int):
 
 def reference_frames(stream, references: list) -> np.ndarray:
     """The frames `references` point to ({"file", "dataset", "index"} each)."""
-    folder = os.path.dirname(stream._scan.path)
-    files = stream._scan._store._files
+    folder = os.path.dirname(stream.scan.path)
+    files = stream.scan.store.files
     frames = []
     for ref in references:
         path = ref["file"] if os.path.isabs(ref["file"]) else os.path.join(folder, ref["file"])

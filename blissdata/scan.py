@@ -107,16 +107,21 @@ class Scan:
     def _prepared_definitions(self) -> dict | None:
         """The declarations as published at PREPARED (in the state stream), or None if that
         entry is gone or came from a producer that did not record them there."""
-        for _, fields in self._store._redis.xrange(keys.state_key(self.key), count=16):
+        for _, fields in self._store.redis.xrange(keys.state_key(self.key), count=16):
             if b"streams" in fields:
                 return json.loads(fields[b"streams"])
         return None
 
     def _reload(self) -> None:
-        fields = self._store._redis.hgetall(self.key)
+        fields = self._store.redis.hgetall(self.key)
         if not fields:
             raise ScanNotFoundError(f"scan {self.key} no longer exists (deleted or expired)")
         self._load(fields)
+
+    @property
+    def store(self):
+        """The DataStore this scan was created or loaded with."""
+        return self._store
 
     @property
     def session(self) -> str:
@@ -160,7 +165,7 @@ class Scan:
 
     def _next_state(self, block_ms: int | None) -> bool:
         """One XREAD of the state stream; reloads the scan if the state changed."""
-        reply = self._store._redis.xread({keys.state_key(self.key): self._state_id},
+        reply = self._store.redis.xread({keys.state_key(self.key): self._state_id},
                                          block=block_ms)
         if not reply:
             return False
@@ -188,7 +193,7 @@ class Scan:
             argv += [k, v]
         try:
             self._store.while_full(
-                lambda: self._store._redis.eval(_TRANSITION, 2, self.key,
+                lambda: self._store.redis.eval(_TRANSITION, 2, self.key,
                                                 keys.state_key(self.key), *argv),
                 f"scan {self.key} did not go to {new.name}")
         except redis.ResponseError as exc:
@@ -241,7 +246,8 @@ class Scan:
                     for s, d in batches.items()}
         next(iter(resolved))._send_pipelined(resolved)
 
-    def _check_can_send(self, stream: Stream) -> None:
+    def check_can_send(self, stream: Stream) -> None:
+        """Raise unless `stream` (one of this scan's) may send now: after prepare, before close."""
         if self.state not in (ScanState.PREPARED, ScanState.STARTED, ScanState.STOPPED):
             raise ScanStateError(f"scan {self.key}: cannot send to {stream.name!r} while the "
                                  f"scan is {self.state.name} (send after prepare, before close)")

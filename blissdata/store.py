@@ -166,6 +166,12 @@ class DataStore:
         """The underlying redis-py client (for tools; the protocol is in docs/protocol.md)."""
         return self._redis
 
+    @property
+    def files(self) -> FileCache:
+        """The data files this store read trimmed points from, each opened once and kept
+        open (closed by `close()`)."""
+        return self._files
+
     def close(self) -> None:
         self._files.close()
         self._redis.close()

@@ -111,12 +111,17 @@ class Stream:
         return np.dtype(self.definition.dtype) if self.definition.dtype else None
 
     @property
+    def scan(self):
+        """The scan this stream belongs to."""
+        return self._scan
+
+    @property
     def _store(self):
-        return self._scan._store
+        return self._scan.store
 
     @property
     def _redis(self) -> redis.Redis:
-        return self._store._redis
+        return self._store.redis
 
     def __repr__(self):
         return f"<Stream {self.name!r} {self.encoding} {self.definition.dtype} {self.shape}>"
@@ -137,7 +142,7 @@ class Stream:
         """Encode and check `data`; returns (entry id, fields) to XADD. Raises on bad input."""
         if self._sealed_here:
             raise StreamSealedError(f"stream {self.name!r} of scan {self._scan.key} is sealed")
-        self._scan._check_can_send(self)
+        self._scan.check_can_send(self)
         if self.encoding == "bslz4" and not isinstance(data, (bytes, bytearray, memoryview, list, tuple)):
             from . import bslz4
 
@@ -151,7 +156,7 @@ class Stream:
         elif self.encoding == "bslz4":
             data = self._check_chunks(data)
         entries, index = [], self._next_index
-        for count, fields in encode(self.definition, data, self._scan._store.max_event_bytes):
+        for count, fields in encode(self.definition, data, self._store.max_event_bytes):
             fields["n"] = count
             entries.append((keys.entry_id(index), fields))
             index += count
@@ -188,7 +193,7 @@ class Stream:
                        + [s.key for s, e in prepared if e and s._created])
         new = sum(1 for s, e in prepared if e and not s._created)
         try:
-            written = self._scan._store.while_full(
+            written = self._store.while_full(
                 lambda: guarded_xadds(self._redis, self._scan.key, stream_keys, new, entries),
                 f"nothing of this batch of {names} was written")
         except redis.ResponseError as exc:
@@ -212,7 +217,7 @@ class Stream:
                                     f"is already sealed")
         seal = [(self.key, keys.entry_id(self._next_index), {"end": self._next_index})]
         try:
-            written = self._scan._store.while_full(
+            written = self._store.while_full(
                 lambda: guarded_xadds(self._redis, self._scan.key, [self.key],
                                       0 if self._created else 1, seal),
                 f"stream {self.name!r} was not sealed")
@@ -322,10 +327,7 @@ class Stream:
         return self._concat(parts)
 
     def _concat(self, parts):
-        if self.encoding == "references" or (self.definition.is_array
-                                              and not self.definition.varying):
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return [p for part in parts for p in part]
+        return concat_points(self.definition, parts)
 
     # ---- file backing (published by the writer) ---------------------------------------
     def mark_file_backed(self, file: str, dataset: str, points: int,
@@ -335,7 +337,7 @@ class Stream:
         `fence` = (lease key, token): published only while that lease holds that token,
         atomically; else LeaseLostError and nothing is changed."""
         value = json.dumps({"file": file, "dataset": dataset, "points": int(points)})
-        script = (_MARK_FILE_BACKED_ALLOW_OOM if self._scan._store.script_flags()
+        script = (_MARK_FILE_BACKED_ALLOW_OOM if self._store.script_flags()
                   else _MARK_FILE_BACKED)
         script_keys = [keys.durable_key(self._scan.key)]
         args = [self.name, value]
@@ -358,6 +360,13 @@ class Stream:
         return json.loads(raw) if raw else None
 
 
+def concat_points(definition: StreamDefinition, parts: list):
+    """Pieces of a stream's points as one: an array, or a list for json/varying streams."""
+    if definition.encoding == "references" or (definition.is_array and not definition.varying):
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return [p for part in parts for p in part]
+
+
 class StreamView:
     """What a cursor read from one stream: points [index, index + len(view)).
 
@@ -376,7 +385,7 @@ class StreamView:
     def data(self):
         if self._data is None:
             self._data = ([c for part in self.parts for c in part] if self._raw
-                          else self._stream._concat(self.parts))
+                          else concat_points(self._stream.definition, self.parts))
         return self._data
 
     def __len__(self):
@@ -399,8 +408,8 @@ class CursorGroup:
         """`start`: index to read from, for every stream or per stream name (default 0)."""
         self.streams = {s.name: s for s in streams}
         first = next(iter(self.streams.values()), None)
-        self._redis = first._redis if first is not None else None
-        self._store = first._store if first is not None else None
+        self._store = first.scan.store if first is not None else None
+        self._redis = self._store.redis if first is not None else None
         starts = start if isinstance(start, dict) else {}
         self._next = {name: int(starts.get(name, 0 if starts else start))
                       for name in self.streams}

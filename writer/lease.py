@@ -24,7 +24,6 @@ import redis
 
 from blissdata import keys
 from blissdata.exceptions import LeaseLostError
-from blissdata.store import is_cluster
 
 __all__ = ["FileLease", "ScanLease", "LeaseLostError", "file_lease_key"]
 
@@ -123,14 +122,11 @@ class FileLease:
                 return False
             started = time.monotonic()
             lease_keys = [self.key, *(keys.lease_key(s) for s in self.scans)]
-            if is_cluster(self.client):  # a cluster pipeline cannot EVAL: one at a time
-                renewed = [self.client.eval(_RENEW, 1, k, self.token, self.ttl_ms)
-                           for k in lease_keys]
-            else:
-                pipe = self.client.pipeline(transaction=False)
-                for key in lease_keys:
-                    pipe.eval(_RENEW, 1, key, self.token, self.ttl_ms)
-                renewed = pipe.execute()
+            pipe = self.client.pipeline(transaction=False)
+            for key in lease_keys:
+                # EVAL as a raw command: redis-py's cluster pipelines refuse .eval(), not it
+                pipe.execute_command("EVAL", _RENEW, 1, key, self.token, self.ttl_ms)
+            renewed = pipe.execute()
             if all(renewed):
                 self._valid_until = max(self._valid_until,
                                         started + VALID_FRACTION * self.ttl_ms / 1000)
