@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 
-import h5py
 import hdf5plugin  # noqa: F401  (registers the compression filters for reading)
 import numpy as np
 

@@ -4,7 +4,6 @@ serving the next scan. Also the talk's own way of writing a mapping (Python tupl
 
 import json
 import re
-import signal
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import pytest
 from blissdata import EXTERNAL_LINK, RAW, SOFT_LINK, STREAM, SchemaError, bslz4, keys
 from blissdata.encoding import decode, make_definition, raw_chunks
 from blissdata.exceptions import MalformedEntryError
-from writer_helpers import SEED_STREAMS, seed_scan, wait_status
+from writer_helpers import SEED_STREAMS, seed_scan, stop_process, wait_status
 
 
 @pytest.fixture
@@ -32,12 +31,7 @@ def writer_process(store, data_root, tmp_path):
 
     yield start
     for proc in procs:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def next_scan_is_written(store, data_root, number=99):

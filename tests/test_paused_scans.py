@@ -9,7 +9,7 @@ import time
 import h5py
 import numpy as np
 
-from writer_helpers import SEED_STREAMS, expected_seed_data, seed_scan, wait_status
+from writer_helpers import SEED_STREAMS, expected_seed_data, seed_scan, stop_process, wait_status
 
 
 def test_writer_restarted_while_a_scan_is_idle_resumes_it(store, tmp_path):
@@ -44,9 +44,5 @@ def test_writer_restarted_while_a_scan_is_idle_resumes_it(store, tmp_path):
             assert list(f) == ["1.1"]
             assert np.array_equal(f["1.1/measurement/diode"][()], more[SEED_STREAMS[0]])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()

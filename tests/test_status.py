@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from writer.cli import main as cli_main
-from writer_helpers import seed_scan, start_writer, wait_status
+from writer_helpers import seed_scan, start_writer, stop_process, wait_status
 
 
 def free_port():
@@ -118,8 +118,7 @@ def test_json_logs_name_the_scan(redis_url, store, data_root, tmp_path):
         scan, _ = seed_scan(store, data_root / "j.h5", number=5, npoints=4)
         assert wait_status(store, scan.key).state == "done"
     finally:
-        proc.terminate()
-        proc.wait(20)
+        stop_process(proc)
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line]
     messages = [r["message"] for r in records]
     assert any(scan.key in m and "done" in m for m in messages)

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from blissdata.redis_server import EmbeddedRedis
-from writer_helpers import seed_scan, wait_status
+from writer_helpers import seed_scan, stop_process, wait_status
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,8 +33,7 @@ def test_status_json_and_piped_table(store, redis_url, data_root):
         scan, _ = seed_scan(store, data_root / "s.h5", number=7, npoints=12, session="jsn")
         assert wait_status(store, scan.key, timeout=60).state == "done"
     finally:
-        writer.terminate()
-        writer.wait(20)
+        stop_process(writer)
     done = status("--json", redis_url=redis_url)
     assert done.returncode == 0, done.stderr
     (got,) = [st for st in json.loads(done.stdout) if st["scan_key"] == scan.key]

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 
 from blissdata import EndReason
-from writer_helpers import durable_points, wait_status
+from writer_helpers import durable_points, stop_process, wait_status
 
 
 def start_writer_process(redis_url, data_root, log_path):
@@ -20,12 +20,7 @@ def start_writer_process(redis_url, data_root, log_path):
         stdout=log, stderr=subprocess.STDOUT)
 
 
-def stop(proc):
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+stop = stop_process
 
 
 def test_kill_9_mid_scan_then_restart(store, tmp_path):

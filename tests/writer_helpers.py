@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 
@@ -40,6 +41,18 @@ SEED_MAPPING = [
 ]
 SEED_STREAMS = ("simulation_diode_sampling_controller:diode", "timer:elapsed_time",
                 "timer:epoch")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM (a writer or tracker then stops cleanly), SIGKILL if it is still running
+    `timeout` seconds later."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def start_writer(redis_url, data_root, **overrides):
