@@ -30,8 +30,10 @@ from .dataset_writer import DatasetAppender, last_chunks
 from .varying_points import VaryingPointsAppender
 from .default_mapping import default_mapping
 from .file_space import stored_bytes
-from .files import entry_in, is_file_error, link_entry, os_reason, scan_file_in
+from .files import (entry_in, is_file_error, link_entry, os_reason, scan_file_in,
+                    swmr_capable)
 from .grid_plot import write_grid_plot
+from .json_appender import JsonAppender
 from .mapping import MappingError, parse_mapping
 from .names import invalid_names
 from .nexus_skeleton import (END_FIELDS, EntryExistsError, finalize_entry, is_finalized,
@@ -72,6 +74,8 @@ class ScanWriter(threading.Thread):
     idle_flush_bytes = 1 << 20
     # points of varying shape: padded, and their shapes in a dataset beside them
     varying_appender = VaryingPointsAppender
+    # json points: texts and [start, stop) rows, readable under SWMR (blissdata.json_points)
+    json_appender = JsonAppender
     # SWMR (docs/files.md): every object made when the entry is; a subclass that makes
     # objects later (blissdata2: the end of a scan as blisswriter 3 writes it) sets False
     writes_swmr = True
@@ -234,7 +238,9 @@ class ScanWriter(threading.Thread):
         mapping = info.get("mapping")
         if mapping is None:
             mapping = default_mapping(self.scan.streams)
-        layout = parse_mapping(mapping, stream_names=set(self.scan.streams))
+        # an inferred default plot never shows json points (its signal would be text)
+        plottable = {n for n, s in self.scan.streams.items() if s.definition.encoding != "json"}
+        layout = parse_mapping(mapping, stream_names=set(self.scan.streams), plottable=plottable)
         odd = invalid_names(layout.node_paths())
         if odd:  # the producer chose them: kept as given, said once
             self.status.warn(f"mapping names kept as given, not valid NeXus names (ASCII "
@@ -363,12 +369,13 @@ class ScanWriter(threading.Thread):
 
     def _swmr_possible(self, layout) -> bool:
         """False for a scan with a `references` stream (its virtual dataset is made again at
-        each flush: a new object, which SWMR forbids) or a `json` stream (variable-length
-        strings, which SWMR readers cannot read while they are appended: measured). Such a
-        scan's file is written as before SWMR (docs/files.md)."""
+        each flush: a new object, which SWMR forbids), and for a scan resumed in a file made
+        without SWMR (by an older version: json points as variable-length strings, which
+        SWMR readers cannot read while they are appended). Such a scan's file is written as
+        before SWMR (docs/files.md)."""
         return self.writes_swmr and not any(
-            self.scan.streams[n.stream].definition.encoding in ("references", "json")
-            for n in layout.streams)
+            self.scan.streams[n.stream].definition.encoding == "references"
+            for n in layout.streams) and swmr_capable(self.file_path)
 
     def _check_entry_is_ours(self) -> None:
         note = self.entry.get("writer_status/data")
@@ -397,7 +404,7 @@ class ScanWriter(threading.Thread):
             if name in group and resume:
                 appender = self._reopen(group[name], definition, durable.get(node.stream, 0))
             elif definition.encoding == "json":
-                appender = TextAppender(group, name, attrs=node.attrs)
+                appender = self._new_json_appender(group, name, node)
             elif definition.encoding == "references":
                 appender = ReferencesAppender(group, name, self.file_path, self._check_source,
                                               attrs=node.attrs, definition=definition,
@@ -423,8 +430,11 @@ class ScanWriter(threading.Thread):
             if dataset.shape[0] != keep:
                 last_chunks(dataset)  # a torn last row must not reach the resize's decoder
                 dataset.resize(keep, axis=0)
+            if definition.encoding == "json" and dataset.dtype.kind in "OSU":
+                return TextAppender.open(dataset)  # a file of an older version
             if definition.encoding == "json":
-                return TextAppender.open(dataset)
+                return JsonAppender.open(dataset, executor=self.service.pool,
+                                         workers=self.config.compression_threads)
             if definition.encoding == "references":
                 return ReferencesAppender.open(dataset, self.file_path, self._check_source,
                                                definition,
@@ -434,6 +444,15 @@ class ScanWriter(threading.Thread):
                              workers=self.config.compression_threads)
         except ValueError as exc:
             raise ScanFailed(str(exc)) from None
+
+    def _new_json_appender(self, group, name: str, node):
+        if self.json_appender is TextAppender:
+            return TextAppender(group, name, attrs=node.attrs)
+        return self.json_appender(
+            group, name, compression=self.config.compression_for(node.stream, scalar=True),
+            attrs=node.attrs, executor=self.service.pool,
+            workers=self.config.compression_threads, npoints=self.scan.info.get("npoints"),
+            count_time=self.scan.info.get("count_time"))
 
     def _trimmable(self, durable: dict) -> dict:
         """The streams whose entries below their durable point may leave a full Redis."""
