@@ -23,16 +23,21 @@ import time
 import numpy as np
 
 FRAME_SHAPE = (128, 128)
-STREAMS = {"cam:image": "cam", "diode:diode": "diode"}
+STREAMS = {"cam:image": "cam", "diode:diode": "diode", "log:log": "log"}
+JSON_STREAMS = {"log:log"}
 MAPPING = [{"NX_class": "NXentry"},
            {"measurement": [{"NX_class": "NXcollection"},
                             {"cam": [{}, "STREAM", "cam:image"],
-                             "diode": [{}, "STREAM", "diode:diode"]}]}]
+                             "diode": [{}, "STREAM", "diode:diode"],
+                             "log": [{}, "STREAM", "log:log"]}]}]
 MAX_RANGE = 48
 
 
-def expected(stream: str, start: int, stop: int) -> np.ndarray:
-    """What the producer sends as points [start, stop) of `stream`."""
+def expected(stream: str, start: int, stop: int):
+    """What the producer sends as points [start, stop) of `stream` (json: a list)."""
+    if stream in JSON_STREAMS:  # texts of varying length
+        return [{"i": i, "tag": "é" * (i % 17), "v": [i * 0.5] * (i % 5)}
+                for i in range(start, stop)]
     index = np.arange(start, stop)
     if stream == "diode:diode":
         return index * 0.5 + 1.0
@@ -43,6 +48,11 @@ def expected(stream: str, start: int, stop: int) -> np.ndarray:
 
 def _check(stream, start, stop, data, problems, how):
     want = expected(stream, start, stop)
+    if stream in JSON_STREAMS:
+        if data != want:
+            got = f"{len(data)} points" if isinstance(data, list) else type(data).__name__
+            problems.append(f"{how} {stream}[{start}:{stop}]: {got}, not the points sent")
+        return
     data = np.asarray(data)
     if data.shape != want.shape:
         problems.append(f"{how} {stream}[{start}:{stop}]: shape {data.shape}, "
@@ -55,6 +65,19 @@ def _check(stream, start, stop, data, problems, how):
 def _random_range(durable: int):
     a = random.randrange(durable)
     return a, min(durable, a + random.randint(1, MAX_RANGE))
+
+
+def _json_recipe(rows, start, stop) -> list:
+    """Points [start, stop) of a json stream with plain h5py (docs/files.md): `rows`
+    refreshed first, then the texts. Every row asked for must be there (durable)."""
+    import json
+
+    text = rows.file[rows.attrs["json_text"]]
+    r = rows[start:stop]
+    if text.shape[0] < r[-1, 1]:
+        text.refresh()
+    blob = text[r[0, 0]:r[-1, 1]].tobytes()
+    return [json.loads(blob[a - r[0, 0]:b - r[0, 0]]) for a, b in r]
 
 
 def main(mode, url, scan_key, duration):
@@ -80,8 +103,9 @@ def main(mode, url, scan_key, duration):
                 if random.random() < 0.5:
                     _check(stream, start, stop, s[start:stop], problems, "stream")
                 else:
-                    _check(stream, start, start + 1, np.asarray(s[start])[np.newaxis],
-                           problems, "stream point")
+                    one = s[start]
+                    _check(stream, start, start + 1, [one] if stream in JSON_STREAMS else
+                           np.asarray(one)[np.newaxis], problems, "stream point")
                     stop = start + 1
             elif mode == "h5api":
                 if api is None:
@@ -105,7 +129,11 @@ def main(mode, url, scan_key, duration):
                 stop = min(stop, dset.shape[0])
                 if stop <= start:
                     continue
-                _check(stream, start, stop, dset[start:stop], problems, "h5py")
+                if stream in JSON_STREAMS:  # docs/files.md: the rows, then their texts
+                    _check(stream, start, stop, _json_recipe(dset, start, stop), problems,
+                           "h5py")
+                else:
+                    _check(stream, start, stop, dset[start:stop], problems, "h5py")
             else:
                 raise SystemExit(f"unknown mode {mode!r}")
         except Exception as exc:  # noqa: BLE001  (any exception is a problem to report)
