@@ -23,13 +23,20 @@ import time
 import numpy as np
 
 FRAME_SHAPE = (128, 128)
-STREAMS = {"cam:image": "cam", "diode:diode": "diode", "log:log": "log"}
+STREAMS = {"cam:image": "cam", "diode:diode": "diode", "log:log": "log", "det:ref": "ref"}
 JSON_STREAMS = {"log:log"}
-MAPPING = [{"NX_class": "NXentry"},
-           {"measurement": [{"NX_class": "NXcollection"},
-                            {"cam": [{}, "STREAM", "cam:image"],
-                             "diode": [{}, "STREAM", "diode:diode"],
-                             "log": [{}, "STREAM", "log:log"]}]}]
+REF_FRAME_SHAPE = (16, 16)
+FRAMES_PER_FILE = 10  # the detector's own files (det:ref: references to their frames)
+
+
+def mapping(names) -> list:
+    """The scan's mapping: every stream of `names` under measurement."""
+    return [{"NX_class": "NXentry"},
+            {"measurement": [{"NX_class": "NXcollection"},
+                             {STREAMS[n]: [{}, "STREAM", n] for n in names}]}]
+
+
+MAPPING = mapping(["cam:image", "diode:diode", "log:log"])
 MAX_RANGE = 48
 
 
@@ -39,6 +46,10 @@ def expected(stream: str, start: int, stop: int):
         return [{"i": i, "tag": "é" * (i % 17), "v": [i * 0.5] * (i % 5)}
                 for i in range(start, stop)]
     index = np.arange(start, stop)
+    if stream == "det:ref":  # the frames the references point to
+        pixels = np.arange(np.prod(REF_FRAME_SHAPE)).reshape(REF_FRAME_SHAPE)
+        return ((pixels[np.newaxis] + index[:, np.newaxis, np.newaxis] * 3) % 65536) \
+            .astype(np.uint16)
     if stream == "diode:diode":
         return index * 0.5 + 1.0
     pixels = np.arange(FRAME_SHAPE[0] * FRAME_SHAPE[1]).reshape(FRAME_SHAPE)
@@ -89,8 +100,9 @@ def main(mode, url, scan_key, duration):
     deadline = time.monotonic() + duration
     h5file = h5_dsets = None
     api = None
+    names = [n for n in STREAMS if n in scan.streams]
     while time.monotonic() < deadline and len(problems) < 5:
-        stream = random.choice(list(STREAMS))
+        stream = random.choice(names)
         backing = scan.streams[stream].file_backing
         durable = backing["points"] if backing else 0
         if not durable:
@@ -122,10 +134,13 @@ def main(mode, url, scan_key, duration):
                         h5file.close()
                     h5file = h5py.File(scan.path, "r", swmr=True, locking=False)
                     entry = h5file[f"{scan.number}.1"]
-                    h5_dsets = {name: entry[f"measurement/{leaf}"]
-                                for name, leaf in STREAMS.items()}
-                dset = h5_dsets[stream]
-                dset.refresh()
+                    h5_dsets = {name: entry[f"measurement/{STREAMS[name]}"]
+                                for name in names if name != "det:ref"}
+                if stream == "det:ref":  # docs/files.md: its own file, replaced whole:
+                    dset = h5file[f"{scan.number}.1/measurement/ref"]  # get it again
+                else:
+                    dset = h5_dsets[stream]
+                    dset.refresh()
                 stop = min(stop, dset.shape[0])
                 if stop <= start:
                     continue

@@ -22,7 +22,7 @@ import pytest
 
 from blissdata import DataStore
 from blissdata.h5api import File
-from swmr_reader import FRAME_SHAPE, MAPPING, expected
+from swmr_reader import FRAME_SHAPE, FRAMES_PER_FILE, MAPPING, expected, mapping
 from writer_helpers import wait_status
 
 HERE = Path(__file__).parent
@@ -207,3 +207,47 @@ def test_two_data_stores_and_h5api_in_one_process(store, services, tmp_path):
     scan.close()
     assert checked == 40
     assert wait_status(store, scan.key, timeout=30).state == "done"
+
+
+def _references_scan(store, path):
+    scan = store.create_scan(
+        {"session": "stress", "name": "timescan", "number": 1, "path": str(path)},
+        info={"title": "references", "type": "timescan", "scan_nb": 1,
+              "mapping": mapping(["det:ref", "diode:diode"])})
+    ref = scan.create_stream("det:ref", encoding="references")
+    diode = scan.create_stream("diode:diode", "float64")
+    scan.prepare()
+    scan.start()
+    return scan, ref, diode
+
+
+@pytest.mark.parametrize("rate", [None, 20])
+def test_readers_of_a_references_stream_while_written(store, services, tmp_path, rate):
+    """Frames in a detector's own files, the virtual dataset over them in a file of its own
+    replaced at each flush (docs/files.md): readers never see a file being written."""
+    folder = services / "refs"
+    folder.mkdir()
+    path = folder / "refs.h5"
+    scan, ref, diode = _references_scan(store, path)
+    seconds = max(4.0, STRESS_S / 2) if rate is None else 4.0
+    readers = _readers(store, scan, seconds + 2, tmp_path)
+    sent, t0, k = 0, time.monotonic(), 0
+    while time.monotonic() - t0 < seconds:
+        name = f"det_{k:04d}.h5"  # the detector writes a file, then publishes its frames
+        with h5py.File(folder / name, "w") as f:
+            f["data"] = expected("det:ref", sent, sent + FRAMES_PER_FILE)
+        for i in range(FRAMES_PER_FILE):
+            scan.send_many({ref: {"file": name, "dataset": "/data", "index": i},
+                            diode: expected("diode:diode", sent, sent + 1)})
+            sent += 1
+            if rate is not None:
+                time.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
+        k += 1
+    scan.stop()
+    scan.close()
+    reports = _check_readers(readers)
+    assert wait_status(store, scan.key, timeout=60).state == "done"
+    with h5py.File(path, "r") as f:
+        assert np.array_equal(f["1.1/measurement/ref"][()], expected("det:ref", 0, sent))
+        assert np.array_equal(f["1.1/measurement/diode"][()], expected("diode:diode", 0, sent))
+    print(sent, reports)

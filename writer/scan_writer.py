@@ -35,7 +35,7 @@ from .files import (entry_in, is_file_error, link_entry, os_reason, scan_file_in
 from .grid_plot import write_grid_plot
 from .json_appender import JsonAppender
 from .mapping import MappingError, parse_mapping
-from .names import invalid_names
+from .names import invalid_names, nexus_name
 from .nexus_skeleton import (END_FIELDS, EntryExistsError, finalize_entry, is_finalized,
                              prepare_end_fields, set_text_field, stream_dataset_parent,
                              write_entry)
@@ -317,6 +317,8 @@ class ScanWriter(threading.Thread):
                 self.entry = self._new_entry(h5, layout)
                 writer_status.write_note(self.entry, self.status)
             self._create_appenders(layout, resume=resuming)
+            if not self.file.swmr:
+                self._soft_links_to_own_files()
             if not self.file.swmr:  # (resuming in SWMR mode: written when the scan began)
                 self._write_header_note()
             # every object of the scan exists before SWMR writing starts (HDF5's rule):
@@ -365,17 +367,14 @@ class ScanWriter(threading.Thread):
         return (note is not None and note.dtype.kind == "S"
                 and "scan_header/data" in entry
                 and all(name in entry for name in END_FIELDS)
-                and all(node.path[1:] in entry for node in layout.streams))
+                and all(entry.get(node.path[1:], getlink=True) is not None
+                        for node in layout.streams))
 
-    def _swmr_possible(self, layout) -> bool:
-        """False for a scan with a `references` stream (its virtual dataset is made again at
-        each flush: a new object, which SWMR forbids), and for a scan resumed in a file made
-        without SWMR (by an older version: json points as variable-length strings, which
-        SWMR readers cannot read while they are appended). Such a scan's file is written as
-        before SWMR (docs/files.md)."""
-        return self.writes_swmr and not any(
-            self.scan.streams[n.stream].definition.encoding == "references"
-            for n in layout.streams) and swmr_capable(self.file_path)
+    def _swmr_possible(self, layout=None) -> bool:
+        """False for a scan resumed in a file an older version made without SWMR (scans with
+        `json` or `references` streams were: variable-length strings, a virtual dataset
+        made again at each flush). Such a file is written on as it was (docs/files.md)."""
+        return self.writes_swmr and swmr_capable(self.file_path)
 
     def _check_entry_is_ours(self) -> None:
         note = self.entry.get("writer_status/data")
@@ -401,7 +400,10 @@ class ScanWriter(threading.Thread):
                     group[name] = self.appenders[node.stream].dataset
                 continue
             self.definitions[node.stream] = definition
-            if name in group and resume:
+            if definition.encoding == "references" and self._swmr_possible():
+                appender = self._references_in_own_file(group, name, node, definition,
+                                                        durable if resume else None)
+            elif name in group and resume:
                 appender = self._reopen(group[name], definition, durable.get(node.stream, 0))
             elif definition.encoding == "json":
                 appender = self._new_json_appender(group, name, node)
@@ -444,6 +446,45 @@ class ScanWriter(threading.Thread):
                              workers=self.config.compression_threads)
         except ValueError as exc:
             raise ScanFailed(str(exc)) from None
+
+    def _references_in_own_file(self, group, name: str, node, definition, durable):
+        """A `references` stream of a scan written in SWMR mode: its virtual dataset in a
+        file of its own, replaced whole at each flush (writer/references.py), e.g.
+        ``sample_3.1_eiger_image.h5`` beside ``sample_3.1.h5``."""
+        stem = f"{self.file_path.stem}_{nexus_name(node.stream)}"
+        own_file = self.file_path.with_name(stem + ".h5")
+        taken = {getattr(a, "own_file", None) for a in self.appenders.values()}
+        k = 1
+        while own_file in taken:  # two stream names that give the same file name
+            k += 1
+            own_file = self.file_path.with_name(f"{stem}_{k}.h5")
+        self._check_source(str(own_file))
+        base = Path(self.scan.path).parent
+        if durable is not None:
+            return ReferencesAppender.open_own_file(
+                group, name, own_file, self.file_path, self._check_source,
+                durable.get(node.stream, 0), definition, base)
+        return ReferencesAppender(group, name, self.file_path, self._check_source,
+                                  attrs=node.attrs, definition=definition, base=base,
+                                  own_file=own_file)
+
+    def _soft_links_to_own_files(self) -> None:
+        """Soft links to a `references` stream in its own file (the default plot, a second
+        place, a mapping SOFT_LINK) become external links to that file: nexusformat loops
+        forever on a soft link to an external link inside a file it reached through an
+        external link (the shared file)."""
+        targets = {self.dataset_paths[n]: self.entry.file.get(self.dataset_paths[n],
+                                                                getlink=True)
+                   for n, a in self.appenders.items() if getattr(a, "own_file", None)}
+        if not targets:
+            return
+        found = []
+        self.entry.visititems_links(lambda name, link: found.append(name) if isinstance(
+            link, h5py.SoftLink) and link.path in targets else None)
+        for name in found:
+            target = targets[self.entry.get(name, getlink=True).path]
+            del self.entry[name]
+            self.entry[name] = h5py.ExternalLink(target.filename, target.path)
 
     def _new_json_appender(self, group, name: str, node):
         if self.json_appender is TextAppender:
