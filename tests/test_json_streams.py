@@ -21,7 +21,7 @@ from blissdata.json_points import text_dataset
 from writer import scan_writer
 from writer.rewrite import rewrite
 from writer.text_appender import TextAppender
-from writer_helpers import durable_points, start_writer, wait_status
+from writer_helpers import durable_points, start_writer, stop_process, wait_status
 
 
 def point(i: int):
@@ -198,8 +198,7 @@ def test_json_stream_after_kill_9_has_every_point_once(store, data_root, tmp_pat
         st = wait_status(store, scan.key, timeout=60)
         assert st.state == "done", (st.error, log_path.read_text()[-3000:])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
+        stop_process(proc)
     with open_scan(str(path)) as archived:
         assert archived.streams["log"][:] == points
         assert archived.streams["diode"][:].tolist() == list(np.arange(600.0))
