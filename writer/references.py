@@ -15,6 +15,7 @@ an external link to it (docs/files.md).
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -84,8 +85,8 @@ class ReferencesAppender:
         """Resume on a virtual dataset in its own file (its first `keep` points): read from
         that file directly (through the link, this process would keep it open for writing)."""
         own_file = Path(own_file)
-        for left in own_file.parent.glob(f".{own_file.name}.*.tmp"):  # a writer killed while
-            left.unlink(missing_ok=True)                              # writing a version
+        for left in own_file.parent.glob(f".{glob.escape(own_file.name)}.*.tmp"):  # killed
+            left.unlink(missing_ok=True)  # while writing a version
         if not own_file.exists():  # killed before its first flush
             return cls(group, name, scan_file, check_target, definition=definition, base=base,
                        own_file=own_file)
