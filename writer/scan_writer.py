@@ -301,14 +301,14 @@ class ScanWriter(threading.Thread):
             raise EntryExistsError(f"entry {self.entry_name} already exists in "
                                    f"{self.master_path}; the writer never overwrites an entry")
         self.file_path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self._acquire_file(resuming, self._swmr_possible(layout))
+        self.file = self._acquire_file(resuming, self._swmr_possible())
         with self.file.lock:
             h5 = self.file.h5
             if resuming and self.entry_name in h5:
                 self.entry = h5[self.entry_name]
                 self._check_entry_is_ours()
                 writer_status.write_note(self.entry, self.status)  # in its SWMR-ready form
-                if self._swmr_possible(layout) and self._entry_complete(layout):
+                if self._swmr_possible() and self._entry_complete(layout):
                     # SWMR at once: readers of the points already there are not kept out
                     # (nor left unprotected) while the writer checks and trims its datasets
                     h5.flush()
@@ -317,13 +317,12 @@ class ScanWriter(threading.Thread):
                 self.entry = self._new_entry(h5, layout)
                 writer_status.write_note(self.entry, self.status)
             self._create_appenders(layout, resume=resuming)
-            if not self.file.swmr:
+            if not self.file.swmr:  # (resuming in SWMR mode: made when the scan began)
                 self._soft_links_to_own_files()
-            if not self.file.swmr:  # (resuming in SWMR mode: written when the scan began)
                 self._write_header_note()
             # every object of the scan exists before SWMR writing starts (HDF5's rule):
             # what comes at the end is made now and filled then
-            if self._swmr_possible(layout):
+            if self._swmr_possible():
                 prepare_end_fields(self.entry)
             if self.scan.info.get("grid_shape") and "grid" not in self.entry:
                 why_not = write_grid_plot(self.entry, self.scan.info,
@@ -331,7 +330,7 @@ class ScanWriter(threading.Thread):
                 if why_not:
                     self.status.warn(f"no grid image: {why_not}")
             h5.flush()
-            if self._swmr_possible(layout) and not self.file.swmr:
+            if self._swmr_possible() and not self.file.swmr:
                 self.file.start_swmr()
         if self.master_path is not None:
             link_entry(self.master_path, self.entry_name, self.file_path)
@@ -370,7 +369,7 @@ class ScanWriter(threading.Thread):
                 and all(entry.get(node.path[1:], getlink=True) is not None
                         for node in layout.streams))
 
-    def _swmr_possible(self, layout=None) -> bool:
+    def _swmr_possible(self) -> bool:
         """False for a scan resumed in a file an older version made without SWMR (scans with
         `json` or `references` streams were: variable-length strings, a virtual dataset
         made again at each flush). Such a file is written on as it was (docs/files.md)."""
