@@ -24,6 +24,7 @@ import hdf5plugin  # noqa: F401  (registers the compression filters for reading)
 import numpy as np
 
 from .encoding import StreamDefinition
+from .json_points import json_points
 from .point_shapes import varying_points
 from .file_backing import open_h5
 from .exceptions import BlissdataError, EndOfStream, IndexWontBeThereError
@@ -76,8 +77,8 @@ class ArchivedStream:
 
     def _read(self, start: int, stop: int):
         data = self.dataset[start:stop]
-        if self.encoding == "json":
-            return [json.loads(v) for v in data]
+        if self.encoding == "json":  # texts beside their rows, or strings (older files)
+            return json_points(self.dataset, start, data, refresh=True)
         if self.definition.varying:  # each point cut to its own shape (point_shapes.py)
             return varying_points(self.dataset, start, data)
         return data

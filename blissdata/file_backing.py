@@ -22,6 +22,7 @@ import hdf5plugin  # noqa: F401  (registers the compression filters for reading)
 import numpy as np
 
 from .exceptions import BlissdataError, IndexNoMoreThereError
+from .json_points import PointsNotThere, json_points
 from .point_shapes import shapes_dataset, varying_points
 
 
@@ -143,10 +144,10 @@ def read_points(stream, start: int, stop: int, backing: dict | None, lost: list)
             f"stream {stream.name!r} of scan {stream.scan.key}: points [{start}, {stop}) are no "
             f"more in Redis{why}")
     files = stream.scan.store.files
-    data = read_range(files, backing["file"], backing["dataset"], start, stop)
     definition = stream.definition
     if definition.encoding == "json":
-        return [json.loads(v) for v in data]
+        return read_json_range(files, backing["file"], backing["dataset"], start, stop)
+    data = read_range(files, backing["file"], backing["dataset"], start, stop)
     if definition.varying:  # each point cut to its own shape (point_shapes.py)
         dset = files.dataset(backing["file"], backing["dataset"], stop)
         shapes = shapes_dataset(dset)
@@ -176,6 +177,23 @@ def read_range(files: FileCache, path: str, name: str, start: int, stop: int):
                 return data
             problem = (f"file {path} dataset {name}: read {len(data)} points of [{start}, "
                        f"{stop}); points [{start + len(data)}, {stop}) are missing")
+        if pause is None:
+            break
+        files.refresh(path, name)
+        time.sleep(pause)
+    raise DataFileError(problem)
+
+
+def read_json_range(files: FileCache, path: str, name: str, start: int, stop: int) -> list:
+    """Points [start, stop) of the json stream in `path`:`name` (blissdata.json_points: the
+    texts beside their rows, or older files' strings), all of them or DataFileError."""
+    problem = None
+    for pause in (*READ_RETRY_PAUSES, None):
+        data = read_range(files, path, name, start, stop)
+        try:
+            return json_points(files.dataset(path, name, stop), start, data, refresh=True)
+        except PointsNotThere as exc:  # a handle showing an older state of the file
+            problem = str(exc)
         if pause is None:
             break
         files.refresh(path, name)

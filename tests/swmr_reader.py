@@ -23,17 +23,33 @@ import time
 import numpy as np
 
 FRAME_SHAPE = (128, 128)
-STREAMS = {"cam:image": "cam", "diode:diode": "diode"}
-MAPPING = [{"NX_class": "NXentry"},
-           {"measurement": [{"NX_class": "NXcollection"},
-                            {"cam": [{}, "STREAM", "cam:image"],
-                             "diode": [{}, "STREAM", "diode:diode"]}]}]
+STREAMS = {"cam:image": "cam", "diode:diode": "diode", "log:log": "log", "det:ref": "ref"}
+JSON_STREAMS = {"log:log"}
+REF_FRAME_SHAPE = (16, 16)
+FRAMES_PER_FILE = 10  # the detector's own files (det:ref: references to their frames)
+
+
+def mapping(names) -> list:
+    """The scan's mapping: every stream of `names` under measurement."""
+    return [{"NX_class": "NXentry"},
+            {"measurement": [{"NX_class": "NXcollection"},
+                             {STREAMS[n]: [{}, "STREAM", n] for n in names}]}]
+
+
+MAPPING = mapping(["cam:image", "diode:diode", "log:log"])
 MAX_RANGE = 48
 
 
-def expected(stream: str, start: int, stop: int) -> np.ndarray:
-    """What the producer sends as points [start, stop) of `stream`."""
+def expected(stream: str, start: int, stop: int):
+    """What the producer sends as points [start, stop) of `stream` (json: a list)."""
+    if stream in JSON_STREAMS:  # texts of varying length
+        return [{"i": i, "tag": "é" * (i % 17), "v": [i * 0.5] * (i % 5)}
+                for i in range(start, stop)]
     index = np.arange(start, stop)
+    if stream == "det:ref":  # the frames the references point to
+        pixels = np.arange(np.prod(REF_FRAME_SHAPE)).reshape(REF_FRAME_SHAPE)
+        return ((pixels[np.newaxis] + index[:, np.newaxis, np.newaxis] * 3) % 65536) \
+            .astype(np.uint16)
     if stream == "diode:diode":
         return index * 0.5 + 1.0
     pixels = np.arange(FRAME_SHAPE[0] * FRAME_SHAPE[1]).reshape(FRAME_SHAPE)
@@ -43,6 +59,11 @@ def expected(stream: str, start: int, stop: int) -> np.ndarray:
 
 def _check(stream, start, stop, data, problems, how):
     want = expected(stream, start, stop)
+    if stream in JSON_STREAMS:
+        if data != want:
+            got = f"{len(data)} points" if isinstance(data, list) else type(data).__name__
+            problems.append(f"{how} {stream}[{start}:{stop}]: {got}, not the points sent")
+        return
     data = np.asarray(data)
     if data.shape != want.shape:
         problems.append(f"{how} {stream}[{start}:{stop}]: shape {data.shape}, "
@@ -57,6 +78,19 @@ def _random_range(durable: int):
     return a, min(durable, a + random.randint(1, MAX_RANGE))
 
 
+def _json_recipe(rows, start, stop) -> list:
+    """Points [start, stop) of a json stream with plain h5py (docs/files.md): `rows`
+    refreshed first, then the texts. Every row asked for must be there (durable)."""
+    import json
+
+    text = rows.file[rows.attrs["json_text"]]
+    r = rows[start:stop]
+    if text.shape[0] < r[-1, 1]:
+        text.refresh()
+    blob = text[r[0, 0]:r[-1, 1]].tobytes()
+    return [json.loads(blob[a - r[0, 0]:b - r[0, 0]]) for a, b in r]
+
+
 def main(mode, url, scan_key, duration):
     from blissdata import DataStore
 
@@ -66,8 +100,9 @@ def main(mode, url, scan_key, duration):
     deadline = time.monotonic() + duration
     h5file = h5_dsets = None
     api = None
+    names = [n for n in STREAMS if n in scan.streams]
     while time.monotonic() < deadline and len(problems) < 5:
-        stream = random.choice(list(STREAMS))
+        stream = random.choice(names)
         backing = scan.streams[stream].file_backing
         durable = backing["points"] if backing else 0
         if not durable:
@@ -80,8 +115,9 @@ def main(mode, url, scan_key, duration):
                 if random.random() < 0.5:
                     _check(stream, start, stop, s[start:stop], problems, "stream")
                 else:
-                    _check(stream, start, start + 1, np.asarray(s[start])[np.newaxis],
-                           problems, "stream point")
+                    one = s[start]
+                    _check(stream, start, start + 1, [one] if stream in JSON_STREAMS else
+                           np.asarray(one)[np.newaxis], problems, "stream point")
                     stop = start + 1
             elif mode == "h5api":
                 if api is None:
@@ -98,14 +134,21 @@ def main(mode, url, scan_key, duration):
                         h5file.close()
                     h5file = h5py.File(scan.path, "r", swmr=True, locking=False)
                     entry = h5file[f"{scan.number}.1"]
-                    h5_dsets = {name: entry[f"measurement/{leaf}"]
-                                for name, leaf in STREAMS.items()}
-                dset = h5_dsets[stream]
-                dset.refresh()
+                    h5_dsets = {name: entry[f"measurement/{STREAMS[name]}"]
+                                for name in names if name != "det:ref"}
+                if stream == "det:ref":  # docs/files.md: its own file, replaced whole:
+                    dset = h5file[f"{scan.number}.1/measurement/ref"]  # get it again
+                else:
+                    dset = h5_dsets[stream]
+                    dset.refresh()
                 stop = min(stop, dset.shape[0])
                 if stop <= start:
                     continue
-                _check(stream, start, stop, dset[start:stop], problems, "h5py")
+                if stream in JSON_STREAMS:  # docs/files.md: the rows, then their texts
+                    _check(stream, start, stop, _json_recipe(dset, start, stop), problems,
+                           "h5py")
+                else:
+                    _check(stream, start, stop, dset[start:stop], problems, "h5py")
             else:
                 raise SystemExit(f"unknown mode {mode!r}")
         except Exception as exc:  # noqa: BLE001  (any exception is a problem to report)

@@ -200,11 +200,15 @@ def _virtual_datasets(f) -> dict:
     """Virtual datasets by path, also inside entries that are external links to each scan's
     own file (the shared layout, docs/files.md; visititems does not follow links)."""
     found = {}
+
+    def visit(entry, name, link):  # a references stream's own file too (docs/files.md)
+        if isinstance(link, (h5py.HardLink, h5py.ExternalLink)):
+            obj = entry.get(name)
+            if isinstance(obj, h5py.Dataset) and obj.is_virtual:
+                found[f"{entry.name[1:]}/{name}"] = obj[()]
     for entry in f:
         if isinstance(f[entry], h5py.Group):
-            f[entry].visititems(lambda name, obj, e=entry: found.__setitem__(
-                f"{e}/{name}", obj[()]) if isinstance(obj, h5py.Dataset) and obj.is_virtual
-                else None)
+            f[entry].visititems_links(lambda name, link, e=f[entry]: visit(e, name, link))
     return found
 
 
@@ -239,8 +243,12 @@ def test_rewrite_into_another_folder_keeps_detector_frames(tmp_path, round_trips
 
 def test_validate_reports_missing_virtual_sources(tmp_path, round_trips, capsys):
     a, _, _ = round_trips["external_frames"]
-    moved = tmp_path / "moved.h5"  # the scan file alone, without the detector's files
-    moved.write_bytes(_scan_file(a).read_bytes())
+    # the scan alone in a file of its own (its frames' virtual dataset inside, relative
+    # names), moved to another folder without the detector's files
+    (tmp_path / "x" / "y").mkdir(parents=True)
+    assert writer_cli(["rewrite", str(_scan_file(a)), str(tmp_path / "x" / "y" / "r.h5")]) == 0
+    moved = tmp_path / "moved.h5"
+    moved.write_bytes((tmp_path / "x" / "y" / "r.h5").read_bytes())
     report = validate_file(moved)
     assert not report.ok
     missing = [e for e in report.errors if "virtual dataset source" in e]

@@ -22,7 +22,7 @@ import pytest
 
 from blissdata import DataStore
 from blissdata.h5api import File
-from swmr_reader import FRAME_SHAPE, MAPPING, expected
+from swmr_reader import FRAME_SHAPE, FRAMES_PER_FILE, MAPPING, expected, mapping
 from writer_helpers import wait_status
 
 HERE = Path(__file__).parent
@@ -74,18 +74,21 @@ def _new_scan(store, path, number):
               "mapping": MAPPING})
     cam = scan.create_stream("cam:image", "uint16", FRAME_SHAPE)
     diode = scan.create_stream("diode:diode", "float64")
+    log = scan.create_stream("log:log", encoding="json")  # SWMR too (blissdata/json_points)
     scan.prepare()
     scan.start()
-    return scan, cam, diode
+    return scan, cam, diode, log
 
 
-def _produce(scan, cam, diode, seconds, rate=None, batch=8):
-    """Frames and scalars for `seconds`: at full speed, or `rate` points per second."""
+def _produce(scan, cam, diode, log, seconds, rate=None, batch=8):
+    """Frames, scalars and json points for `seconds`: at full speed, or `rate` points per
+    second."""
     sent, t0 = 0, time.monotonic()
     while time.monotonic() - t0 < seconds:
         n = batch if rate is None else 1
         scan.send_many({cam: expected("cam:image", sent, sent + n),
-                        diode: expected("diode:diode", sent, sent + n)})
+                        diode: expected("diode:diode", sent, sent + n),
+                        log: expected("log:log", sent, sent + n)})
         sent += n
         if rate is not None:
             time.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
@@ -114,7 +117,7 @@ def _check_readers(procs):
 
 def _run(store, services, tmp_path, seconds, rate=None, second_scan=False):
     path = services / "sample" / "sample.h5"
-    scan, cam, diode = _new_scan(store, path, 1)
+    scan, cam, diode, log = _new_scan(store, path, 1)
     readers = _readers(store, scan, seconds + 2, tmp_path)
     second = None
     if second_scan:  # another scan of the session starts in the same file mid-way
@@ -127,7 +130,7 @@ def _run(store, services, tmp_path, seconds, rate=None, second_scan=False):
             second[0].close()
         starter = threading.Thread(target=later)
         starter.start()
-    sent = _produce(scan, cam, diode, seconds, rate)
+    sent = _produce(scan, cam, diode, log, seconds, rate)
     scan.stop()
     scan.close()
     if second_scan:
@@ -141,6 +144,7 @@ def _run(store, services, tmp_path, seconds, rate=None, second_scan=False):
         assert np.array_equal(f["1.1/measurement/diode"][()], expected("diode:diode", 0, sent))
         assert f["1.1/measurement/cam"].shape == (sent, *FRAME_SHAPE)
         assert np.array_equal(f["1.1/measurement/cam"][-5:], expected("cam:image", sent - 5, sent))
+        assert f["1.1/measurement/log"].shape == (sent, 2)
         if second_scan:
             assert f["2.1/measurement/diode"].shape[0] > 0
     return sent, reports
@@ -163,22 +167,23 @@ def test_two_data_stores_and_h5api_in_one_process(store, services, tmp_path):
     """HDF5 shares one open file per process: readers opened at different lengths of a
     growing file all get every point they ask for."""
     path = services / "one" / "one.h5"
-    scan, cam, diode = _new_scan(store, path, 1)
+    scan, cam, diode, log = _new_scan(store, path, 1)
     stores = [DataStore(store.url), DataStore(store.url)]
     api = None
     sent, checked = 0, 0
     try:
         for _ in range(40):
             scan.send_many({cam: expected("cam:image", sent, sent + 5),
-                            diode: expected("diode:diode", sent, sent + 5)})
+                            diode: expected("diode:diode", sent, sent + 5),
+                            log: expected("log:log", sent, sent + 5)})
             sent += 5
             deadline = time.monotonic() + 10
-            while (scan.streams["diode:diode"].file_backing or {}).get("points", 0) < sent \
-                    or (scan.streams["cam:image"].file_backing or {}).get("points", 0) < sent:
+            while any((scan.streams[n].file_backing or {}).get("points", 0) < sent
+                      for n in ("diode:diode", "cam:image", "log:log")):
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
-            store.redis.xtrim(scan.streams["diode:diode"].key, maxlen=1, approximate=False)
-            store.redis.xtrim(scan.streams["cam:image"].key, maxlen=1, approximate=False)
+            for name in ("diode:diode", "cam:image", "log:log"):
+                store.redis.xtrim(scan.streams[name].key, maxlen=1, approximate=False)
             if api is None:
                 api = File(stores[0], str(path))
             for reader in stores:
@@ -189,8 +194,11 @@ def test_two_data_stores_and_h5api_in_one_process(store, services, tmp_path):
                                       expected("cam:image", sent - 5, sent))
                 assert np.array_equal(s.streams["cam:image"][sent - 1],
                                       expected("cam:image", sent - 1, sent)[0])
+                assert s.streams["log:log"][0:sent] == expected("log:log", 0, sent)
+                assert s.streams["log:log"][sent - 1] == expected("log:log", sent - 1, sent)[0]
             assert np.array_equal(api["/measurement/diode"][0:sent],
                                   expected("diode:diode", 0, sent))
+            assert api["/measurement/log"][sent - 5:sent] == expected("log:log", sent - 5, sent)
             checked += 1
     finally:
         for reader in stores:
@@ -199,3 +207,47 @@ def test_two_data_stores_and_h5api_in_one_process(store, services, tmp_path):
     scan.close()
     assert checked == 40
     assert wait_status(store, scan.key, timeout=30).state == "done"
+
+
+def _references_scan(store, path):
+    scan = store.create_scan(
+        {"session": "stress", "name": "timescan", "number": 1, "path": str(path)},
+        info={"title": "references", "type": "timescan", "scan_nb": 1,
+              "mapping": mapping(["det:ref", "diode:diode"])})
+    ref = scan.create_stream("det:ref", encoding="references")
+    diode = scan.create_stream("diode:diode", "float64")
+    scan.prepare()
+    scan.start()
+    return scan, ref, diode
+
+
+@pytest.mark.parametrize("rate", [None, 20])
+def test_readers_of_a_references_stream_while_written(store, services, tmp_path, rate):
+    """Frames in a detector's own files, the virtual dataset over them in a file of its own
+    replaced at each flush (docs/files.md): readers never see a file being written."""
+    folder = services / "refs"
+    folder.mkdir()
+    path = folder / "refs.h5"
+    scan, ref, diode = _references_scan(store, path)
+    seconds = max(4.0, STRESS_S / 2) if rate is None else 4.0
+    readers = _readers(store, scan, seconds + 2, tmp_path)
+    sent, t0, k = 0, time.monotonic(), 0
+    while time.monotonic() - t0 < seconds:
+        name = f"det_{k:04d}.h5"  # the detector writes a file, then publishes its frames
+        with h5py.File(folder / name, "w") as f:
+            f["data"] = expected("det:ref", sent, sent + FRAMES_PER_FILE)
+        for i in range(FRAMES_PER_FILE):
+            scan.send_many({ref: {"file": name, "dataset": "/data", "index": i},
+                            diode: expected("diode:diode", sent, sent + 1)})
+            sent += 1
+            if rate is not None:
+                time.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
+        k += 1
+    scan.stop()
+    scan.close()
+    reports = _check_readers(readers)
+    assert wait_status(store, scan.key, timeout=60).state == "done"
+    with h5py.File(path, "r") as f:
+        assert np.array_equal(f["1.1/measurement/ref"][()], expected("det:ref", 0, sent))
+        assert np.array_equal(f["1.1/measurement/diode"][()], expected("diode:diode", 0, sent))
+    print(sent, reports)

@@ -60,6 +60,7 @@ from .dataset_writer import DatasetAppender
 from .paths import check_link_target, resolve_scan_file
 from .pool import UNFINISHED_BLISS2
 from .scan_writer import ScanFailed, ScanWriter
+from .text_appender import TextAppender
 
 log = logging.getLogger("blisswriter")
 
@@ -827,6 +828,8 @@ class Bliss2ScanWriter(ScanWriter):
     idle_flush_after_s = 0.2
     # varying shapes padded as blisswriter 3.0.0 does, with no dataset of shapes beside
     varying_appender = DatasetAppender
+    # json points as variable-length strings, as blisswriter 3.0.0 writes them
+    json_appender = TextAppender
     # objects made at CLOSED, as blisswriter 3 does: not SWMR (docs/files.md)
     writes_swmr = False
 

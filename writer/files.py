@@ -161,6 +161,25 @@ def clear_write_flags(path) -> bool:
     return True
 
 
+def swmr_capable(path) -> bool:
+    """Whether the file at `path` can be written in SWMR mode: it does not exist yet (the
+    writer makes it so), or it has a version 3 superblock (``libver="latest"``). A file an
+    older version made without SWMR (version 0) is written on as it was."""
+    try:
+        with open(path, "rb") as fh:
+            offset = 0
+            while True:
+                fh.seek(offset)
+                head = fh.read(9)
+                if len(head) < 9:
+                    return False
+                if head[:8] == _SIGNATURE:
+                    return head[8] >= 3
+                offset = 512 if offset == 0 else offset * 2
+    except FileNotFoundError:
+        return True
+
+
 def _left_open(exc: OSError) -> bool:
     return "already open for write" in str(exc)
 

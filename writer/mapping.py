@@ -125,8 +125,9 @@ def _mapping_path(json_path) -> str:
     return "/" + "/".join(names) + suffix
 
 
-def parse_mapping(mapping, stream_names=None) -> Layout:
-    """Check `mapping` and flatten it. `stream_names`: the scan's streams, when known."""
+def parse_mapping(mapping, stream_names=None, plottable=None) -> Layout:
+    """Check `mapping` and flatten it. `stream_names`: the scan's streams, when known;
+    `plottable`: those an inferred default plot may show (numbers; default: all)."""
     validate_mapping(mapping)
     entry_attrs, children = mapping
     layout = Layout(dict(entry_attrs))
@@ -145,7 +146,7 @@ def parse_mapping(mapping, stream_names=None) -> Layout:
         if link.target not in nodes:
             raise MappingError(f"mapping {link.path}: SOFT_LINK target {link.target!r} is not "
                                f"a node of the mapping")
-    layout.default_plot = _default_plot(layout, classes)
+    layout.default_plot = _default_plot(layout, classes, plottable)
     return layout
 
 
@@ -182,7 +183,7 @@ def _field_name(path: str) -> str:
     return name
 
 
-def _default_plot(layout: Layout, classes: dict) -> DefaultPlot | None:
+def _default_plot(layout: Layout, classes: dict, plottable=None) -> DefaultPlot | None:
     """The mapping's NXdata if it has one, else one inferred from detectors and positioners:
     signal = the first STREAM under an NXdetector (else the first STREAM not under an
     NXpositioner), axes = the first STREAM under an NXpositioner."""
@@ -198,9 +199,10 @@ def _default_plot(layout: Layout, classes: dict) -> DefaultPlot | None:
             signal = members[0]
         axes = group.attrs.get("axes", [])
         return DefaultPlot(group.path, signal, list(axes) if isinstance(axes, list) else [axes])
-    detectors = [s for s in layout.streams if classes.get(_parent(s.path)) == "NXdetector"]
-    positioners = [s for s in layout.streams if classes.get(_parent(s.path)) == "NXpositioner"]
-    others = [s for s in layout.streams if s not in positioners]
+    streams = [s for s in layout.streams if plottable is None or s.stream in plottable]
+    detectors = [s for s in streams if classes.get(_parent(s.path)) == "NXdetector"]
+    positioners = [s for s in streams if classes.get(_parent(s.path)) == "NXpositioner"]
+    others = [s for s in streams if s not in positioners]
     signal = (detectors or others or [None])[0]
     if signal is None:
         return None

@@ -4,15 +4,28 @@ dataset: the points of a `references` stream are {"file", "dataset", "index"}.
 The virtual dataset is (re)built at each flush from every reference so far (building one is
 metadata only); consecutive indices of one source dataset become one mapping. Source files are
 checked against the data roots before they are referenced.
+
+A scan file written in SWMR mode cannot get a new object once SWMR writing has started, and
+a virtual dataset's mappings cannot be changed once it exists. So there (``own_file``), the
+virtual dataset lives in a small file of its own beside the scan's file, written whole under
+a temporary name and renamed over the previous version at each flush: a reader has the old
+version or the new one, never a file being written. The scan's file holds, from the start,
+an external link to it (docs/files.md).
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+
+#: root attribute of a virtual dataset's own file: the name of the scan file linking to it
+OWN_FILE_ATTR = "references_of"
 
 
 class ReferencesAppender:
@@ -21,8 +34,17 @@ class ReferencesAppender:
     pending_bytes = 0
 
     def __init__(self, group: h5py.Group, name: str, scan_file: Path, check_target,
-                 attrs=None, references=None, definition=None, base: Path | None = None):
+                 attrs=None, references=None, definition=None, base: Path | None = None,
+                 own_file: Path | None = None):
         self._group, self._name = group, name
+        # the virtual dataset in a file of its own, linked from group[name] (SWMR)
+        self._own_file = Path(own_file) if own_file is not None else None
+        if self._own_file is not None and group.get(name, getlink=True) is None:
+            # absolute: nexusformat resolves a relative name from the file it opened (the
+            # shared file), HDF5 from the file holding the link; HDF5 also looks for the
+            # name in the folder of the file holding the link when the path does not exist
+            # (data moved), nexusformat does not
+            group[name] = h5py.ExternalLink(str(self._own_file.resolve()), "/" + name)
         # frames of a declared dtype and shape (a blissdata 2 lima stream): the virtual
         # dataset is built from the declaration, whether the detector's files exist yet or not
         self._declared = None
@@ -56,12 +78,35 @@ class ReferencesAppender:
         self._built = len(refs)
         return self
 
+    @classmethod
+    def open_own_file(cls, group: h5py.Group, name: str, own_file: Path, scan_file,
+                      check_target, keep: int, definition=None,
+                      base: Path | None = None) -> "ReferencesAppender":
+        """Resume on a virtual dataset in its own file (its first `keep` points): read from
+        that file directly (through the link, this process would keep it open for writing)."""
+        own_file = Path(own_file)
+        for left in own_file.parent.glob(f".{glob.escape(own_file.name)}.*.tmp"):  # killed
+            left.unlink(missing_ok=True)  # while writing a version
+        if not own_file.exists():  # killed before its first flush
+            return cls(group, name, scan_file, check_target, definition=definition, base=base,
+                       own_file=own_file)
+        with h5py.File(own_file, "r", locking=False) as f:
+            found = cls.open(f[name], own_file, check_target, definition, base)
+        self = cls(group, name, scan_file, check_target, found._attrs, found._refs[:keep],
+                   definition, base, own_file)
+        self._built = -1 if keep < len(found._refs) else len(self._refs)
+        return self
+
     @property
     def npoints(self) -> int:
         return len(self._refs)
 
+    own_file = property(lambda self: self._own_file)
+
     @property
     def dataset(self):
+        if self._own_file is not None:  # not through the link (see open_own_file)
+            return None
         return self._group.get(self._name)
 
     def append(self, points: list) -> None:
@@ -106,13 +151,36 @@ class ReferencesAppender:
                 raise ValueError(f"referenced frames {file}::{dset} have shape {src_shape}, "
                                  f"the earlier ones {shape}")
             if not os.path.isabs(file):  # HDF5 looks for it from the virtual dataset's folder
-                file = os.path.relpath(self._base / file, self._scan_file.parent)
+                file = os.path.relpath(self._base / file, self._vds_folder)
             source = h5py.VirtualSource(file, dset, shape=(first + (j - i), *shape))
             layout[i:j] = source[first:first + (j - i)]
             i = j
-        if self._name in self._group:
-            del self._group[self._name]
-        ds = self._group.create_virtual_dataset(self._name, layout, fillvalue=0)
-        ds.attrs.update(self._attrs)
+        if self._own_file is not None:
+            self._replace_own_file(layout)
+        else:
+            if self._name in self._group:
+                del self._group[self._name]
+            ds = self._group.create_virtual_dataset(self._name, layout, fillvalue=0)
+            ds.attrs.update(self._attrs)
         self._built = len(self._refs)
         return self._built
+
+    @property
+    def _vds_folder(self) -> Path:
+        return (self._own_file or self._scan_file).parent
+
+    def _replace_own_file(self, layout) -> None:
+        """The new version of the virtual dataset's own file, renamed over the old one."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{self._own_file.name}.", suffix=".tmp",
+                                   dir=self._own_file.parent)
+        os.close(fd)
+        try:
+            with h5py.File(tmp, "w", locking=False) as f:
+                f.attrs[OWN_FILE_ATTR] = self._scan_file.name  # (writer/rewrite.py)
+                ds = f.create_virtual_dataset(self._name, layout, fillvalue=0)
+                ds.attrs.update(self._attrs)
+            os.replace(tmp, self._own_file)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise

@@ -24,6 +24,7 @@ import numpy as np
 
 from .compression import parse_compression
 from .dataset_writer import DatasetAppender
+from .references import OWN_FILE_ATTR
 
 
 class RewriteError(ValueError):
@@ -102,7 +103,8 @@ def _copy_group(src, dst, setting, counts, copied: dict, chunk_points: int, sour
             dst[name] = link
             counts["links"] += 1
             continue
-        if isinstance(link, h5py.ExternalLink) and not entry_link:
+        if isinstance(link, h5py.ExternalLink) and not entry_link \
+                and not _references_own_file(src, name):
             dst[name] = h5py.ExternalLink(sources(link.filename), link.path)
             counts["links"] += 1
             continue
@@ -123,10 +125,15 @@ def _copy_group(src, dst, setting, counts, copied: dict, chunk_points: int, sour
                 sources.src_dir = outer
         elif obj.is_virtual:
             layout = h5py.VirtualLayout(shape=obj.shape, dtype=obj.dtype)
-            for vs in obj.virtual_sources():
-                source = h5py.VirtualSource(sources(vs.file_name), vs.dset_name,
-                                            shape=vs.src_space.shape)
-                layout[_selection(vs.vspace)] = source[_selection(vs.src_space)]
+            # relative source names start at the folder of the file holding the dataset
+            outer, sources.src_dir = sources.src_dir, Path(obj.file.filename).resolve().parent
+            try:
+                for vs in obj.virtual_sources():
+                    source = h5py.VirtualSource(sources(vs.file_name), vs.dset_name,
+                                                shape=vs.src_space.shape)
+                    layout[_selection(vs.vspace)] = source[_selection(vs.src_space)]
+            finally:
+                sources.src_dir = outer
             out = dst.create_virtual_dataset(name, layout, fillvalue=obj.fillvalue)
             out.attrs.update(dict(obj.attrs))
             counts["datasets copied"] += 1
@@ -137,6 +144,16 @@ def _copy_group(src, dst, setting, counts, copied: dict, chunk_points: int, sour
             dst.copy(obj, name)
             counts["datasets copied"] += 1
         copied[obj.id] = dst[name].name
+
+
+def _references_own_file(group, name: str) -> bool:
+    """Whether `group[name]` is the link to the virtual dataset of a `references` stream in
+    a file of its own (writer/references.py): rewritten as a virtual dataset in the output."""
+    try:
+        target = group.get(name)
+    except (OSError, KeyError):
+        return False
+    return isinstance(target, h5py.Dataset) and OWN_FILE_ATTR in target.file.attrs
 
 
 def _selection(space):

@@ -30,10 +30,12 @@ from .dataset_writer import DatasetAppender, last_chunks
 from .varying_points import VaryingPointsAppender
 from .default_mapping import default_mapping
 from .file_space import stored_bytes
-from .files import entry_in, is_file_error, link_entry, os_reason, scan_file_in
+from .files import (entry_in, is_file_error, link_entry, os_reason, scan_file_in,
+                    swmr_capable)
 from .grid_plot import write_grid_plot
+from .json_appender import JsonAppender
 from .mapping import MappingError, parse_mapping
-from .names import invalid_names
+from .names import invalid_names, nexus_name
 from .nexus_skeleton import (END_FIELDS, EntryExistsError, finalize_entry, is_finalized,
                              prepare_end_fields, set_text_field, stream_dataset_parent,
                              write_entry)
@@ -72,6 +74,8 @@ class ScanWriter(threading.Thread):
     idle_flush_bytes = 1 << 20
     # points of varying shape: padded, and their shapes in a dataset beside them
     varying_appender = VaryingPointsAppender
+    # json points: texts and [start, stop) rows, readable under SWMR (blissdata.json_points)
+    json_appender = JsonAppender
     # SWMR (docs/files.md): every object made when the entry is; a subclass that makes
     # objects later (blissdata2: the end of a scan as blisswriter 3 writes it) sets False
     writes_swmr = True
@@ -234,7 +238,9 @@ class ScanWriter(threading.Thread):
         mapping = info.get("mapping")
         if mapping is None:
             mapping = default_mapping(self.scan.streams)
-        layout = parse_mapping(mapping, stream_names=set(self.scan.streams))
+        # an inferred default plot never shows json points (its signal would be text)
+        plottable = {n for n, s in self.scan.streams.items() if s.definition.encoding != "json"}
+        layout = parse_mapping(mapping, stream_names=set(self.scan.streams), plottable=plottable)
         odd = invalid_names(layout.node_paths())
         if odd:  # the producer chose them: kept as given, said once
             self.status.warn(f"mapping names kept as given, not valid NeXus names (ASCII "
@@ -295,14 +301,14 @@ class ScanWriter(threading.Thread):
             raise EntryExistsError(f"entry {self.entry_name} already exists in "
                                    f"{self.master_path}; the writer never overwrites an entry")
         self.file_path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self._acquire_file(resuming, self._swmr_possible(layout))
+        self.file = self._acquire_file(resuming, self._swmr_possible())
         with self.file.lock:
             h5 = self.file.h5
             if resuming and self.entry_name in h5:
                 self.entry = h5[self.entry_name]
                 self._check_entry_is_ours()
                 writer_status.write_note(self.entry, self.status)  # in its SWMR-ready form
-                if self._swmr_possible(layout) and self._entry_complete(layout):
+                if self._swmr_possible() and self._entry_complete(layout):
                     # SWMR at once: readers of the points already there are not kept out
                     # (nor left unprotected) while the writer checks and trims its datasets
                     h5.flush()
@@ -311,11 +317,12 @@ class ScanWriter(threading.Thread):
                 self.entry = self._new_entry(h5, layout)
                 writer_status.write_note(self.entry, self.status)
             self._create_appenders(layout, resume=resuming)
-            if not self.file.swmr:  # (resuming in SWMR mode: written when the scan began)
+            if not self.file.swmr:  # (resuming in SWMR mode: made when the scan began)
+                self._soft_links_to_own_files()
                 self._write_header_note()
             # every object of the scan exists before SWMR writing starts (HDF5's rule):
             # what comes at the end is made now and filled then
-            if self._swmr_possible(layout):
+            if self._swmr_possible():
                 prepare_end_fields(self.entry)
             if self.scan.info.get("grid_shape") and "grid" not in self.entry:
                 why_not = write_grid_plot(self.entry, self.scan.info,
@@ -323,7 +330,7 @@ class ScanWriter(threading.Thread):
                 if why_not:
                     self.status.warn(f"no grid image: {why_not}")
             h5.flush()
-            if self._swmr_possible(layout) and not self.file.swmr:
+            if self._swmr_possible() and not self.file.swmr:
                 self.file.start_swmr()
         if self.master_path is not None:
             link_entry(self.master_path, self.entry_name, self.file_path)
@@ -359,16 +366,14 @@ class ScanWriter(threading.Thread):
         return (note is not None and note.dtype.kind == "S"
                 and "scan_header/data" in entry
                 and all(name in entry for name in END_FIELDS)
-                and all(node.path[1:] in entry for node in layout.streams))
+                and all(entry.get(node.path[1:], getlink=True) is not None
+                        for node in layout.streams))
 
-    def _swmr_possible(self, layout) -> bool:
-        """False for a scan with a `references` stream (its virtual dataset is made again at
-        each flush: a new object, which SWMR forbids) or a `json` stream (variable-length
-        strings, which SWMR readers cannot read while they are appended: measured). Such a
-        scan's file is written as before SWMR (docs/files.md)."""
-        return self.writes_swmr and not any(
-            self.scan.streams[n.stream].definition.encoding in ("references", "json")
-            for n in layout.streams)
+    def _swmr_possible(self) -> bool:
+        """False for a scan resumed in a file an older version made without SWMR (scans with
+        `json` or `references` streams were: variable-length strings, a virtual dataset
+        made again at each flush). Such a file is written on as it was (docs/files.md)."""
+        return self.writes_swmr and swmr_capable(self.file_path)
 
     def _check_entry_is_ours(self) -> None:
         note = self.entry.get("writer_status/data")
@@ -394,10 +399,13 @@ class ScanWriter(threading.Thread):
                     group[name] = self.appenders[node.stream].dataset
                 continue
             self.definitions[node.stream] = definition
-            if name in group and resume:
+            if definition.encoding == "references" and self._swmr_possible():
+                appender = self._references_in_own_file(group, name, node, definition,
+                                                        durable if resume else None)
+            elif name in group and resume:
                 appender = self._reopen(group[name], definition, durable.get(node.stream, 0))
             elif definition.encoding == "json":
-                appender = TextAppender(group, name, attrs=node.attrs)
+                appender = self._new_json_appender(group, name, node)
             elif definition.encoding == "references":
                 appender = ReferencesAppender(group, name, self.file_path, self._check_source,
                                               attrs=node.attrs, definition=definition,
@@ -423,8 +431,11 @@ class ScanWriter(threading.Thread):
             if dataset.shape[0] != keep:
                 last_chunks(dataset)  # a torn last row must not reach the resize's decoder
                 dataset.resize(keep, axis=0)
+            if definition.encoding == "json" and dataset.dtype.kind in "OSU":
+                return TextAppender.open(dataset)  # a file of an older version
             if definition.encoding == "json":
-                return TextAppender.open(dataset)
+                return JsonAppender.open(dataset, executor=self.service.pool,
+                                         workers=self.config.compression_threads)
             if definition.encoding == "references":
                 return ReferencesAppender.open(dataset, self.file_path, self._check_source,
                                                definition,
@@ -434,6 +445,54 @@ class ScanWriter(threading.Thread):
                              workers=self.config.compression_threads)
         except ValueError as exc:
             raise ScanFailed(str(exc)) from None
+
+    def _references_in_own_file(self, group, name: str, node, definition, durable):
+        """A `references` stream of a scan written in SWMR mode: its virtual dataset in a
+        file of its own, replaced whole at each flush (writer/references.py), e.g.
+        ``sample_3.1_eiger_image.h5`` beside ``sample_3.1.h5``."""
+        stem = f"{self.file_path.stem}_{nexus_name(node.stream)}"
+        own_file = self.file_path.with_name(stem + ".h5")
+        taken = {getattr(a, "own_file", None) for a in self.appenders.values()}
+        k = 1
+        while own_file in taken:  # two stream names that give the same file name
+            k += 1
+            own_file = self.file_path.with_name(f"{stem}_{k}.h5")
+        self._check_source(str(own_file))
+        base = Path(self.scan.path).parent
+        if durable is not None:
+            return ReferencesAppender.open_own_file(
+                group, name, own_file, self.file_path, self._check_source,
+                durable.get(node.stream, 0), definition, base)
+        return ReferencesAppender(group, name, self.file_path, self._check_source,
+                                  attrs=node.attrs, definition=definition, base=base,
+                                  own_file=own_file)
+
+    def _soft_links_to_own_files(self) -> None:
+        """Soft links to a `references` stream in its own file (the default plot, a second
+        place, a mapping SOFT_LINK) become external links to that file: nexusformat loops
+        forever on a soft link to an external link inside a file it reached through an
+        external link (the shared file)."""
+        targets = {self.dataset_paths[n]: self.entry.file.get(self.dataset_paths[n],
+                                                                getlink=True)
+                   for n, a in self.appenders.items() if getattr(a, "own_file", None)}
+        if not targets:
+            return
+        found = []
+        self.entry.visititems_links(lambda name, link: found.append(name) if isinstance(
+            link, h5py.SoftLink) and link.path in targets else None)
+        for name in found:
+            target = targets[self.entry.get(name, getlink=True).path]
+            del self.entry[name]
+            self.entry[name] = h5py.ExternalLink(target.filename, target.path)
+
+    def _new_json_appender(self, group, name: str, node):
+        if self.json_appender is TextAppender:
+            return TextAppender(group, name, attrs=node.attrs)
+        return self.json_appender(
+            group, name, compression=self.config.compression_for(node.stream, scalar=True),
+            attrs=node.attrs, executor=self.service.pool,
+            workers=self.config.compression_threads, npoints=self.scan.info.get("npoints"),
+            count_time=self.scan.info.get("count_time"))
 
     def _trimmable(self, durable: dict) -> dict:
         """The streams whose entries below their durable point may leave a full Redis."""

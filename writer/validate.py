@@ -179,22 +179,30 @@ def _recheck_axis_sizes(report: Report) -> None:
 
 def _check_virtual_sources(report: Report) -> None:
     """An error per virtual dataset whose source file or dataset cannot be found."""
-    folder = Path(report.path).resolve().parent
     virtual = []
 
-    def visit(name, obj):
-        if isinstance(obj, h5py.Dataset) and obj.is_virtual:
-            virtual.append(name)
+    def visit(name, link):  # also through external links (a references stream's own file)
+        if isinstance(link, (h5py.HardLink, h5py.ExternalLink)):
+            try:
+                obj = f.get(name)
+            except (OSError, KeyError):
+                return
+            if isinstance(obj, h5py.Dataset) and obj.is_virtual:
+                virtual.append(name)
 
     checked: dict[tuple[str, str], str | None] = {}  # (file, dataset) -> problem or None
     with h5py.File(report.path, "r", locking=False) as f:
-        f.visititems(visit)
+        f.visititems_links(visit)
         for name in virtual:
-            sources = {(vs.file_name, vs.dset_name) for vs in f[name].virtual_sources()}
+            vds = f[name]
+            # relative names start at the folder of the file holding the virtual dataset
+            folder = Path(vds.file.filename).resolve().parent
+            sources = {(vs.file_name, vs.dset_name) for vs in vds.virtual_sources()}
             for file, dset in sorted(sources):
                 if (file, dset) not in checked:
                     if file == ".":  # the file itself
-                        checked[file, dset] = (None if isinstance(f.get(dset), h5py.Dataset)
+                        checked[file, dset] = (None if isinstance(vds.file.get(dset),
+                                                                  h5py.Dataset)
                                                else "is missing (no such dataset in this file)")
                     else:
                         where = Path(file) if Path(file).is_absolute() else folder / file
