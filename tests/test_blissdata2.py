@@ -107,11 +107,18 @@ class Side:
         self.server.stop()
 
 
-def wait_reference_file(path: Path, log: Path | None = None, timeout=120):
-    """blisswriter 3.0.0 has no status outside its process: its file is complete once it
-    has let go of it (HDF5 lock) and the entry has the end_time of the final h5maps. (It
-    is slow on a loaded machine: the bound is generous; `log`: its output, shown if late.)"""
+def wait_reference_file(path: Path, log: Path, key: str, timeout=120):
+    """blisswriter 3.0.0 has no status outside its process: its file is complete once its
+    log says "Saving complete." for the scan, it has let go of the file (HDF5 lock) and the
+    entry has the end_time of the final h5maps. The file is not opened before that log
+    line: blisswriter 3.0.0 fails a scan whose file is locked by a reader when it opens it
+    ("File already locked"), and a default h5py open takes that lock. (It is slow on a
+    loaded machine: the bound is generous; its log is shown if it is late.)"""
     deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if f"{key} - Saving complete." in log.read_text(errors="replace"):
+            break
+        time.sleep(0.1)
     while time.monotonic() < deadline:
         try:
             with h5py.File(path, "r") as f:
@@ -120,7 +127,7 @@ def wait_reference_file(path: Path, log: Path | None = None, timeout=120):
         except (OSError, BlockingIOError):
             pass
         time.sleep(0.1)
-    said = log.read_text(errors="replace")[-3000:] if log is not None else ""
+    said = log.read_text(errors="replace")[-3000:]
     raise AssertionError(f"blisswriter 3.0.0 did not complete {path} in {timeout} s\n{said}")
 
 
@@ -201,10 +208,10 @@ def test_same_file_as_blisswriter_3(sides, scenario):
     ours, ref = sides
     number = SCENARIOS.index(scenario) + 1
     key, our_file = ours.publish(scenario, number)
-    _, ref_file = ref.publish(scenario, number)
+    ref_key, ref_file = ref.publish(scenario, number)
     status = ours.status(key)
     assert status.state == "done", status
-    wait_reference_file(ref_file, ref.log)
+    wait_reference_file(ref_file, ref.log, ref_key)
     assert_same_tree(our_file, ref_file)
     with h5py.File(our_file, "r", locking=False) as f:
         note = json.loads(f[f"{number}.1/writer_status/data"][()])
@@ -283,7 +290,7 @@ def test_master_file_same_as_blisswriter_3(sides):
                                      name=f"with_master_{number}"))
         status = ours.status(done[0][0])
         assert status.state == "done", status
-        wait_reference_file(done[1][1], ref.log)
+        wait_reference_file(done[1][1], ref.log, done[1][0])
         assert_same_tree(done[0][1], done[1][1])
     deadline = time.monotonic() + 30
     while True:  # blisswriter 3.0.0 lets go of the master file once the scan is done
