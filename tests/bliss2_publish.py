@@ -6,7 +6,8 @@ bench/bench_bliss2.py.
     python bliss2_publish.py REDIS_URL SCENARIO FILE_PATH NUMBER [key=value ...]
 
 Prints the scan key on stdout. Scenarios: scalars, frames, aborted, links, varying,
-fallback, lima, lima_nosave, lima_edf, lima2, nomap, badnode, bench_frames, bench_counters.
+fallback, lima, lima_nosave, lima_edf, lima2, nomap, badnode, bench_frames, bench_counters,
+bench_scalars.
 """
 
 import base64
@@ -354,6 +355,23 @@ def bench_counters(store, file_path, number, channels=64, npoints=1000, rate=50.
                              timeline, **kw)
 
 
+def bench_scalars(store, file_path, number, channels=64, npoints=100_000, batch=100,
+                  timeline=None, **kw):
+    """`channels` float64 counters, `batch` points per send, as fast as blissdata publishes
+    (fast scalars); the same values as bench/bench_write_cost.py publishes with this
+    project's blissdata."""
+    names = [f"ct{i}:value" for i in range(channels)]
+    streams = {n: Stream.make_definition(n, "float64") for n in names}
+    children = {"measurement": Group(attributes={"NX_class": "NXcollection"}, children={
+        n.split(":")[0]: StreamItem(stream=n) for n in names})}
+    rng = np.random.default_rng(0)
+    values = [rng.random(batch) for _ in range(8)]
+    batches = ({n: values[(i + c) % 8] for c, n in enumerate(names)}
+               for i in range(npoints // batch))
+    return _timeline_publish(store, file_path, number, streams, children, batches, timeline,
+                             info_extra={"npoints": npoints}, **kw)
+
+
 def main(argv):
     url, scenario = argv[0], argv[1]
     if scenario == "init":
@@ -372,6 +390,7 @@ def main(argv):
           "lima_edf": lambda *a, **k: lima_scan(*a, file_format="EDF", **k),
           "lima2": lima2_scan, "badnode": badnode_scan,
           "bench_frames": bench_frames, "bench_counters": bench_counters,
+          "bench_scalars": bench_scalars,
           "aborted": lambda *a, **k: scalar_scan(*a, end_reason="USER_ABORT", stop_after=2, **k),
           "nomap": lambda *a, **k: scalar_scan(*a, h5maps=False, **k)}[scenario]
     key = fn(store, file_path, number, **kwargs)
