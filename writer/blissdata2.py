@@ -343,6 +343,7 @@ class View:
     """Points read from one stream: `index` of the first, `parts` one piece per entry."""
     index: int
     parts: list
+    entry_nbytes: int = 0  # payload bytes of the largest Redis entry read
 
     def __len__(self):
         return sum(len(p) for p in self.parts)
@@ -410,7 +411,7 @@ class Cursor:
         if stream.lima is not None:
             return self._consume_lima(name, entries)
         start = self._next[name]
-        parts = []
+        parts, largest = [], 0
         for entry_id, fields in entries:
             self._since[name] = entry_id.decode()
             if self._since[name] == SEAL_ENTRY:
@@ -428,6 +429,7 @@ class Cursor:
             skip = self._next[name] - first
             if skip >= count:
                 continue
+            largest = max(largest, len(fields.get(b"payload", b"")))
             try:
                 points = stream.decode(fields[b"payload"], count)
             except (ValueError, KeyError) as exc:
@@ -441,7 +443,7 @@ class Cursor:
                 sum(p.nbytes for p in parts) <= JOIN_BYTES:
             # blissdata 2 sends counters one point per entry: one append, not one per point
             parts = [np.concatenate(parts)]
-        return View(start, parts)
+        return View(start, parts, largest)
 
 
 # ---- scans ----------------------------------------------------------------------------

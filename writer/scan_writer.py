@@ -47,6 +47,7 @@ from .text_appender import TextAppender
 
 log = logging.getLogger("blisswriter")
 READ_BYTES = 16 * 2**20  # target size of one read per stream
+GATHER_BYTES = 4 * 2**20  # a read that brought less waits read_gather_s before the next
 
 
 def _nbytes(part) -> int:
@@ -55,6 +56,11 @@ def _nbytes(part) -> int:
         return part.nbytes
     return sum(len(p) if isinstance(p, (bytes, bytearray)) else getattr(p, "nbytes", 256)
                for p in part)
+
+
+def _small(views: dict) -> bool:
+    """A read that brought little: most of its cost was per stream, not per byte."""
+    return sum(_nbytes(part) for view in views.values() for part in view.parts) < GATHER_BYTES
 
 
 class ScanFailed(Exception):
@@ -72,6 +78,10 @@ class ScanWriter(threading.Thread):
     # ... but a pause after this much data since the last flush flushes at once: the flush
     # then costs in proportion to what it stores (frames, bursts), and readers get it sooner
     idle_flush_bytes = 1 << 20
+    # after a read that brought less than GATHER_BYTES, wait this long (at most a tenth of
+    # half the lag) before the next: points trickling in (64 counters at 1 kHz) come in
+    # fewer reads, and a read costs per stream whatever it brings
+    read_gather_s = 0.02
     # points of varying shape: padded, and their shapes in a dataset beside them
     varying_appender = VaryingPointsAppender
     # json points: texts and [start, stop) rows, readable under SWMR (blissdata.json_points)
@@ -516,9 +526,11 @@ class ScanWriter(threading.Thread):
             return
         cursor = self.scan.cursor(names, start={n: a.npoints for n, a in self.appenders.items()},
                                   raw_chunks=True)
-        ahead = ReadAhead(cursor, lambda: self._entries_per_read(len(names)),
-                          name=f"read-{self.name}")
         half_lag = self.config.max_lag_s / 2
+        gather_s = min(self.read_gather_s, half_lag / 10)
+        ahead = ReadAhead(cursor, lambda: self._entries_per_read(len(names)),
+                          name=f"read-{self.name}",
+                          gather=lambda views: gather_s if _small(views) else 0.0)
         last_state_check = 0.0
         dirty_since = None  # when the oldest point not flushed yet was read
         last_flush = time.monotonic()
@@ -531,12 +543,14 @@ class ScanWriter(threading.Thread):
                 # half are durable within max_lag_s), or when memory asks for it; at a
                 # pause of the producer only once idle_flush_bytes came (a 10 Hz scan pauses
                 # after every point: a few bytes each).
-                due = half_lag - flush_s
+                due = half_lag - flush_s - gather_s  # a point may wait gather_s to be read
                 wait = 0.1 if dirty_since is None else \
                     max(0.0, dirty_since + due - time.monotonic())
                 big = unflushed_bytes >= self.idle_flush_bytes
                 if dirty_since is not None and (big or self.idle_flush_after_s is not None):
-                    wait = min(wait, 0.02)  # a short wait tells "the producer paused"
+                    # a short wait tells "the producer paused" (longer than the reader's own
+                    # pause after a small read)
+                    wait = min(wait, gather_s + 0.02)
                 try:
                     views = ahead.get(timeout=min(wait, 0.1, half_lag))
                 except MalformedEntryError:
@@ -622,9 +636,9 @@ class ScanWriter(threading.Thread):
             raise ScanFailed(f"stream {name!r}: got points from {view.index}, expected "
                              f"{appender.npoints} (lost or duplicated data)")
         definition = self.definitions[name]
+        self._largest_entry = max(self._largest_entry, view.entry_nbytes)
         try:
-            for part in view.parts:  # one piece per Redis entry: no copy to join them
-                self._largest_entry = max(self._largest_entry, _nbytes(part))
+            for part in view.parts:  # as the cursor cut them: no copy to join them
                 if definition.encoding == "bslz4":
                     appender.append_compressed(part)
                 elif definition.varying:
