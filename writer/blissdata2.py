@@ -53,6 +53,7 @@ import redis
 from blissdata import ScanNotFoundError, ScanState
 from blissdata.exceptions import LeaseLostError
 from blissdata.encoding import StreamDefinition
+from blissdata.stream import entry_fields, unparsed_xread_client, xread_streams
 
 from . import status as writer_status
 from .nexus_skeleton import stream_dataset_parent
@@ -70,9 +71,11 @@ PROTOCOL_VERSION = 1
 SCAN_HISTORY = "_SCAN_HISTORY_"
 SEAL_ID = 2**64 - 1
 SEAL_ENTRY = f"{SEAL_ID}-{SEAL_ID}"
+SEAL_BYTES = SEAL_ENTRY.encode()
 DELETED_TTL_S = 10  # blissdata deletes a scan by giving its keys a TTL of 10 s
 DURABLE_TTL_S = 7 * 24 * 3600
 JOIN_BYTES = 1 << 20  # small points read together are appended as one array
+JOIN_ENTRY_BYTES = 1 << 16  # ... from entries up to this size (bigger: as they are)
 
 
 _MARK_DURABLE = """
@@ -355,6 +358,7 @@ class Cursor:
     def __init__(self, streams: list[Bliss2Stream], start: dict[str, int]):
         self.streams = {s.name: s for s in streams}
         self.client = streams[0].scan.client if streams else None
+        self._reader = unparsed_xread_client(self.client) if streams else None
         self.ended: set[str] = set()
         self._next = {s.name: int(start.get(s.name, 0)) for s in streams}
         self._since = {}
@@ -379,10 +383,10 @@ class Cursor:
         if not open_streams:
             return {}
         block_ms = None if not block else (0 if timeout is None else max(1, int(timeout * 1e3)))
-        reply = self.client.xread({k: self._since[n] for k, n in open_streams.items()},
-                                  count=count, block=block_ms)
+        reply = self._reader.xread({k: self._since[n] for k, n in open_streams.items()},
+                                   count=count, block=block_ms)
         views = {}
-        for key, entries in reply or []:
+        for key, entries in xread_streams(reply):
             name = open_streams[key.decode() if isinstance(key, bytes) else key]
             view = self._consume(name, entries)
             if view is not None:
@@ -408,20 +412,29 @@ class Cursor:
 
     def _consume(self, name: str, entries) -> View | None:
         stream = self.streams[name]
+        entries = [(entry_id, entry_fields(fields)) for entry_id, fields in entries]
         if stream.lima is not None:
             return self._consume_lima(name, entries)
         start = self._next[name]
-        parts, largest = [], 0
+        # the payloads of small fixed-shape numeric points (one point an entry, as
+        # blissdata 2 sends counters) are joined, not decoded one by one
+        try:
+            joinable = stream.definition.point_nbytes \
+                if stream.definition.encoding == "numeric" else None
+        except Bliss2Error:  # said when a point has to be decoded
+            joinable = None
+        parts, largest, run, run_bytes = [], 0, [], 0
         for entry_id, fields in entries:
-            self._since[name] = entry_id.decode()
-            if self._since[name] == SEAL_ENTRY:
+            if entry_id == SEAL_BYTES:
+                self._since[name] = SEAL_ENTRY
                 total = int(fields[b"id"])
                 if total != self._next[name]:
                     raise Bliss2Error(f"stream {name!r}: sealed at {total} points, "
                                       f"{self._next[name]} read")
                 self.ended.add(name)
                 break
-            first = int(entry_id.split(b"-")[0])
+            self._since[name] = entry_id
+            first = int(entry_id[:entry_id.index(b"-")])
             count = int(fields.get(b"len", 1))
             if first > self._next[name]:
                 raise Bliss2Error(f"stream {name!r}: points {self._next[name]} to {first - 1} "
@@ -429,7 +442,20 @@ class Cursor:
             skip = self._next[name] - first
             if skip >= count:
                 continue
-            largest = max(largest, len(fields.get(b"payload", b"")))
+            payload = fields.get(b"payload", b"")
+            largest = max(largest, len(payload))
+            if joinable and not skip and len(payload) == count * joinable \
+                    and len(payload) <= JOIN_ENTRY_BYTES:
+                run.append(payload)
+                run_bytes += len(payload)
+                self._next[name] = first + count
+                if run_bytes >= JOIN_BYTES:
+                    parts.append(self._joined(stream, run))
+                    run, run_bytes = [], 0
+                continue
+            if run:
+                parts.append(self._joined(stream, run))
+                run, run_bytes = [], 0
             try:
                 points = stream.decode(fields[b"payload"], count)
             except (ValueError, KeyError) as exc:
@@ -437,13 +463,20 @@ class Cursor:
                                   f"decoded: {exc}") from None
             parts.append(points[skip:] if skip else points)
             self._next[name] = first + count
+        if isinstance(self._since[name], bytes):
+            self._since[name] = self._since[name].decode()
+        if run:
+            parts.append(self._joined(stream, run))
         if not parts:
             return None
-        if len(parts) > 1 and isinstance(parts[0], np.ndarray) and \
-                sum(p.nbytes for p in parts) <= JOIN_BYTES:
-            # blissdata 2 sends counters one point per entry: one append, not one per point
-            parts = [np.concatenate(parts)]
         return View(start, parts, largest)
+
+    @staticmethod
+    def _joined(stream: Bliss2Stream, payloads: list) -> np.ndarray:
+        """The points of consecutive entries (payload sizes checked) in one array."""
+        data = payloads[0] if len(payloads) == 1 else b"".join(payloads)
+        return np.frombuffer(data, stream.definition.dtype).reshape(
+            (-1, *stream.definition.shape))
 
 
 # ---- scans ----------------------------------------------------------------------------
