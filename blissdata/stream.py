@@ -282,7 +282,11 @@ class Stream:
         return got[0] if got else None
 
     def _length_and_sealed(self) -> tuple[int, bool]:
-        entry = self._last_entry()
+        return self._length_of(self._last_entry())
+
+    @staticmethod
+    def _length_of(entry) -> tuple[int, bool]:
+        """(points, sealed) from the stream's last entry (None: no entry yet)."""
         if entry is None:
             return 0, False
         eid, fields = entry
@@ -381,6 +385,13 @@ class Stream:
 
         `fence` = (lease key, token): published only while that lease holds that token,
         atomically; else LeaseLostError and nothing is changed."""
+        try:
+            return int(self._redis.execute_command(*self._mark_command(file, dataset, points,
+                                                                       fence)))
+        except redis.ResponseError as exc:
+            raise self._lease_lost(exc, repr(self.name)) from None
+
+    def _mark_command(self, file: str, dataset: str, points: int, fence) -> list:
         value = json.dumps({"file": file, "dataset": dataset, "points": int(points)})
         script = (_MARK_FILE_BACKED_ALLOW_OOM if self._store.script_flags()
                   else _MARK_FILE_BACKED)
@@ -389,14 +400,41 @@ class Stream:
         if fence is not None:
             script_keys.append(fence[0])
             args.append(fence[1])
+        # EVAL as a raw command: redis-py's cluster pipelines refuse .eval()
+        return ["EVAL", script, len(script_keys), *script_keys, *args]
+
+    def _lease_lost(self, exc: redis.ResponseError, what: str) -> Exception:
+        """LeaseLostError for a refused watermark; any other error as it is."""
+        if "LEASELOST" not in str(exc):
+            return exc
+        return LeaseLostError(f"scan {self._scan.key}: watermark of {what} not published, "
+                              f"this writer no longer holds the scan's lease")
+
+    @staticmethod
+    def mark_file_backed_all(marks: list, fence: tuple[str, str] | None = None) -> None:
+        """`mark_file_backed` for streams of one scan in one round trip: `marks` =
+        [(stream, file, dataset, points)]. A refused fence raises LeaseLostError; another
+        Redis error (a full Redis) the first one; the others may have been published."""
+        if not marks:
+            return
+        first = marks[0][0]
+        pipe = first._redis.pipeline(transaction=False)
+        for stream, file, dataset, points in marks:
+            pipe.execute_command(*stream._mark_command(file, dataset, points, fence))
         try:
-            return int(self._redis.eval(script, len(script_keys), *script_keys, *args))
+            pipe.execute()
         except redis.ResponseError as exc:
-            if "LEASELOST" not in str(exc):
-                raise
-            raise LeaseLostError(f"scan {self._scan.key}: watermark of {self.name!r} not "
-                                 f"published, this writer no longer holds the scan's "
-                                 f"lease") from None
+            raise first._lease_lost(exc, f"{len(marks)} streams") from None
+
+    @staticmethod
+    def lengths(streams: list) -> list[int]:
+        """len() of each stream of one scan (points published), in one round trip."""
+        if not streams:
+            return []
+        pipe = streams[0]._redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xrevrange(stream.key, "+", "-", count=1)
+        return [Stream._length_of(got[0] if got else None)[0] for got in pipe.execute()]
 
     @property
     def file_backing(self) -> dict | None:

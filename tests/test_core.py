@@ -355,6 +355,48 @@ def test_cursor_many_streams_and_end(store, new_scan):
         cursor.read(timeout=0.1)
 
 
+def test_cursor_joins_small_numeric_entries_and_keeps_big_ones_whole(store, new_scan):
+    scan = new_scan()
+    counter = scan.create_stream("ct", "float64")
+    spectrum = scan.create_stream("mca", "uint32", (20000,))  # 80 kB a point
+    started(scan)
+    for i in range(300):  # 300 entries of 10 points: 24 kB
+        counter.send(np.arange(10.0) + 10 * i)
+    spectra = np.arange(3 * 20000, dtype=np.uint32).reshape(3, 20000)
+    spectrum.send(spectra[:1])
+    spectrum.send(spectra[1:])
+    # another producer writing the fields in another order: read as well
+    store.redis.xadd(counter.key, {"n": 2, "d": np.array([-1.0, -2.0]).tobytes()},
+                     id=keys.entry_id(3000))
+    views = store.load_scan(scan.key).cursor().read(block=False, count=1000)
+    ct = views["ct"]
+    assert len(ct.parts) == 2 and ct.entry_nbytes == 80  # one joined run, then the other
+    assert np.array_equal(ct.data, np.r_[np.arange(3000.0), -1.0, -2.0])
+    mca = views["mca"]
+    assert [len(p) for p in mca.parts] == [1, 2] and mca.entry_nbytes == 160000
+    assert np.array_equal(mca.data, spectra)
+
+
+def test_watermarks_and_lengths_of_many_streams_in_one_round_trip(store, new_scan):
+    from blissdata.exceptions import LeaseLostError
+    from blissdata.stream import Stream
+
+    scan = new_scan()
+    streams = [scan.create_stream(f"c{i}", "float64") for i in range(3)]
+    started(scan)
+    for i, s in enumerate(streams):
+        s.send(np.arange(float(i + 1)))
+    streams[2].seal()
+    assert Stream.lengths(streams) == [1, 2, 3] == [len(s) for s in streams]
+    store.redis.set(keys.lease_key(scan.key), "w2/bbbb")
+    marks = [(s, "/data/a.h5", f"/1.1/{s.name}", i + 1) for i, s in enumerate(streams)]
+    with pytest.raises(LeaseLostError, match="watermark of 3 streams not published"):
+        Stream.mark_file_backed_all(marks, fence=(keys.lease_key(scan.key), "w1/aaaa"))
+    assert all(s.file_backing is None for s in streams)
+    Stream.mark_file_backed_all(marks, fence=(keys.lease_key(scan.key), "w2/bbbb"))
+    assert [s.file_backing["points"] for s in streams] == [1, 2, 3]
+
+
 def test_reader_joining_late_and_from_a_position(store, new_scan):
     scan = new_scan()
     s = scan.create_stream("s", "int64")

@@ -295,7 +295,11 @@ class Bliss2Stream:
     def __len__(self) -> int:
         if self.lima is not None:
             return self.lima_status(self.scan.client.xrevrange(self.key, count=2))
-        last = self.scan.client.xrevrange(self.key, count=1)
+        return self.length_from(self.scan.client.xrevrange(self.key, count=1))
+
+    @staticmethod
+    def length_from(last: list) -> int:
+        """Points published, from XREVRANGE of the last entry (not for lima statuses)."""
         if not last:
             return 0
         entry_id, fields = last[0]
@@ -350,6 +354,15 @@ class View:
 
     def __len__(self):
         return sum(len(p) for p in self.parts)
+
+
+def _batch_fields(fields) -> dict:
+    """An entry's fields as a dict; a batch as blissdata 2 writes it ([b"payload", data,
+    b"len", n] unparsed) without the generic conversion."""
+    if isinstance(fields, list) and len(fields) == 4 and fields[0] == b"payload" \
+            and fields[2] == b"len":
+        return {b"payload": fields[1], b"len": fields[3]}
+    return entry_fields(fields)
 
 
 class Cursor:
@@ -412,9 +425,9 @@ class Cursor:
 
     def _consume(self, name: str, entries) -> View | None:
         stream = self.streams[name]
-        entries = [(entry_id, entry_fields(fields)) for entry_id, fields in entries]
         if stream.lima is not None:
-            return self._consume_lima(name, entries)
+            return self._consume_lima(name, [(entry_id, entry_fields(fields))
+                                             for entry_id, fields in entries])
         start = self._next[name]
         # the payloads of small fixed-shape numeric points (one point an entry, as
         # blissdata 2 sends counters) are joined, not decoded one by one
@@ -425,6 +438,7 @@ class Cursor:
             joinable = None
         parts, largest, run, run_bytes = [], 0, [], 0
         for entry_id, fields in entries:
+            fields = _batch_fields(fields)
             if entry_id == SEAL_BYTES:
                 self._since[name] = SEAL_ENTRY
                 total = int(fields[b"id"])
@@ -875,6 +889,16 @@ class Bliss2ScanWriter(ScanWriter):
 
         bslz4.set_openmp_threads(1)
         super().run()
+
+    def _published(self, names: list) -> int:
+        """Points published in these streams, the last entries read in one round trip."""
+        streams = [self.scan.streams[n] for n in names]
+        plain = [s for s in streams if s.lima is None]
+        pipe = self.scan.client.pipeline(transaction=False)
+        for stream in plain:
+            pipe.xrevrange(stream.key, count=1)
+        return (sum(Bliss2Stream.length_from(last) for last in pipe.execute())
+                + sum(len(s) for s in streams if s.lima is not None))
 
     def _mark_durable(self, durable: dict) -> None:
         """All watermarks in one round trip (64 counters are 64 streams), only while this

@@ -24,6 +24,7 @@ from blissdata import ScanNotFoundError, ScanState
 from blissdata.exceptions import LeaseLostError, MalformedEntryError
 from blissdata.encoding import StreamDefinition
 from blissdata.memory_tracker import trim_durable
+from blissdata.stream import Stream
 
 from . import status as writer_status
 from .dataset_writer import DatasetAppender, last_chunks
@@ -675,7 +676,7 @@ class ScanWriter(threading.Thread):
         new_bytes = written - self.status.bytes_written
         if self.status.updated and t > self.status.updated:
             self.status.write_rate_mb_s = max(0.0, new_bytes / (t - self.status.updated) / 1e6)
-        published = sum(len(self.scan.streams[n]) for n in durable)
+        published = self._published(list(durable))
         self.status.lag_points = max(0, published - sum(durable.values()))
         self.status.bytes_written = written
         self.status.points = durable
@@ -684,10 +685,14 @@ class ScanWriter(threading.Thread):
         return True
 
     def _mark_durable(self, durable: dict) -> None:
-        for name, points in durable.items():
-            self.scan.streams[name].mark_file_backed(str(self.file_path),
-                                                     self.dataset_paths[name], points,
-                                                     fence=self.lease.fence)
+        Stream.mark_file_backed_all([(self.scan.streams[name], str(self.file_path),
+                                      self.dataset_paths[name], points)
+                                     for name, points in durable.items()],
+                                    fence=self.lease.fence)
+
+    def _published(self, names: list) -> int:
+        """Points published so far in these streams (for the status's lag)."""
+        return sum(Stream.lengths([self.scan.streams[n] for n in names]))
 
     def _check_scan(self) -> None:
         """Between reads: deleted scan, inactivity, a changed stream definition."""
