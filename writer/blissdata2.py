@@ -356,13 +356,14 @@ class View:
         return sum(len(p) for p in self.parts)
 
 
-def _batch_fields(fields) -> dict:
-    """An entry's fields as a dict; a batch as blissdata 2 writes it ([b"payload", data,
-    b"len", n] unparsed) without the generic conversion."""
+def _batch(fields) -> tuple:
+    """(payload or None, number of points, fields) of an entry; a batch as blissdata 2
+    writes it ([b"payload", data, b"len", n] unparsed) read without making a dict."""
     if isinstance(fields, list) and len(fields) == 4 and fields[0] == b"payload" \
             and fields[2] == b"len":
-        return {b"payload": fields[1], b"len": fields[3]}
-    return entry_fields(fields)
+        return fields[1], int(fields[3]), fields
+    fields = entry_fields(fields)
+    return fields.get(b"payload"), int(fields.get(b"len", 1)), fields
 
 
 class Cursor:
@@ -437,48 +438,54 @@ class Cursor:
         except Bliss2Error:  # said when a point has to be decoded
             joinable = None
         parts, largest, run, run_bytes = [], 0, [], 0
-        for entry_id, fields in entries:
-            fields = _batch_fields(fields)
-            if entry_id == SEAL_BYTES:
-                self._since[name] = SEAL_ENTRY
-                total = int(fields[b"id"])
-                if total != self._next[name]:
-                    raise Bliss2Error(f"stream {name!r}: sealed at {total} points, "
-                                      f"{self._next[name]} read")
-                self.ended.add(name)
-                break
-            self._since[name] = entry_id
-            first = int(entry_id[:entry_id.index(b"-")])
-            count = int(fields.get(b"len", 1))
-            if first > self._next[name]:
-                raise Bliss2Error(f"stream {name!r}: points {self._next[name]} to {first - 1} "
-                                  f"are no longer in Redis (trimmed before being written)")
-            skip = self._next[name] - first
-            if skip >= count:
-                continue
-            payload = fields.get(b"payload", b"")
-            largest = max(largest, len(payload))
-            if joinable and not skip and len(payload) == count * joinable \
-                    and len(payload) <= JOIN_ENTRY_BYTES:
-                run.append(payload)
-                run_bytes += len(payload)
-                self._next[name] = first + count
-                if run_bytes >= JOIN_BYTES:
+        position, since = start, None  # self._next[name], self._since[name] once done
+        try:
+            for entry_id, fields in entries:
+                payload, count, fields = _batch(fields)
+                if entry_id == SEAL_BYTES:
+                    since = entry_id
+                    total = int(fields[b"id"])
+                    if total != position:
+                        raise Bliss2Error(f"stream {name!r}: sealed at {total} points, "
+                                          f"{position} read")
+                    self.ended.add(name)
+                    break
+                since = entry_id
+                first = int(entry_id[:entry_id.index(b"-")])
+                if first > position:
+                    raise Bliss2Error(f"stream {name!r}: points {position} to {first - 1} "
+                                      f"are no longer in Redis (trimmed before being written)")
+                skip = position - first
+                if skip >= count:
+                    continue
+                size = len(payload) if payload is not None else 0
+                if size > largest:
+                    largest = size
+                if joinable and not skip and size == count * joinable \
+                        and size <= JOIN_ENTRY_BYTES:
+                    run.append(payload)
+                    run_bytes += size
+                    position = first + count
+                    if run_bytes >= JOIN_BYTES:
+                        parts.append(self._joined(stream, run))
+                        run, run_bytes = [], 0
+                    continue
+                if run:
                     parts.append(self._joined(stream, run))
                     run, run_bytes = [], 0
-                continue
-            if run:
-                parts.append(self._joined(stream, run))
-                run, run_bytes = [], 0
-            try:
-                points = stream.decode(fields[b"payload"], count)
-            except (ValueError, KeyError) as exc:
-                raise Bliss2Error(f"stream {name!r}: entry {entry_id.decode()} cannot be "
-                                  f"decoded: {exc}") from None
-            parts.append(points[skip:] if skip else points)
-            self._next[name] = first + count
-        if isinstance(self._since[name], bytes):
-            self._since[name] = self._since[name].decode()
+                try:
+                    if payload is None:
+                        raise KeyError(b"payload")
+                    points = stream.decode(payload, count)
+                except (ValueError, KeyError) as exc:
+                    raise Bliss2Error(f"stream {name!r}: entry {entry_id.decode()} cannot be "
+                                      f"decoded: {exc}") from None
+                parts.append(points[skip:] if skip else points)
+                position = first + count
+        finally:
+            self._next[name] = position
+            if since is not None:
+                self._since[name] = since.decode()
         if run:
             parts.append(self._joined(stream, run))
         if not parts:
