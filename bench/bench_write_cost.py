@@ -1,7 +1,7 @@
 """What the write path costs for slow scans, many channels and fast scalars: writer CPU, RSS,
 lag and the file's bytes outside its data, each against a baseline measured in the same run.
 
-    python bench/bench_write_cost.py [--slow-seconds 20] [--rounds 3]
+    python bench/bench_write_cost.py [--slow-seconds 20] [--rounds 3] [--writer-code DIR]
                                      [--json bench/results/write_cost.json]
 
 Every load runs on a fresh writer process (`blisswriter run`, default configuration:
@@ -72,6 +72,16 @@ from writer.file_space import file_space  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+WRITER_CODE: str | None = None  # --writer-code: run this writer from that copy of the code
+
+
+def writer_code() -> dict:
+    """Popen arguments running this writer from WRITER_CODE (else as installed)."""
+    if WRITER_CODE is None:
+        return {}
+    return {"cwd": WRITER_CODE, "env": {**os.environ, "PYTHONPATH": WRITER_CODE}}
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
@@ -91,7 +101,7 @@ class Writer:
         self.log = open(root / f"writer-{name}.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "writer.cli", "run", "--redis",
                                       url, "--data-root", str(root)], stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, **writer_code())
         time.sleep(1.5)
 
     @property
@@ -271,7 +281,8 @@ def bliss2_scalars(env, root: Path, writer: str, number: int, points: int, chann
                    [sys.executable, "-m", "writer.cli", "run", "--protocol", "blissdata2",
                     "--redis", server.url, "--data-root", str(root)])
         with open(folder / "writer.log", "wb") as log:
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd="/")
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                    **(writer_code() if writer == "ours" else {"cwd": "/"}))
         try:
             time.sleep(2.0)  # imported and following the scans before the first one
             path, entry = folder / "scan.h5", f"{number}.1"
@@ -398,7 +409,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="fast-scalar rounds")
     parser.add_argument("--concurrent-seconds", type=float, default=6.0)
     parser.add_argument("--json", default="bench/results/write_cost.json")
+    parser.add_argument("--writer-code", help="run this writer from the code in that folder "
+                        "(e.g. `git archive <commit> blissdata writer | tar -x -C DIR`): before/after figures")
     args = parser.parse_args(argv)
+    global WRITER_CODE
+    WRITER_CODE = args.writer_code and str(Path(args.writer_code).resolve())
     try:
         env = reference_env()
     except Bliss2EnvUnavailable as exc:
