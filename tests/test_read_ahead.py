@@ -57,3 +57,27 @@ def test_close_stops_a_blocked_reader(store, new_scan):
     assert ahead.get(timeout=0.2) == {}
     ahead.close()
     assert not ahead._thread.is_alive() and threading.active_count() == before
+
+
+def test_after_a_small_read_the_next_gathers_what_came_meanwhile(store, new_scan):
+    scan = new_scan()
+    a = scan.create_stream("a", "float64")
+    scan.prepare()
+    scan.start()
+    asked = []
+
+    def gather(views):  # what the writer passes: a pause after a read that brought little
+        asked.append({name: len(view) for name, view in views.items()})
+        return 2.0
+
+    ahead = ReadAhead(scan.cursor(["a"]), count=lambda: 100, name="t", gather=gather)
+    a.send([0.0])
+    first = ahead.get(timeout=5)
+    for i in range(1, 4):
+        a.send([float(i)])
+    assert ahead.get(timeout=0.2) == {}  # the reader waits before reading again...
+    second = ahead.get(timeout=10)  # ... then takes the three points in one read
+    ahead.close()
+    assert (first["a"].index, len(first["a"])) == (0, 1)
+    assert (second["a"].index, len(second["a"])) == (1, 3) and len(second["a"].parts) == 1
+    assert asked[:2] == [{"a": 1}, {"a": 3}]
