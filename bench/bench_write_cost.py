@@ -25,11 +25,13 @@ process. Measures:
   blisswriter 3.0.0 in the same run, with the real blissdata 2.4.5 publishing (the reference
   venv of tests/bliss2_env.py, its own process) to a valkey-server with RedisJSON and
   RediSearch. Measured per writer: the CPU (user + system, every thread) of the writer
-  process from just before the scan is created (blissdata 2) or its first point is published
-  (ours) to its file complete: blisswriter 3.0.0 and `--protocol blissdata2` when they let go
-  of the file with the final h5maps in it; ours natively when it says "done" (every point
-  durable, file closed). Not counted: start-up and imports, the producer, Redis, this
-  process polling. Writers: blisswriter 3.0.0 (its defaults: scalars uncompressed,
+  process to its file complete, from just before the scan is created (blissdata 2 runs:
+  making the entry and its 64 datasets counts) or, natively, from its first point published
+  (the writer has made the entry by then: not counted); complete: blisswriter 3.0.0 and
+  `--protocol blissdata2` let go of the file with the final h5maps in it, ours natively says
+  "done" (every point durable, file closed). Not counted: start-up and imports, the
+  producer, Redis, this process polling. `--writer-code DIR` runs this writer from another
+  copy of the code (before/after figures, each against blisswriter 3.0.0 in its own run). Writers: blisswriter 3.0.0 (its defaults: scalars uncompressed,
   contiguous, in the file only at the end of the scan); this writer on the same blissdata 2
   scan (`--protocol blissdata2`: the apples-to-apples load); this writer on its own protocol
   (this project's blissdata publishing from this process: one MULTI/EXEC per batch of 64
