@@ -25,20 +25,19 @@ process. Measures:
   blisswriter 3.0.0 in the same run, with the real blissdata 2.4.5 publishing (the reference
   venv of tests/bliss2_env.py, its own process) to a valkey-server with RedisJSON and
   RediSearch. Measured per writer: the CPU (user + system, every thread) of the writer
-  process to its file complete, from just before the scan is created (blissdata 2 runs:
-  making the entry and its 64 datasets counts) or, natively, from its first point published
-  (the writer has made the entry by then: not counted); complete: blisswriter 3.0.0 and
-  `--protocol blissdata2` let go of the file with the final h5maps in it, ours natively says
-  "done" (every point durable, file closed). Not counted: start-up and imports, the
-  producer, Redis, this process polling. `--writer-code DIR` runs this writer from another
-  copy of the code (before/after figures, each against blisswriter 3.0.0 in its own run). Writers: blisswriter 3.0.0 (its defaults: scalars uncompressed,
-  contiguous, in the file only at the end of the scan); this writer on the same blissdata 2
-  scan (`--protocol blissdata2`: the apples-to-apples load); this writer on its own protocol
-  (this project's blissdata publishing from this process: one MULTI/EXEC per batch of 64
-  sends). Ours keep their promises while doing it: points durable within `max_lag_s`,
-  watermarks published, the lease checked. Also: bare h5py writing the same batches (this
-  process's CPU, no Redis), and the native load again from a backlog (the writer stopped
-  while the scan is published, for the size spread below).
+  process from just before the scan is created (making the entry and its 64 datasets
+  counts) to its file complete: blisswriter 3.0.0 and `--protocol blissdata2` let go of the
+  file with the final h5maps in it, ours natively says "done" (every point durable, file
+  closed). Not counted: start-up and imports, the producer, Redis, this process polling.
+  Writers: blisswriter 3.0.0 (its defaults: scalars uncompressed, contiguous, in the file
+  only at the end of the scan); this writer on the same blissdata 2 scan (`--protocol
+  blissdata2`: the apples-to-apples load); this writer on its own protocol (this project's
+  blissdata publishing from this process: one MULTI/EXEC per batch of 64 sends). Ours keep
+  their promises while doing it: points durable within `max_lag_s`, watermarks published,
+  the lease checked. Also: bare h5py writing the same batches (this process's CPU, no
+  Redis), and the native load again from a backlog (the writer stopped while the scan is
+  published, for the size spread below). `--writer-code DIR` runs this writer from another
+  copy of the code (before/after figures, each against blisswriter 3.0.0 in its own run).
 * concurrent: 16 scans, each a 256x256 uint16 frame + 4 counters at 50 Hz: lag p99 of the
   counters and the frames, writer CPU.
 """
@@ -240,6 +239,7 @@ def fast_scalars(url, root, points, paused=False, channels=64, batch=100, round_
     writer = Writer(url, root, name)
     try:
         store = DataStore(url)
+        cpu0 = writer.cpu  # from the scan's creation, as for blissdata 2 (the entry counts)
         scan = new_scan(store, root, 200 + round_ if not paused else 2, name,
                         {"npoints": points, "count_time": 0.001})
         streams = [scan.create_stream(f"c{c}", "float64") for c in range(channels)]
@@ -250,7 +250,7 @@ def fast_scalars(url, root, points, paused=False, channels=64, batch=100, round_
         batches = [rng.random(batch) for _ in range(8)]
         if paused:
             os.kill(writer.proc.pid, signal.SIGSTOP)
-        cpu0, t0 = writer.cpu, time.perf_counter()
+        t0 = time.perf_counter()
         for i in range(points // batch):
             scan.send_many({s: batches[(i + c) % 8] for c, s in enumerate(streams)})
         if paused:
