@@ -36,15 +36,30 @@ from writer.dataset_writer import DatasetAppender
     ("float64", (2, 3_000_000), (1, 1, 1_000_000)),
 ])
 def test_chunk_shape(dtype, shape, expected):
+    """Rules 1-4, for a long scan (npoints = 2**24: a whole number of any such chunk)."""
+    assert chunk_shape(dtype, shape, npoints=2**24) == expected
+
+
+@pytest.mark.parametrize("dtype, shape, expected", [
+    ("float64", (), (1024,)),            # 8 KiB
+    ("uint8", (), (1024,)),
+    ("uint32", (4096,), (64, 4096)),     # points with a shape: rule 4
+    ("uint16", (512, 512), (1, 512, 512)),  # frames: one per chunk, as rule 3
+])
+def test_chunk_shape_of_a_scan_of_unknown_length(dtype, shape, expected):
+    """Rule 6: without npoints, scalars get small chunks (the last one takes its whole size
+    in the file); count_time only makes them smaller."""
     assert chunk_shape(dtype, shape) == expected
+    assert chunk_shape(dtype, shape, count_time=0.001) == expected
+    assert chunk_shape(dtype, shape, count_time=10)[0] <= expected[0]
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "int16", "float32", "float64", "complex128"])
 @pytest.mark.parametrize("shape", [(), (3,), (100,), (1000, 3), (64, 64), (700, 900),
                                    (5000, 5000), (-1,), (-1, 10), (-1, -1, -1)])
 def test_chunk_shape_rules(dtype, shape):
-    chunks = chunk_shape(dtype, shape)
-    assert chunks == chunk_shape(np.dtype(dtype), list(shape))  # deterministic
+    chunks = chunk_shape(dtype, shape, npoints=2**24)
+    assert chunks == chunk_shape(np.dtype(dtype), list(shape), npoints=2**24)  # deterministic
     itemsize = np.dtype(dtype).itemsize
     nbytes = itemsize * int(np.prod(chunks))
     assert len(chunks) == len(shape) + 1

@@ -19,10 +19,14 @@ from writer_helpers import durable_points, start_writer, wait_status
 MB = 2**20
 
 
-def publish(store, path, number, channels, npoints, batch, pause_s, count_time=None):
+def publish(store, path, number, channels, npoints, batch, pause_s, count_time=None,
+            announce_npoints=True):
     """A scan of `channels` float64 counters (values a counter could give: they compress),
-    `npoints` points sent `batch` at a time, `pause_s` apart. Returns (scan, the data)."""
-    info = {"title": "cost", "type": "ascan", "scan_nb": number, "npoints": npoints}
+    `npoints` points sent `batch` at a time, `pause_s` apart (`npoints` in the header unless
+    `announce_npoints` is False). Returns (scan, the data)."""
+    info = {"title": "cost", "type": "ascan", "scan_nb": number}
+    if announce_npoints:
+        info["npoints"] = npoints
     if count_time:
         info["count_time"] = count_time
     scan = store.create_scan({"session": "cost", "name": "ascan", "number": number,
@@ -77,6 +81,18 @@ def test_file_holds_data_and_metadata_only(store, tmp_path, writer, load):
     with h5py.File(path, "r") as f:
         for c in (0, channels - 1):
             assert np.array_equal(f[f"1.1/measurement/ct{c}"][:], data[c])
+
+
+def test_scan_of_unknown_length_allocates_what_it_holds(store, tmp_path, writer):
+    """No npoints nor count_time in the header (a timescan stopped by hand): the datasets
+    take the space of their points, not of whole chunks sized for a long scan (64 counters
+    x 1000 points took 64 MiB for 0.5 MB once: get_storage_size counts a chunk whole)."""
+    scan, data = publish(store, tmp_path / "timescan.h5", 1, 64, 1000, 50, 0.01,
+                         announce_npoints=False)
+    assert wait_status(store, scan.key, timeout=60).state == "done"
+    space = file_space(scan_file(store, scan.key), tmp_path)
+    assert space.stored <= 1.1 * data.nbytes, (space, data.nbytes)  # + the header, the note
+    assert space.size <= 1.5 * data.nbytes, (space, data.nbytes)  # with HDF5's metadata
 
 
 def test_several_scans_in_the_shared_file(store, tmp_path, writer):

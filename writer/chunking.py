@@ -17,7 +17,8 @@ import math
 import numpy as np
 
 __all__ = ["chunk_shape", "nominal_point_shape", "FRAME_BYTES", "TARGET_CHUNK_BYTES",
-           "MAX_CHUNK_BYTES", "FILL_SECONDS", "MIN_CHUNK_POINTS", "varying_extent"]
+           "MAX_CHUNK_BYTES", "FILL_SECONDS", "MIN_CHUNK_POINTS", "UNKNOWN_LENGTH_POINTS",
+           "varying_extent"]
 
 #: a point at least this big is a "frame": one point per chunk
 FRAME_BYTES = 256 * 1024
@@ -29,6 +30,10 @@ MAX_CHUNK_BYTES = 8 * 1024 * 1024
 FILL_SECONDS = 64
 #: ... but never fewer points than this (nor than the byte target allows)
 MIN_CHUNK_POINTS = 64
+#: a scan whose length is unknown (no ``npoints``): scalars get chunks of at most this many
+#: points, since its last chunk is allocated whole in the file however few points it holds
+#: (a partial chunk is stored raw, docs/files.md)
+UNKNOWN_LENGTH_POINTS = 1024
 
 
 def varying_extent(n_varying: int) -> int:
@@ -72,6 +77,11 @@ def chunk_shape(dtype, point_shape, npoints=None, count_time=None) -> tuple:
        ``npoints`` are cut into equal chunks no bigger than that (100,000 points at most
        65,536 per chunk: 2 chunks of 50,000), so that the last chunk of a scan that ends as
        announced holds no fill values. Missing, zero or non-numeric values are ignored.
+    6. Scalars of a scan without ``npoints`` (a timescan, a loop): at most
+       ``UNKNOWN_LENGTH_POINTS`` (1024) points per chunk, whatever rules 4 and 5 allow. The
+       last chunk takes its whole size in the file however few points it holds: 64 counters
+       of a 1000-point timescan take 0.5 MB, not 64 MiB. (Points with a shape keep rule 4: a
+       spectrum's chunk is still up to 1 MiB, its last one allocated whole.)
     """
     dt = np.dtype(dtype)
     shape = tuple(int(d) for d in point_shape)
@@ -100,6 +110,8 @@ def chunk_shape(dtype, point_shape, npoints=None, count_time=None) -> tuple:
     if _positive(npoints):  # equal chunks, the last one full when the scan ends as announced
         n = int(npoints)
         cap = -(-n // -(-n // cap))
+    elif not shape:  # scalars, length unknown: the last chunk is allocated whole (rule 6)
+        cap = min(cap, UNKNOWN_LENGTH_POINTS)
     return (cap, *nominal)
 
 
