@@ -23,7 +23,7 @@ import pytest
 from blissdata import DataStore
 from blissdata.h5api import File
 from swmr_reader import FRAME_SHAPE, FRAMES_PER_FILE, MAPPING, expected, mapping
-from writer_helpers import wait_status
+from writer_helpers import stop_process, wait_status
 
 HERE = Path(__file__).parent
 STRESS_S = float(os.environ.get("STRESS_S", "10"))
@@ -34,16 +34,6 @@ def _start(args, log_path, env=None):
     log = open(log_path, "ab")
     return subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
                             env=env)
-
-
-def _stop(proc):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture
@@ -62,7 +52,7 @@ def services(store, tmp_path):
     time.sleep(1.0)  # the writer subscribes
     yield data_root
     for proc in procs:
-        _stop(proc)
+        stop_process(proc)
     for proc in procs:
         assert proc.returncode in (0, -15), (tmp_path / "writer.log").read_text()[-3000:]
 
