@@ -132,15 +132,11 @@ def clear_write_flags(path) -> bool:
     False if there were none; ValueError if the file has no such superblock. Only for a file
     no program has open for writing (the writer checks its own lock first)."""
     with open(path, "r+b") as fh:
-        offset = 0
-        while True:
-            fh.seek(offset)
-            head = fh.read(48)
-            if len(head) < 8:
-                raise ValueError(f"{path}: no HDF5 superblock found")
-            if head[:8] == _SIGNATURE:
-                break
-            offset = 512 if offset == 0 else offset * 2
+        offset = _superblock_offset(fh)
+        if offset is None:
+            raise ValueError(f"{path}: no HDF5 superblock found")
+        fh.seek(offset)
+        head = fh.read(48)
         version, size_offsets = head[8], head[9]
         if version not in (2, 3):
             raise ValueError(f"{path}: superblock version {version} has no consistency "
@@ -167,17 +163,27 @@ def swmr_capable(path) -> bool:
     older version made without SWMR (version 0) is written on as it was."""
     try:
         with open(path, "rb") as fh:
-            offset = 0
-            while True:
-                fh.seek(offset)
-                head = fh.read(9)
-                if len(head) < 9:
-                    return False
-                if head[:8] == _SIGNATURE:
-                    return head[8] >= 3
-                offset = 512 if offset == 0 else offset * 2
+            offset = _superblock_offset(fh)
+            if offset is None:
+                return False
+            fh.seek(offset + 8)
+            return fh.read(1)[0] >= 3  # the superblock's version
     except FileNotFoundError:
         return True
+
+
+def _superblock_offset(fh) -> int | None:
+    """Where the HDF5 superblock of the open file `fh` starts (0, or 512, 1024, ... after a
+    user block), or None if it has none."""
+    offset = 0
+    while True:
+        fh.seek(offset)
+        head = fh.read(9)
+        if len(head) < 9:
+            return None
+        if head[:8] == _SIGNATURE:
+            return offset
+        offset = 512 if offset == 0 else offset * 2
 
 
 def _left_open(exc: OSError) -> bool:
