@@ -27,6 +27,8 @@ import json
 import h5py
 import numpy as np
 
+from .point_shapes import companion_dataset
+
 TEXT_ATTR = "json_text"
 NOT_WRITTEN = -1  # fill value of the rows: a point whose row is not in the file yet
 
@@ -44,14 +46,7 @@ def is_text_index(dataset: h5py.Dataset) -> bool:
 
 def text_dataset(dataset: h5py.Dataset) -> h5py.Dataset | None:
     """The dataset of the JSON texts that `dataset`'s rows point into, or None."""
-    path = dataset.attrs.get(TEXT_ATTR)
-    if path is None:
-        return None
-    path = path.decode() if isinstance(path, bytes) else str(path)
-    found = dataset.file.get(path)
-    if found is None:  # the entry was moved or renamed: look beside the rows
-        found = dataset.parent.get(path.rsplit("/", 1)[-1])
-    return found if isinstance(found, h5py.Dataset) else None
+    return companion_dataset(dataset, TEXT_ATTR)
 
 
 class PointsNotThere(ValueError):

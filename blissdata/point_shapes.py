@@ -26,12 +26,18 @@ def shapes_name(name: str) -> str:
 
 def shapes_dataset(dataset: h5py.Dataset) -> h5py.Dataset | None:
     """The dataset of `dataset`'s point shapes, or None if the file has none."""
-    path = dataset.attrs.get(SHAPES_ATTR)
+    return companion_dataset(dataset, SHAPES_ATTR)
+
+
+def companion_dataset(dataset: h5py.Dataset, attr: str) -> h5py.Dataset | None:
+    """The dataset whose path in the file `dataset`'s attribute `attr` names (the shapes of
+    its points, the texts of json points), or None if it has no such attribute or dataset."""
+    path = dataset.attrs.get(attr)
     if path is None:
         return None
     path = path.decode() if isinstance(path, bytes) else str(path)
     found = dataset.file.get(path)
-    if found is None:  # the entry was moved or renamed: look beside the points
+    if found is None:  # the entry was moved or renamed: look beside `dataset`
         found = dataset.parent.get(path.rsplit("/", 1)[-1])
     return found if isinstance(found, h5py.Dataset) else None
 
