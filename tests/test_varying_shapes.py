@@ -133,7 +133,8 @@ def test_files_without_shapes_still_read_padded(tmp_path):
 
 
 def test_writer_killed_and_restarted_keeps_the_shapes(store, tmp_path):
-    from test_writer_restart import start_writer_process, stop
+    from test_writer_restart import start_writer_process
+    from writer_helpers import stop_process
 
     root = tmp_path / "data"
     root.mkdir()
@@ -166,4 +167,4 @@ def test_writer_killed_and_restarted_keeps_the_shapes(store, tmp_path):
         with open_scan(str(root / "k.h5")) as archived:
             assert same_points(archived.streams["xrf:peaks"][:], points)
     finally:
-        stop(proc)
+        stop_process(proc)

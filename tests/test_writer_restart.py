@@ -20,9 +20,6 @@ def start_writer_process(redis_url, data_root, log_path):
         stdout=log, stderr=subprocess.STDOUT)
 
 
-stop = stop_process
-
-
 def test_kill_9_mid_scan_then_restart(store, tmp_path):
     data_root = tmp_path / "data"
     data_root.mkdir()
@@ -75,7 +72,7 @@ def test_kill_9_mid_scan_then_restart(store, tmp_path):
         with h5py.File(path2, "r", locking=False) as f:
             assert np.array_equal(f["2.1/measurement/diode"][()], np.arange(5.0))
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 def test_killed_again_and_again_while_points_arrive(store, tmp_path):
@@ -118,7 +115,7 @@ def test_killed_again_and_again_while_points_arrive(store, tmp_path):
             np.testing.assert_array_equal(f["1.1/measurement/diode"][()], values)
             np.testing.assert_array_equal(f["1.1/measurement/cam"][()], frames)
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 def test_references_stream_resumes_from_its_own_file_after_kill_9(store, tmp_path):
@@ -165,7 +162,7 @@ def test_references_stream_resumes_from_its_own_file_after_kill_9(store, tmp_pat
         st = wait_status(store, scan.key, timeout=30)
         assert st.state == "done", (st.error, log_path.read_text())
     finally:
-        stop(proc)
+        stop_process(proc)
     own = data_root / "refs" / "refs_1.1_det_image.h5"
     with h5py.File(path, "r", locking=False) as f:
         link = f["1.1"].get("measurement/det_image", getlink=True)
