@@ -256,6 +256,12 @@ class ArchivedScan:
         return ArchivedCursor([self.streams[n] for n in names], start)
 
     def close(self) -> None:
+        """Let go of the file, and of the scan files its links led to: h5py's close of a
+        file leaves those open while a dataset of theirs lives, and this process could not
+        then open them another way (h5py's defaults after a scan's SWMR read, say)."""
+        for stream in self.streams.values():
+            while stream.dataset.id.valid:  # as h5py's File.close() closes its objects
+                h5py.h5i.dec_ref(stream.dataset.id)
         self._h5.close()
 
     def __enter__(self):

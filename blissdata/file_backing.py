@@ -2,9 +2,9 @@
 
 The writer publishes per stream `{"file", "dataset", "points"}` once points are durable; the
 memory tracker may then trim them from Redis. Readers get them from the file without noticing:
-same values, same dtype. Files are opened once per DataStore (reader) and reused, read-only
-in SWMR mode with HDF5 locking off, so they can be read while the writer still writes them;
-every read returns the points asked for or raises DataFileError saying which are missing.
+same values, same dtype. A file is open only during the read that needs it, read-only, as h5py and silx
+open it (SWMR mode while the writer still writes it); every read returns the points asked
+for or raises DataFileError saying which are missing.
 
 `references` streams (frames a detector stored in its own files): readers get the frames;
 the reference files are opened the same way (relative paths start at the scan file's folder).
@@ -16,6 +16,7 @@ import json
 import os
 import threading
 import time
+from contextlib import contextmanager
 
 import h5py
 import hdf5plugin  # noqa: F401  (registers the compression filters for reading)
@@ -31,48 +32,68 @@ class DataFileError(BlissdataError, OSError):
 
 
 def open_h5(path: str) -> h5py.File:
-    """Open an HDF5 file to read it, whether or not a writer is still appending to it: SWMR
-    read mode (the writer writes its files in SWMR mode; the flag is harmless on others),
-    HDF5's file locking off (the writer opens its files without it).
+    """Open an HDF5 file to read it, whether or not a writer is still appending to it, as
+    h5py and silx would: a plain open with HDF5's default locking (a finished file), else
+    ``swmr=True`` (HDF5 opens a file being written in SWMR mode only so).
 
     HDF5 opens a file once per process, and every open must agree on these flags: when
-    this process already has the file open otherwise (e.g. a user's own h5py.File), that
-    way is used."""
-    tries = [dict(swmr=True, locking=False), dict(swmr=False, locking=False),
-             dict(swmr=True), dict(swmr=False)]
+    this process already has the file open otherwise (a user's own ``h5py.File``, perhaps
+    with ``locking=False``), that way is used. A file another program holds locked for
+    writing without SWMR (an older writer's format) is read with HDF5's locking off, as
+    before: what the writer published as durable is on disk."""
+    tries = [dict(), dict(swmr=True), dict(locking=False), dict(swmr=True, locking=False)]
     for i, flags in enumerate(tries):
         try:
             return h5py.File(path, "r", **flags)
         except OSError as exc:
-            if i == len(tries) - 1 or not _flags_differ(exc):
+            if i == len(tries) - 1 or not _try_another_way(exc):
                 raise
     raise AssertionError("unreachable")
 
 
-def _flags_differ(exc: OSError) -> bool:
+def _try_another_way(exc: OSError) -> bool:
     text = str(exc)
-    return "not the same for file that is already open" in text or "don't match" in text
+    return ("already open for write" in text  # being written: SWMR only
+            or "not the same for file that is already open" in text or "don't match" in text
+            or "unable to lock file" in text)
 
 
 class FileCache:
-    """Open HDF5 files of one reader (thread-safe).
+    """The HDF5 files one reader (a DataStore) reads trimmed points from (thread-safe).
 
-    HDF5 opens a file once per process: two readers of one file in a process share what
-    HDF5 knows of it, so a dataset opened earlier can show an older length. A dataset that
-    shows fewer points than asked for is refreshed (SWMR), then the file is opened again;
-    what it still does not hold raises DataFileError (:func:`read_points` also checks the
-    number of points it read)."""
+    A file is open only while a read needs it: the first :meth:`dataset` inside
+    ``with cache.in_use():`` opens it, the end of the outermost ``in_use`` closes it. So
+    this process's other opens of the same file (a user's ``h5py.File(path, "r")``,
+    ``silx.io.open``, ``nxload``) never meet a handle of ours with other flags (HDF5
+    refuses that), and a finished scan's file is let go as soon as it was read.
+
+    Within one read, a dataset that shows fewer points than asked for is refreshed (SWMR),
+    then the file is opened again; what it still does not hold raises DataFileError
+    (:func:`read_points` also checks the number of points it read)."""
 
     def __init__(self):
         self._files: dict[str, h5py.File] = {}
-        # datasets stay open: HDF5 keeps a chunk cache per open dataset, so reading points
-        # one by one does not decompress the same chunk again each time
         self._datasets: dict[tuple[str, str], h5py.Dataset] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._depth = 0
+
+    @contextmanager
+    def in_use(self):
+        """The files opened inside stay open until the outermost ``in_use`` ends."""
+        with self._lock:
+            self._depth += 1
+            try:
+                yield self
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._close_all()
 
     def dataset(self, path: str, name: str, min_length: int = 0) -> h5py.Dataset:
-        """`path`:`name` showing at least `min_length` points."""
+        """`path`:`name` showing at least `min_length` points (inside :meth:`in_use`)."""
         with self._lock:
+            if self._depth == 0:
+                raise RuntimeError("FileCache.dataset() outside `with cache.in_use():`")
             dset = self._datasets.get((path, name))
             if dset is not None and _length(dset, min_length) >= min_length:
                 return dset
@@ -107,12 +128,15 @@ class FileCache:
             del self._datasets[key]
         self._files.pop(path).close()
 
+    def _close_all(self) -> None:
+        self._datasets.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
     def close(self) -> None:
         with self._lock:
-            self._datasets.clear()
-            for f in self._files.values():
-                f.close()
-            self._files.clear()
+            self._close_all()
 
 
 def _length(dset: h5py.Dataset, wanted: int) -> int:

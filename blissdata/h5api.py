@@ -6,20 +6,28 @@ exists, while it is written, and after (then it is the file itself).
     images = f["/1.1/instrument/my_camera/data"][0:10]     # or with the entry name
 
 Streamed datasets read through the Stream API (Redis for recent points, the file for trimmed
-ones); iterating one follows the scan live until its stream ends. RAW leaves are their
-values, SOFT_LINKs resolve, EXTERNAL_LINKs open the other file.
+ones); iterating one follows the scan live until its stream ends. RAW leaves, titles, times
+and attributes are what h5py reads from the writer's file (``bytes`` for text, with
+``.asstr()``; the same dtypes and shapes), live as archived: they are stored the writer's way
+(`blissdata.h5values`) in an in-memory HDF5 file and read from there. SOFT_LINKs resolve,
+EXTERNAL_LINKs open the other file.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
+import h5py
 import hdf5plugin  # noqa: F401  (registers the compression filters for reading)
 import numpy as np
 
 from .exceptions import ScanNotFoundError
 from .file_backing import open_h5
+from .h5values import set_attrs, write_value
+
+_memory_files = itertools.count()
 
 
 def _entry_order(name: str):
@@ -134,6 +142,7 @@ class File(Group):
         self._store = data_store
         scans = self._scans_of(self.filename)
         self._h5 = None
+        self._memory_file = None
         if scans:
             entries = {scan.info.get("entry_name") or f"{scan.number}.1": scan
                        for scan in scans}
@@ -176,20 +185,47 @@ class File(Group):
         group = self._build(root, mapping, scan, root)
         for field in ("title", "start_time", "end_time", "end_reason"):
             if field in scan.info and field not in group._children:
-                group._children[field] = Dataset(f"{root}/{field}", {}, value=scan.info[field])
+                text = str(scan.info[field])  # the times and end reason: fixed-length, as
+                value = text if field == "title" else np.bytes_(text.encode())  # the writer's
+                group._children[field] = self._stored(f"{root}/{field}", value, {})
         return group
+
+    # ---- static values, as h5py reads them from the file ----------------------------------
+    def _memory(self) -> h5py.File:
+        if self._memory_file is None:
+            self._memory_file = h5py.File(f"blissdata-h5api-{next(_memory_files)}.h5", "w",
+                                          driver="core", backing_store=False)
+        return self._memory_file
+
+    def _stored(self, path: str, value, attrs: dict) -> h5py.Dataset:
+        """The h5py dataset the writer would make of `value` at `path` (stored once)."""
+        memory = self._memory()
+        if path not in memory:
+            parent, name = path.rsplit("/", 1)
+            write_value(memory.require_group(parent or "/").id, name, value, attrs)
+        return memory[path]
+
+    def _attrs_as_read(self, attrs: dict) -> dict:
+        if not attrs:
+            return {}
+        scratch = self._memory().create_group(f"attrs-{next(_memory_files)}")
+        try:
+            set_attrs(scratch, attrs, fresh=True)
+            return dict(scratch.attrs)
+        finally:
+            del self._memory()[scratch.name]
 
     def _build(self, path: str, node, scan, root: str):
         attrs = node[0]
         if len(node) == 2:
             children = {name: (lambda p=f"{path}/{name}", c=child: self._build(p, c, scan, root))
                         for name, child in node[1].items()}
-            return Group(path, attrs, children, self._resolve_abs)
+            return Group(path, self._attrs_as_read(attrs), children, self._resolve_abs)
         kind, value = node[1], node[2]
         if kind == "RAW":
-            return Dataset(path, attrs, value=value)
+            return self._stored(path, value, attrs)
         if kind == "STREAM":
-            return Dataset(path, attrs, stream=scan.streams[value])
+            return Dataset(path, self._attrs_as_read(attrs), stream=scan.streams[value])
         if kind == "SOFT_LINK":
             return self._resolve_abs(root + value)
         with open_h5(os.path.join(os.path.dirname(self.filename),
@@ -214,6 +250,9 @@ class File(Group):
     def close(self) -> None:
         if self._h5 is not None:
             self._h5.close()
+        if self._memory_file is not None:
+            self._memory_file.close()
+            self._memory_file = None
 
     def __enter__(self):
         return self

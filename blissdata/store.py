@@ -114,7 +114,7 @@ class DataStore:
         self.reconnect_timeout_s = reconnect_timeout_s
         self._redis = connect(url, **redis_kwargs)
         self.longest_block_s = longest_block_s(self._redis)  # one blocking call, at most
-        self._files = FileCache()  # files holding points trimmed from Redis, opened once
+        self._files = FileCache()  # files holding points trimmed from Redis
         self._script_flags = None  # known once asked (script_flags())
         self._check_protocol()
 
@@ -168,8 +168,8 @@ class DataStore:
 
     @property
     def files(self) -> FileCache:
-        """The data files this store read trimmed points from, each opened once and kept
-        open (closed by `close()`)."""
+        """The data files this store reads trimmed points from: each open only during the
+        read that needs it (see `blissdata.file_backing.FileCache`)."""
         return self._files
 
     def close(self) -> None:

@@ -356,23 +356,24 @@ class Stream:
         before, after, backing, lost = pipe.execute()
         entries = [e for e in _entries(before + after) if b"end" not in e[1]]
         parts, have_from = [], None
-        for eid, fields in entries:
-            first = keys.first_index(eid)
-            n = int(fields[b"n"])
-            if first + n <= start:
-                continue
-            if have_from is None:
-                have_from = first
-            lo, hi = max(start, first) - first, min(stop, first + n) - first
-            points = decode(self.definition, fields, first)[lo:hi]
-            if self.encoding == "references":
-                points = file_backing.reference_frames(self, points)
-            parts.append(points)
-        first_in_redis = stop if have_from is None else max(have_from, start)
-        if first_in_redis > start:  # trimmed from Redis: the file the writer marked
-            parts.insert(0, file_backing.read_points(
-                self, start, first_in_redis, json.loads(backing) if backing else None,
-                file_backing.lost_ranges(lost)))
+        with self._scan.store.files.in_use():  # files opened for this read only
+            for eid, fields in entries:
+                first = keys.first_index(eid)
+                n = int(fields[b"n"])
+                if first + n <= start:
+                    continue
+                if have_from is None:
+                    have_from = first
+                lo, hi = max(start, first) - first, min(stop, first + n) - first
+                points = decode(self.definition, fields, first)[lo:hi]
+                if self.encoding == "references":
+                    points = file_backing.reference_frames(self, points)
+                parts.append(points)
+            first_in_redis = stop if have_from is None else max(have_from, start)
+            if first_in_redis > start:  # trimmed from Redis: the file the writer marked
+                parts.insert(0, file_backing.read_points(
+                    self, start, first_in_redis, json.loads(backing) if backing else None,
+                    file_backing.lost_ranges(lost)))
         return self._concat(parts)
 
     def _concat(self, parts):

@@ -22,11 +22,12 @@ def test_before_the_file_exists(store, tmp_path):
     assert diode.shape == (12,) and diode.dtype == np.float64
     assert np.array_equal(diode[2:5], data[SEED_STREAMS[0]][2:5])
     assert np.array_equal(f["/1.1/instrument/diode/data"][()], data[SEED_STREAMS[0]])
-    assert f["/instrument/name"][()] == "esrf-id00a"
+    assert f["/instrument/name"][()] == b"esrf-id00a"  # as h5py reads it from the file
+    assert f["/instrument/name"].asstr()[()] == "esrf-id00a"
     assert f["/instrument/name"].attrs["short_name"] == "id00"
     assert f["/instrument"].attrs["NX_class"] == "NXinstrument"
     assert sorted(f["/instrument"].keys())[:2] == ["diode", "elapsed_time"]
-    assert f["1.1/title"][()] == "ascan roby 0 1 12 0.1"
+    assert f["1.1/title"][()] == b"ascan roby 0 1 12 0.1"
     assert "/instrument/diode/data" in f and "/nope" not in f
     values = []
     reader = threading.Thread(target=lambda: values.extend(f["/measurement/diode"]))
@@ -51,8 +52,10 @@ def test_while_written_trimmed_and_after(store, redis_url, tmp_path):
         assert np.array_equal(f["/instrument/epoch/value"][:], data[SEED_STREAMS[2]])
         assert np.array_equal(f["/measurement/elapsed_time"][10:20],
                               data[SEED_STREAMS[1]][10:20])
+        live = _as_read(f)
         store.delete_scan(scan.key)  # gone from Redis: the file itself
         with File(store, str(path)) as archived:
+            assert _as_read(archived) == live  # one script, the same values and types
             assert isinstance(archived["/1.1/measurement/diode"], h5py.Dataset)
             assert np.array_equal(archived["/1.1/measurement/diode"][()],
                                   data[SEED_STREAMS[0]])
@@ -75,3 +78,21 @@ def test_unknown_file_and_entry(store, tmp_path):
         File(store, str(tmp_path / "x.h5"), entry="9.1")
     with pytest.raises(KeyError):
         File(store, str(tmp_path / "x.h5"))["/measurement/nothing"]
+
+
+def _as_read(f) -> dict:
+    """What a script sees of a few nodes: values with their Python types, dtypes, shapes,
+    attributes."""
+    seen = {}
+    for path in ("/instrument/name", "/1.1/title", "/instrument", "/measurement/diode",
+                 "/instrument/diode/data"):
+        node = f[path]
+        attrs = {k: (type(v).__name__, np.asarray(v).tolist()) for k, v in node.attrs.items()}
+        if hasattr(node, "keys"):
+            seen[path] = ("group", attrs)
+            continue
+        value = node[()]
+        seen[path] = (type(value).__name__, np.asarray(value).tolist(), str(node.dtype),
+                      node.shape, attrs)
+    seen["asstr"] = f["/instrument/name"].asstr()[()]
+    return seen

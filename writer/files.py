@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -122,6 +123,11 @@ def lookup3(data: bytes, initval: int = 0) -> int:
     return c
 
 
+#: the superblock's status flags (HDF5's H5F_SUPER_WRITE_ACCESS | H5F_SUPER_SWMR_WRITE_ACCESS)
+WRITE_FLAGS = 0x01
+SWMR_WRITING_FLAGS = 0x05
+
+
 def clear_write_flags(path) -> bool:
     """What ``h5clear -s`` does: mark a file as no longer open for writing. A writer killed
     while it had the file open (SWMR or not) leaves these flags set, and HDF5 then refuses
@@ -131,6 +137,13 @@ def clear_write_flags(path) -> bool:
     a user block), covered by the superblock's lookup3 checksum. True if flags were cleared,
     False if there were none; ValueError if the file has no such superblock. Only for a file
     no program has open for writing (the writer checks its own lock first)."""
+    return set_status_flags(path, 0) != 0
+
+
+def set_status_flags(path, flags: int) -> int:
+    """Write the superblock's status flags (0: closed; :data:`SWMR_WRITING_FLAGS`: "being
+    written in SWMR mode") and return the ones it had. ValueError if the file has no version
+    2 or 3 superblock or its checksum is wrong (nothing is written then)."""
     with open(path, "r+b") as fh:
         offset = _superblock_offset(fh)
         if offset is None:
@@ -140,21 +153,38 @@ def clear_write_flags(path) -> bool:
         version, size_offsets = head[8], head[9]
         if version not in (2, 3):
             raise ValueError(f"{path}: superblock version {version} has no consistency "
-                             "flags to clear (only versions 2 and 3, libver 'latest')")
+                             "flags (only versions 2 and 3, libver 'latest')")
         end = 12 + 4 * size_offsets  # flags, then 4 addresses, then the checksum
         fh.seek(offset)
         block = bytearray(fh.read(end + 4))
         if lookup3(bytes(block[:end])) != int.from_bytes(block[end:end + 4], "little"):
             raise ValueError(f"{path}: the superblock's checksum is wrong; not touched")
-        if block[11] == 0:
-            return False
-        block[11] = 0
+        before = block[11]
+        if before == flags:
+            return before
+        block[11] = flags
         block[end:end + 4] = lookup3(bytes(block[:end])).to_bytes(4, "little")
         fh.seek(offset)
         fh.write(block)
         fh.flush()
         os.fsync(fh.fileno())
-    return True
+    return before
+
+
+def status_flags(path) -> int | None:
+    """The superblock's status flags of the file at `path`: non-zero while a program has it
+    open for writing (or one killed while it had), 0 once closed; None for a file without
+    such flags (superblock version 0 or 1, not HDF5, missing)."""
+    try:
+        with open(path, "rb") as fh:
+            offset = _superblock_offset(fh)
+            if offset is None:
+                return None
+            fh.seek(offset + 8)
+            head = fh.read(4)
+    except OSError:
+        return None
+    return head[3] if len(head) == 4 and head[0] in (2, 3) else None
 
 
 def swmr_capable(path) -> bool:
@@ -190,13 +220,101 @@ def _left_open(exc: OSError) -> bool:
     return "already open for write" in str(exc)
 
 
+# ---- keeping a second writer out -------------------------------------------------------------
+#: errors of flock where the file system cannot lock (NFS mounted with ``nolock``, some FUSE)
+_NO_LOCKING = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+_locking_warned: set[str] = set()
+
+
+def _flock(fd: int, how: int, path: Path) -> bool:
+    """flock(fd, how | LOCK_NB): True if taken, False if another holds it. Where the file
+    system cannot lock at all, True after a warning (once per folder): the writer pool's
+    leases and HDF5's "open for writing" flags still keep other writers out."""
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_LOCKING:
+            raise
+        folder = str(path.parent)
+        if folder not in _locking_warned:
+            _locking_warned.add(folder)
+            log.warning("%s: the file system cannot lock files (%s); writing without a "
+                        "file lock there", folder, os_reason(exc))
+        return True
+
+
+def lock_file_of(path: Path) -> Path:
+    """The writer's lock file for data file `path`: `.<name>.lock` beside it."""
+    return path.with_name(f".{path.name}.lock")
+
+
+class WriterLock:
+    """The exclusive lock a writer holds on a data file for as long as it writes it: a flock
+    on a lock file beside it (:func:`lock_file_of`), never on the HDF5 file itself, so that
+    HDF5's SWMR readers (silx, h5py with its default locking) are not kept out. Removed
+    when released. :class:`FileLockedError` when another writer holds it, in this process
+    or another (a process holds at most one lock per file: on NFS, where flock is emulated
+    with POSIX locks, a second one would be granted to the same process and closing it
+    would drop the first)."""
+
+    _held: set[Path] = set()
+    _held_guard = threading.Lock()
+
+    def __init__(self, path: Path):
+        self.path = lock_file_of(path)
+        self._fd = -1
+        with self._held_guard:
+            if self.path in self._held:
+                raise FileLockedError(f"cannot open {path} for writing: this process is "
+                                      "already writing it")
+            self._held.add(self.path)
+        try:
+            self._take(path)
+        except BaseException:
+            with self._held_guard:
+                self._held.discard(self.path)
+            raise
+
+    def _take(self, data_path: Path) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _flock(fd, fcntl.LOCK_EX, self.path):
+                os.close(fd)
+                raise FileLockedError(f"cannot open {data_path} for writing: another writer "
+                                      f"has it open (its lock file {self.path} is locked)")
+            try:  # the previous holder may have removed the file as we opened it: again
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return
+            os.close(fd)
+
+    def release(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            os.unlink(self.path)  # while locked: the next writer then makes a new one
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = -1
+        with self._held_guard:
+            self._held.discard(self.path)
+
+
 @dataclass
 class OpenFile:
     path: Path
     h5: h5py.File
+    writer_lock: WriterLock
+    fd: int  # the data file, for reserve(); holds HDF5's own lock until SWMR writing starts
     lock: threading.RLock = field(default_factory=threading.RLock)
     users: int = 0
-    lock_fd: int = -1  # holds the exclusive file lock other HDF5 programs respect
     reserved_to: int = 0  # the disk blocks up to this offset are held (reserve())
 
     def reserve(self, nbytes: int) -> bool:
@@ -206,7 +324,7 @@ class OpenFile:
         start = self.h5.id.get_filesize()
         if start + nbytes <= self.reserved_to:
             return True
-        held = reserve_space(self.lock_fd, start, nbytes)
+        held = reserve_space(self.fd, start, nbytes)
         self.reserved_to = start + nbytes if held else 0
         return held
 
@@ -216,12 +334,15 @@ class OpenFile:
 
     def start_swmr(self) -> None:
         """From now on: appending and changing values only, no new object (HDF5's SWMR
-        rule); readers open the file with ``h5py.File(path, "r", swmr=True,
-        locking=False)``. The writer keeps its exclusive lock until it closes the file: a
-        writer taking a scan over waits for it (docs/protocol.md, "Writer pool")."""
+        rule). Like HDF5's own SWMR writer, the writer then lets go of HDF5's lock on the
+        file, so that SWMR readers with HDF5's default locking (``h5py.File(path, "r",
+        swmr=True)``, silx) open it; its lock file keeps other writers out, and the file's
+        "open for writing" flags keep out every other HDF5 program that would open it
+        without SWMR."""
         with self.lock:
             if not self.h5.swmr_mode:
                 self.h5.swmr_mode = True
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
 class OpenFiles:
@@ -229,12 +350,13 @@ class OpenFiles:
     last user is done.
 
     Files are created with ``libver="latest"`` (what SWMR needs); SWMR writing starts once
-    every object of the scan exists (:meth:`OpenFile.start_swmr`). The writer holds the
-    same exclusive lock as HDF5 (flock) while the file is open and opens it with HDF5's own
-    locking off: another program that has the file open for writing makes the open fail
-    with a clear error. Readers open the file with ``h5py.File(path, "r", swmr=True,
-    locking=False)`` and see everything up to the last flush. ``acquire(path, resume=True)`` first clears the "open for writing" flags a
-    writer killed -9 left in the file (:func:`clear_write_flags`)."""
+    every object of the scan exists (:meth:`OpenFile.start_swmr`). While it writes a file
+    the writer holds its lock file (:class:`WriterLock`: a second writer is refused with
+    :class:`FileLockedError`); until SWMR writing starts it also holds the same lock on the
+    file as HDF5 (flock), which keeps out programs that have it open. HDF5's own locking is
+    off in the writer's opens (the writer takes the lock itself). ``acquire(path,
+    resume=True)`` first clears the "open for writing" flags a writer killed -9 left in the
+    file (:func:`clear_write_flags`)."""
 
     def __init__(self):
         self._files: dict[Path, OpenFile] = {}
@@ -252,37 +374,55 @@ class OpenFiles:
 
     @staticmethod
     def _open(path: Path, resume: bool = False, swmr: bool = True) -> OpenFile:
-        # rdcc_nbytes=0: no chunk cache. Points go straight to their chunk in the file; a
-        # cache would hold a whole chunk per dataset (1 MiB each: 1 GB for 1024 channels)
-        libver = "latest" if swmr else None
+        writer_lock = WriterLock(path)
+        fd = -1
+        try:
+            fd = OpenFiles._open_and_lock(path, resume, swmr)
+            # rdcc_nbytes=0: no chunk cache. Points go straight to their chunk in the file;
+            # a cache would hold a whole chunk per dataset (1 MiB each: 1 GB for 1024 channels)
+            libver = "latest" if swmr else None
+            try:
+                try:
+                    h5 = h5py.File(path, "r+", libver=libver, locking=False, rdcc_nbytes=0)
+                except OSError as exc:
+                    # left "open for writing" by a writer killed -9: ours (resume), and no
+                    # other writer has its lock file
+                    if not (resume and _left_open(exc) and clear_write_flags(path)):
+                        raise
+                    log.warning("%s was left open for writing (a writer killed?): flags "
+                                "cleared, resuming", path)
+                    h5 = h5py.File(path, "r+", libver=libver, locking=False, rdcc_nbytes=0)
+            except (OSError, ValueError) as exc:
+                raise OSError(f"cannot open {path} as HDF5 for writing: {os_reason(exc)}") \
+                    from None
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            writer_lock.release()
+            raise
+        return OpenFile(path, h5, writer_lock, fd)
+
+    @staticmethod
+    def _open_and_lock(path: Path, resume: bool, swmr: bool) -> int:
+        """The data file (made if missing), open, with HDF5's exclusive lock taken: programs
+        that have it open with HDF5's locking (readers too: HDF5 readers hold a shared lock)
+        make this fail with FileLockedError. Except for a scan resumed after a writer was
+        killed in SWMR mode: its flags let only SWMR readers in since, and those read safely
+        while the writer goes on."""
         try:
             if not path.exists():
-                h5py.File(path, "w-", libver=libver, locking=False).close()
+                h5py.File(path, "w-", libver="latest" if swmr else None, locking=False).close()
             fd = os.open(path, os.O_RDWR)
         except OSError as exc:
             raise OSError(f"cannot create or open {path} for writing: {os_reason(exc)}") \
                 from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise FileLockedError(f"cannot open {path} for writing: it is locked by another "
-                          f"program that has it open") from None
-        try:
-            try:
-                h5 = h5py.File(path, "r+", libver=libver, locking=False, rdcc_nbytes=0)
-            except OSError as exc:
-                # left "open for writing" by a writer killed -9: ours (resume) and unlocked
-                if not (resume and _left_open(exc) and clear_write_flags(path)):
-                    raise
-                log.warning("%s was left open for writing (a writer killed?): flags cleared, "
-                            "resuming", path)
-                h5 = h5py.File(path, "r+", libver=libver, locking=False, rdcc_nbytes=0)
-        except (OSError, ValueError) as exc:
-            os.close(fd)
-            raise OSError(f"cannot open {path} as HDF5 for writing: {os_reason(exc)}") \
-                from None
-        return OpenFile(path, h5, lock_fd=fd)
+        if _flock(fd, fcntl.LOCK_EX, path):
+            return fd
+        if resume and status_flags(path) == SWMR_WRITING_FLAGS:
+            return fd
+        os.close(fd)
+        raise FileLockedError(f"cannot open {path} for writing: it is locked by another "
+                              f"program that has it open")
 
     @staticmethod
     def _close(handle: OpenFile) -> None:
@@ -293,10 +433,11 @@ class OpenFiles:
                 pass
             finally:
                 try:  # give back the room reserved beyond the end (truncate to the same size)
-                    os.ftruncate(handle.lock_fd, os.fstat(handle.lock_fd).st_size)
+                    os.ftruncate(handle.fd, os.fstat(handle.fd).st_size)
                 except OSError:
                     pass
-                os.close(handle.lock_fd)  # releases the lock
+                os.close(handle.fd)
+                handle.writer_lock.release()
 
     def release(self, handle: OpenFile) -> None:
         with self._lock:
@@ -386,10 +527,14 @@ def link_entry(master: Path, entry_name: str, scan_file: Path) -> None:
     renamed over it (atomic), so a program reading the old version keeps a complete file (it
     sees the new scan once it opens the file again) and a crash leaves the old or the new
     one, whole. A file whose entries are groups (written by an older writer) cannot be
-    copied cheaply: the link is then added in place."""
+    copied cheaply: the link is then added in place.
+
+    While a scan it links to is being written, the shared file carries the same "open for
+    writing in SWMR mode" flags as that scan's file (:func:`sync_master_flags`)."""
     target = os.path.relpath(scan_file, master.parent)
     with _master_lock(master):
         if entry_in(master, entry_name) == "link":
+            _sync_master_flags(master)  # a scan resumed: its file is written again
             return
         with _not_being_written(master):
             legacy = master.exists() and _has_groups(master)
@@ -398,7 +543,7 @@ def link_entry(master: Path, entry_name: str, scan_file: Path) -> None:
                 f[entry_name] = h5py.ExternalLink(target, f"/{entry_name}")
                 f.attrs["default"] = entry_name
             return
-        tmp = master.with_name(f".{master.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp = _version_beside(master)
         try:
             with h5py.File(tmp, "w", libver="latest") as new:
                 if master.exists():
@@ -414,10 +559,56 @@ def link_entry(master: Path, entry_name: str, scan_file: Path) -> None:
                 new.attrs["file_name"] = str(master)
                 new[entry_name] = h5py.ExternalLink(target, f"/{entry_name}")
                 new.attrs["default"] = entry_name
+            set_status_flags(tmp, _master_flags_wanted(tmp, master.parent))
             os.replace(tmp, master)
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+
+def sync_master_flags(master: Path) -> None:
+    """Give the shared file `master` the "open for writing in SWMR mode" flags while one of
+    the scans it links to is being written, and none once none is.
+
+    Why: a plain ``h5py.File(master, "r")`` (what silx tries first, and h5py's default) opens
+    a shared file without these flags, but then cannot follow its link into a scan file
+    being written: HDF5 refuses a non-SWMR open of such a file ("already open for write").
+    With the flags, that plain open is refused at once, and silx (``silx.io.open``, ``silx
+    view``) then opens the shared file with ``swmr=True``, which HDF5 passes on to the files
+    its links lead to: the running scan's entry and data are there. The flags change by a
+    new version renamed over the file, as every change of the shared file."""
+    with _master_lock(master):
+        _sync_master_flags(master)
+
+
+def _sync_master_flags(master: Path) -> None:
+    have = status_flags(master)
+    if have is None:  # no shared file, or one of an older writer (no flags in its format)
+        return
+    want = _master_flags_wanted(master, master.parent)
+    if have == want:
+        return
+    tmp = _version_beside(master)
+    try:
+        shutil.copyfile(master, tmp)
+        set_status_flags(tmp, want)
+        os.replace(tmp, master)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _master_flags_wanted(version: Path, folder: Path) -> int:
+    """SWMR_WRITING_FLAGS if a scan file that `version` (a shared file, or its new version
+    before the rename) links to is being written, else 0."""
+    with h5py.File(version, "r", locking=False, swmr=True) as f:
+        files = {f.get(name, getlink=True).filename for name in f
+                 if isinstance(f.get(name, getlink=True), h5py.ExternalLink)}
+    return SWMR_WRITING_FLAGS if any(status_flags(folder / name) for name in files) else 0
+
+
+def _version_beside(master: Path) -> Path:
+    return master.with_name(f".{master.name}.{os.getpid()}.{threading.get_ident()}.tmp")
 
 
 def _has_groups(master: Path) -> bool:

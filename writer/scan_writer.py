@@ -32,7 +32,7 @@ from .varying_points import VaryingPointsAppender
 from .default_mapping import default_mapping
 from .file_space import stored_bytes
 from .files import (entry_in, is_file_error, link_entry, os_reason, scan_file_in,
-                    swmr_capable)
+                    swmr_capable, sync_master_flags)
 from .grid_plot import write_grid_plot
 from .json_appender import JsonAppender
 from .mapping import MappingError, parse_mapping
@@ -815,3 +815,8 @@ class ScanWriter(threading.Thread):
             self.service.files.release(self.file)
             self.file, self.entry = None, None
             self.appenders.clear()
+            if self.master_path is not None:  # plain opens of the shared file work again
+                try:
+                    sync_master_flags(self.master_path)
+                except (OSError, ValueError) as exc:
+                    log.warning("scan %s: %s: %s", self.scan_key, self.master_path, exc)
