@@ -31,10 +31,13 @@ class DataFileError(BlissdataError, OSError):
     """A file that should hold trimmed points is missing, moved or unreadable."""
 
 
-def open_h5(path: str) -> h5py.File:
+def open_h5(path: str, swmr_first: bool = False) -> h5py.File:
     """Open an HDF5 file to read it, whether or not a writer is still appending to it, as
     h5py and silx would: a plain open with HDF5's default locking (a finished file), else
-    ``swmr=True`` (HDF5 opens a file being written in SWMR mode only so).
+    ``swmr=True`` (HDF5 opens a file being written in SWMR mode only so). `swmr_first`: try
+    ``swmr=True`` first (it opens any file), for reads that open several files at once: the
+    files HDF5 opens itself behind a link or a virtual dataset get the flags of the file
+    they are reached from, and they must agree with those of our own opens.
 
     HDF5 opens a file once per process, and every open must agree on these flags: when
     this process already has the file open otherwise (a user's own ``h5py.File``, perhaps
@@ -42,6 +45,8 @@ def open_h5(path: str) -> h5py.File:
     writing without SWMR (an older writer's format) is read with HDF5's locking off, as
     before: what the writer published as durable is on disk."""
     tries = [dict(), dict(swmr=True), dict(locking=False), dict(swmr=True, locking=False)]
+    if swmr_first:
+        tries = [tries[1], tries[0], tries[3], tries[2]]
     for i, flags in enumerate(tries):
         try:
             return h5py.File(path, "r", **flags)
@@ -62,7 +67,8 @@ class FileCache:
     """The HDF5 files one reader (a DataStore) reads trimmed points from (thread-safe).
 
     A file is open only while a read needs it: the first :meth:`dataset` inside
-    ``with cache.in_use():`` opens it, the end of the outermost ``in_use`` closes it. So
+    ``with cache.in_use():`` opens it (``swmr=True``, see :func:`open_h5`), the end of the
+    outermost ``in_use`` closes it. So
     this process's other opens of the same file (a user's ``h5py.File(path, "r")``,
     ``silx.io.open``, ``nxload``) never meet a handle of ours with other flags (HDF5
     refuses that), and a finished scan's file is let go as soon as it was read.
@@ -100,7 +106,7 @@ class FileCache:
             if path in self._files:  # stale: open the file again
                 self._forget(path)
             try:
-                f = self._files[path] = open_h5(path)
+                f = self._files[path] = open_h5(path, swmr_first=True)
             except FileNotFoundError:
                 self._files.pop(path, None)
                 raise DataFileError(f"file {path} should hold data of this scan but does "

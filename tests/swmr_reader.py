@@ -7,7 +7,12 @@ and checks every value against what the producer sends (`expected`). MODE:
 
 - ``stream``: the Stream API, slices and single points (trimmed points come from the file);
 - ``h5api``: ``blissdata.h5api.File`` on the scan's path;
-- ``h5py``: plain h5py with the README's recipe, on the scan's path (the shared file).
+- ``h5py``: h5py as the README says, ``h5py.File(path, "r", swmr=True)`` (HDF5's default
+  locking), on the scan's path (the shared file);
+- ``h5py-nolock``: the same with ``locking=False`` (sites that turn HDF5's locking off);
+- ``silx``: ``silx.io.open(path)``, what ``silx view`` does (a plain open, then
+  ``swmr=True`` if that raises OSError);
+- any of the last three with ``@own``: on the scan's own file instead of the shared file.
 
 Prints one JSON line {"mode", "reads", "points", "problems"}; exit status 1 if there was a
 problem (a short read, a wrong value, an exception), 0 if not. A crash shows as a signal.
@@ -91,6 +96,35 @@ def _json_recipe(rows, start, stop) -> list:
     return [json.loads(blob[a - r[0, 0]:b - r[0, 0]]) for a, b in r]
 
 
+def _open(mode: str, scan):
+    """The scan's file opened the way `mode` says (see the module's docstring)."""
+    import hdf5plugin  # noqa: F401  (filters for compressed data, as the README says)
+
+    opener, _, which = mode.partition("@")
+    path = scan.path
+    if which == "own":
+        from pathlib import Path
+
+        from writer.files import scan_file_in
+        path = str(scan_file_in(Path(scan.path), f"{scan.number}.1"))
+    return OPENERS[opener](path)
+
+
+def _h5py(path, **how):
+    import h5py
+    return h5py.File(path, "r", **how)
+
+
+def _silx(path):
+    import silx.io
+    return silx.io.open(path)
+
+
+OPENERS = {"h5py": lambda p: _h5py(p, swmr=True),
+           "h5py-nolock": lambda p: _h5py(p, swmr=True, locking=False),
+           "silx": _silx}
+
+
 def main(mode, url, scan_key, duration):
     from blissdata import DataStore
 
@@ -126,13 +160,11 @@ def main(mode, url, scan_key, duration):
                 # with the entry's name: another scan may have started in that file since
                 path = f"/{scan.number}.1/measurement/{STREAMS[stream]}"
                 _check(stream, start, stop, api[path][start:stop], problems, "h5api")
-            elif mode == "h5py":
-                import h5py
-                import hdf5plugin  # noqa: F401  (the recipe: filters for compressed data)
+            elif mode.split("@")[0] in OPENERS:
                 if h5file is None or random.random() < 0.02:  # sometimes open anew
                     if h5file is not None:
                         h5file.close()
-                    h5file = h5py.File(scan.path, "r", swmr=True, locking=False)
+                    h5file = _open(mode, scan)
                     entry = h5file[f"{scan.number}.1"]
                     h5_dsets = {name: entry[f"measurement/{STREAMS[name]}"]
                                 for name in names if name != "det:ref"}

@@ -85,12 +85,19 @@ def _produce(scan, cam, diode, log, seconds, rate=None, batch=8):
     return sent
 
 
-def _readers(store, scan, seconds, tmp_path):
+def _readers(store, scan, seconds, tmp_path, modes=READER_MODES):
+    """A reader process per mode (tests/swmr_reader.py); a mode ending in "+nolockenv" runs
+    with HDF5_USE_FILE_LOCKING=FALSE, as sites with file systems that cannot lock do."""
     procs = []
-    for i, mode in enumerate(READER_MODES):
+    for i, mode in enumerate(modes):
+        env = dict(os.environ)
+        if mode.endswith("+nolockenv"):
+            mode = mode[:-len("+nolockenv")]
+            env["HDF5_USE_FILE_LOCKING"] = "FALSE"
         procs.append(subprocess.Popen(
             [sys.executable, str(HERE / "swmr_reader.py"), mode, store.url, scan.key,
-             str(seconds), str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+             str(seconds), str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env))
     return procs
 
 
@@ -105,10 +112,11 @@ def _check_readers(procs):
     return reports
 
 
-def _run(store, services, tmp_path, seconds, rate=None, second_scan=False):
+def _run(store, services, tmp_path, seconds, rate=None, second_scan=False,
+         modes=READER_MODES):
     path = services / "sample" / "sample.h5"
     scan, cam, diode, log = _new_scan(store, path, 1)
-    readers = _readers(store, scan, seconds + 2, tmp_path)
+    readers = _readers(store, scan, seconds + 2, tmp_path, modes)
     second = None
     if second_scan:  # another scan of the session starts in the same file mid-way
         def later():
@@ -151,6 +159,23 @@ def test_readers_while_writing_20_points_per_s(store, services, tmp_path):
 
 def test_readers_while_a_second_scan_starts_in_the_shared_file(store, services, tmp_path):
     _run(store, services, tmp_path, max(5.0, STRESS_S / 2), second_scan=True)
+
+
+#: the field's tools, each in a process of its own, on the shared file and the scan's own file
+FIELD_TOOLS = ("silx", "silx@own", "h5py", "h5py@own", "h5py-nolock@own",
+               "silx@own+nolockenv")
+
+
+@pytest.mark.parametrize("rate", [None, 20])
+def test_field_tools_read_while_writing(store, services, tmp_path, rate):
+    """silx.io.open (what silx view does), h5py.File(path, "r", swmr=True) with HDF5's
+    default locking, the same with locking off (and with HDF5_USE_FILE_LOCKING=FALSE): each
+    opens the scan while it is written, on both paths, and reads every durable point right
+    (the writer holds no lock on the HDF5 file once SWMR writing starts)."""
+    seconds = max(4.0, STRESS_S / 2)
+    _, reports = _run(store, services, tmp_path, seconds, rate=rate, modes=FIELD_TOOLS)
+    assert [r["mode"] for r in reports] == [m.split("+")[0] for m in FIELD_TOOLS]
+    print(reports)
 
 
 def test_two_data_stores_and_h5api_in_one_process(store, services, tmp_path):
@@ -241,3 +266,88 @@ def test_readers_of_a_references_stream_while_written(store, services, tmp_path,
         assert np.array_equal(f["1.1/measurement/ref"][()], expected("det:ref", 0, sent))
         assert np.array_equal(f["1.1/measurement/diode"][()], expected("diode:diode", 0, sent))
     print(sent, reports)
+
+
+def _open_files() -> set:
+    """Names of the HDF5 files this process has open."""
+    return {h5py.h5f.get_name(i).decode() for i in
+            h5py.h5f.get_obj_ids(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE)}
+
+
+def _wait_durable(scan, sent, names=("diode:diode", "cam:image")):
+    deadline = time.monotonic() + 20
+    while any((scan.streams[n].file_backing or {}).get("points", 0) < sent for n in names):
+        assert time.monotonic() < deadline, "the writer did not make the points durable"
+        time.sleep(0.01)
+    for name in names:  # trimmed from Redis: readers get them from the file
+        scan.store.redis.xtrim(scan.streams[name].key, maxlen=1, approximate=False)
+
+
+def test_blissdata_and_the_field_tools_in_one_process(store, services, tmp_path):
+    """A notebook: blissdata's reads (Stream, h5api.File, open_scan) and the user's own
+    h5py.File, silx.io.open and nxload of the same files, in both orders, during and after
+    the scan. blissdata holds a file only while it reads it."""
+    import silx.io
+    from nexusformat.nexus import nxload
+
+    from blissdata.archive import open_scan
+    from writer.files import scan_file_in
+
+    shared = services / "nb" / "nb.h5"
+    own = scan_file_in(shared, "1.1")
+    scan, cam, diode, log = _new_scan(store, shared, 1)
+    reader = DataStore(store.url)
+    live = reader.load_scan(scan.key)
+
+    def blissdata_reads(n):
+        assert np.array_equal(live.streams["diode:diode"][0:n], expected("diode:diode", 0, n))
+        assert np.array_equal(live.streams["cam:image"][n - 1],
+                              expected("cam:image", n - 1, n)[0])
+        with File(reader, str(shared)) as api:
+            assert np.array_equal(api["/measurement/diode"][0:n],
+                                  expected("diode:diode", 0, n))
+
+    def user_reads(f, n):
+        assert np.array_equal(f["1.1/measurement/diode"][0:n], expected("diode:diode", 0, n))
+
+    try:
+        sent = 0
+        for order in ("blissdata first", "user first"):
+            scan.send_many({cam: expected("cam:image", sent, sent + 10),
+                            diode: expected("diode:diode", sent, sent + 10),
+                            log: expected("log:log", sent, sent + 10)})
+            sent += 10
+            _wait_durable(live, sent)
+            if order == "blissdata first":
+                blissdata_reads(sent)
+                assert str(own) not in _open_files()  # let go once read
+            with h5py.File(own, "r", swmr=True) as f1, silx.io.open(str(shared)) as f2, \
+                    silx.io.open(str(own)) as f3:
+                for f in (f1, f2, f3):
+                    user_reads(f, sent)
+                if order == "user first":
+                    blissdata_reads(sent)  # while the user's files are open
+            with open_scan(str(shared)) as archived:  # the scan's file read while written
+                assert len(archived.streams["diode:diode"]) >= sent
+        scan.stop()
+        scan.close()
+        assert wait_status(store, scan.key, timeout=60).state == "done"
+        # after the scan: h5py's defaults, silx and nexusformat, in both orders
+        blissdata_reads(sent)
+        for path in (shared, own):
+            with h5py.File(path, "r") as f:
+                user_reads(f, sent)
+            with silx.io.open(str(path)) as f:
+                user_reads(f, sent)
+            assert np.array_equal(nxload(str(path))["1.1/measurement/diode"].nxdata,
+                                  expected("diode:diode", 0, sent))
+        with h5py.File(shared, "r") as f:
+            blissdata_reads(sent)
+            with open_scan(str(shared)) as archived:
+                assert np.array_equal(archived.streams["diode:diode"][:],
+                                      expected("diode:diode", 0, sent))
+            user_reads(f, sent)
+        reader.close()
+        assert not {str(shared), str(own)} & _open_files()  # close() released every file
+    finally:
+        reader.close()
