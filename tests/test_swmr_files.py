@@ -203,3 +203,94 @@ def test_rewrite_of_a_shared_file_rewrites_its_scans(tmp_path):
     with h5py.File(out, "r") as f:
         assert isinstance(f.get("1.1", getlink=True), h5py.HardLink)  # the data, not a link
         assert np.array_equal(f["1.1/x"][()], np.arange(1000.0))
+
+
+OUR_WRITER = """
+import sys, time
+from pathlib import Path
+from writer.files import OpenFiles
+handle = OpenFiles().acquire(Path(sys.argv[1]))
+handle.h5.create_dataset("1.1/x", data=[1.0, 2.0, 3.0], maxshape=(None,), chunks=(4,))
+handle.start_swmr()
+handle.h5.flush()
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+OTHER_PROGRAM_APPENDS = """
+import sys, h5py
+try:
+    h5py.File(sys.argv[1], "a").close()
+except OSError as exc:
+    print("refused:", str(exc).splitlines()[0])
+    sys.exit(3)
+"""
+
+
+def _started(script, *args, env=None):
+    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_a_second_writer_is_kept_out_but_readers_are_not(tmp_path):
+    """The writer holds a lock file beside the data file, not HDF5's lock on it (dropped once
+    SWMR writing starts, as HDF5's own SWMR writer does): another writer of ours, also one
+    resuming, is refused; another HDF5 program appending (HDF5's locking on or off) is
+    refused by the file's "open for writing" flags; SWMR readers with HDF5's default
+    locking read. Killed -9, the writer's lock goes with it: a resume clears the flags."""
+    from writer.files import FileLockedError, OpenFiles, lock_file_of
+
+    path = tmp_path / "scan.h5"
+    writer = _started(OUR_WRITER, path)
+    try:
+        assert lock_file_of(path).exists()
+        for resume in (False, True):
+            with pytest.raises(FileLockedError, match="another writer has it open"):
+                OpenFiles().acquire(path, resume=resume)
+        for env in ({}, {"HDF5_USE_FILE_LOCKING": "FALSE"}):
+            other = subprocess.run([sys.executable, "-c", OTHER_PROGRAM_APPENDS, str(path)],
+                                   capture_output=True, text=True, env={**os.environ, **env})
+            assert other.returncode == 3 and "already open for write" in other.stdout, other
+        with h5py.File(path, "r", swmr=True) as f:  # HDF5's default locking
+            assert f["1.1/x"][()].tolist() == [1.0, 2.0, 3.0]
+    finally:
+        writer.kill()
+        writer.wait()
+    files = OpenFiles()
+    handle = files.acquire(path, resume=True)  # flags cleared, no lock left behind
+    assert handle.h5["1.1/x"].shape == (3,)
+    files.release(handle)
+    assert not lock_file_of(path).exists()  # removed with the lock
+    with h5py.File(path, "r") as f:  # closed: h5py's defaults
+        assert f["1.1/x"].shape == (3,)
+
+
+def test_shared_file_says_being_written_while_a_scan_it_links_is(tmp_path):
+    """silx opens a shared file plainly first, and HDF5 refuses to follow its link into a
+    scan file written in SWMR mode: the shared file carries the SWMR-writing flags meanwhile,
+    so the plain open fails and silx opens it with swmr=True, which reaches the scan."""
+    import silx.io
+
+    from writer.files import status_flags, sync_master_flags
+
+    master = tmp_path / "sample.h5"
+    scan_file = scan_file_in(master, "1.1")
+    scan_file.parent.mkdir()
+    writer = _started(OUR_WRITER, scan_file)
+    try:
+        link_entry(master, "1.1", scan_file)
+        assert status_flags(master) == 0x05
+        with pytest.raises(OSError, match="already open for write"):
+            h5py.File(master, "r")
+        with silx.io.open(str(master)) as f:
+            assert f["1.1/x"][()].tolist() == [1.0, 2.0, 3.0]
+    finally:
+        writer.kill()
+        writer.wait()
+    clear_write_flags(scan_file)  # as the writer's close does
+    sync_master_flags(master)
+    assert status_flags(master) == 0
+    with h5py.File(master, "r") as f:  # h5py's defaults once no scan is written
+        assert f["1.1/x"][()].tolist() == [1.0, 2.0, 3.0]
