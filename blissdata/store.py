@@ -15,6 +15,7 @@ from redis.connection import (HIREDIS_AVAILABLE, Encoder, HiredisRespSerializer,
 from . import keys
 from .file_backing import FileCache
 from .mapping import json_compatible
+from .redis_url import masked
 from .exceptions import (NoScanAvailable, ProtocolVersionError, RedisFullError,
                          ScanNotFoundError, ScanStateError)
 from .scan import EndReason, Scan, ScanState
@@ -79,12 +80,12 @@ def connect(url: str, **kwargs) -> redis.Redis:
         client = client_from_url(url, **kwargs)
         client.ping()
     except redis.AuthenticationError as exc:
-        raise ConnectionError(f"Redis at {url}: authentication failed: {exc}") from None
+        raise ConnectionError(f"Redis at {masked(url)}: authentication failed: {exc}") from None
     except (redis.ConnectionError, redis.TimeoutError, redis.RedisClusterException,
             OSError) as exc:
-        raise ConnectionError(f"cannot reach Redis at {url}: {exc}") from None
+        raise ConnectionError(f"cannot reach Redis at {masked(url)}: {masked(exc)}") from None
     except ValueError as exc:
-        raise ValueError(f"not a Redis URL: {url!r} ({exc})") from None
+        raise ValueError(f"not a Redis URL: {masked(url)!r} ({masked(exc)})") from None
     return client
 
 
@@ -106,6 +107,7 @@ class DataStore:
                  full_timeout_s: float = 60.0, reconnect_timeout_s: float | None = 60.0,
                  **redis_kwargs):
         self.url = url
+        self.masked_url = masked(url)  # for messages: the password never shown
         self.max_event_bytes = int(max_event_bytes)
         self.full_timeout_s = float(full_timeout_s)
         if reconnect_timeout_s is not None and not reconnect_timeout_s >= 0:
@@ -127,7 +129,7 @@ class DataStore:
             found = self._redis.get(keys.PROTOCOL_KEY)
         if int(found) != keys.PROTOCOL_VERSION:
             raise ProtocolVersionError(
-                f"Redis at {self.url} holds blissdata protocol version {found.decode()}, "
+                f"Redis at {self.masked_url} holds blissdata protocol version {found.decode()}, "
                 f"this library speaks version {keys.PROTOCOL_VERSION}")
 
     def used_memory(self) -> int:
@@ -156,7 +158,7 @@ class DataStore:
                 return write()
             except redis.OutOfMemoryError as exc:
                 if time.monotonic() > deadline:
-                    raise RedisFullError(f"Redis at {self.url} stayed full (maxmemory) for "
+                    raise RedisFullError(f"Redis at {self.masked_url} stayed full (maxmemory) for "
                                          f"{self.full_timeout_s} s; {what}") from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
@@ -216,7 +218,7 @@ class DataStore:
         pipe.xrevrange(keys.state_key(key), "+", "-", count=1)
         fields, last_state = pipe.execute()
         if not fields or b"identity" not in fields:
-            raise ScanNotFoundError(f"no scan {key!r} in Redis at {self.url}")
+            raise ScanNotFoundError(f"no scan {key!r} in Redis at {self.masked_url}")
         return Scan(self, key, fields, state_id=last_state[0][0] if last_state else "0-0")
 
     def get_next_scan(self, since: str | None = None, block: bool = True,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jsonschema
 
+from blissdata.redis_url import masked
 from blissdata.schemas import json_path
 
 
@@ -86,7 +87,8 @@ def load_config(path: str | Path | None = None, **overrides) -> WriterConfig:
                     key=lambda e: str(e.absolute_path))
     if errors:
         e = errors[0]
-        raise ConfigError(f"configuration {source}: {json_path(e.absolute_path)}: {e.message}")
+        raise ConfigError(f"configuration {source}: {json_path(e.absolute_path)}: "
+                          f"{masked(e.message)}")  # a bad redis_url is quoted in it
     config = WriterConfig(**values, source=source)
     from .compression import parse_compression
 

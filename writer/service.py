@@ -180,7 +180,7 @@ class WriterService:
     def run(self) -> None:
         """Follow new scans until stop() (or SIGTERM/SIGINT via the CLI)."""
         log.info("blisswriter %s following %s on %s, data roots %s", self.identity,
-                 self.config.sessions or "every session", self.config.redis_url,
+                 self.config.sessions or "every session", self.store.masked_url,
                  self.config.data_roots)
         since = None
         for attempt in self._retrying():
@@ -224,7 +224,7 @@ class WriterService:
                 continue
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # lost for the whole wait (the store retried meanwhile): keep following
-                log.warning("Redis at %s unreachable (%s); retrying", self.config.redis_url, exc)
+                log.warning("Redis at %s unreachable (%s); retrying", self.store.masked_url, exc)
                 self._stop.wait(1.0)
                 continue
         self._shutdown()

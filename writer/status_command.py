@@ -23,6 +23,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from blissdata.redis_url import masked
 from blissdata.store import client_from_url
 
 from . import status as writer_status
@@ -158,7 +159,8 @@ def main(url: str, watch: bool = False, interval: float = 1.0, as_json: bool = F
         statuses, left_out = read()
         writers = read_writers(client)
     except (redis.RedisError, redis.RedisClusterException, OSError, ValueError) as exc:
-        print(f"blisswriter status: cannot reach Redis at {url}: {exc}", file=sys.stderr)
+        print(f"blisswriter status: cannot reach Redis at {masked(url)}: {masked(exc)}",
+              file=sys.stderr)
         return 1
     if not watch:
         if as_json:
@@ -167,11 +169,11 @@ def main(url: str, watch: bool = False, interval: float = 1.0, as_json: bool = F
             console.print(view(statuses, writers, left_out))
         return 0
     try:
-        _watch(read, client, url, interval, as_json, console, (statuses, left_out), writers)
+        _watch(read, client, masked(url), interval, as_json, console, (statuses, left_out), writers)
     except KeyboardInterrupt:
         pass
     except redis.RedisError as exc:  # not a lost connection: an answer we cannot use
-        print(f"blisswriter status: Redis at {url}: {exc}", file=sys.stderr)
+        print(f"blisswriter status: Redis at {masked(url)}: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -179,7 +181,7 @@ def main(url: str, watch: bool = False, interval: float = 1.0, as_json: bool = F
 def _watch(read, client, url: str, interval: float, as_json: bool, console: Console,
            shown: tuple, writers: list) -> None:
     """Refresh until Ctrl-C; a lost connection is said once, retried with backoff, and its
-    end said too."""
+    end said too. `url`: as shown (masked)."""
     live = Live(console=console, auto_refresh=False) if (
         console.is_terminal and not as_json) else None
     lost_since, retry_s = None, interval
