@@ -70,7 +70,7 @@ def call_retrying(store, call: Callable[[], T], deadline: Deadline, what: str) -
     try:
         return call()  # the usual case, without the retry machinery
     except LOST_CONNECTION as exc:
-        log.warning("Redis at %s: connection lost while %s (%s); reconnecting", store.masked_url,
+        log.warning("Redis at %s unreachable while %s (%s); reconnecting", store.masked_url,
                     what, exc)
     lost_at = time.monotonic()
     give_up_s = store.reconnect_timeout_s

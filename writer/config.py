@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 @dataclass
 class WriterConfig:
     redis_url: str = "redis://127.0.0.1:6379"
+    wait_for_redis: bool = True
     sessions: list[str] = field(default_factory=list)
     protocols: list[str] = field(default_factory=lambda: ["native"])
     data_roots: list[str] = field(default_factory=lambda: ["/tmp/blissdata"])

@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 import tenacity
 
-from blissdata import DataStore, NoScanAvailable, keys
+from blissdata import DataStore, NoScanAvailable, RedisUnreachableError, keys
+from blissdata.redis_url import masked
 
 from . import status as writer_status
 from .config import WriterConfig
@@ -36,8 +37,7 @@ class WriterService:
             raise ValueError(f"protocols {sorted(unknown) or '(none)'}: each must be one of "
                              f"{', '.join(PROTOCOLS)}")
         self.protocols = tuple(protocols)
-        # big socket reads: frames arrive in MiB-sized entries
-        self.store = DataStore(config.redis_url, socket_read_size=1 << 20)
+        self.store = self._connect()
         self.redis = self.store.redis
         # leases shared with the other writers of these sessions (writer/pool.py)
         self.writer_pool = WriterPool(self.redis, config.lease_ttl_s, config.sessions,
@@ -56,6 +56,19 @@ class WriterService:
         self._lag_labels: set[str] = set()
         self._not_wanted: set[str] = set()  # scans of sessions this writer does not follow
         self._claims: dict[str, float] = {}  # new scan key -> when to try to take it
+
+    def _connect(self) -> DataStore:
+        """The store; a Redis unreachable at start is waited for (config.wait_for_redis) as
+        one lost later is: the same backoff and log lines, for ever (Ctrl-C, SIGTERM end it)."""
+        while True:
+            try:  # big socket reads: frames arrive in MiB-sized entries
+                return DataStore(self.config.redis_url, socket_read_size=1 << 20,
+                                 wait_for_redis=self.config.wait_for_redis)
+            except RedisUnreachableError as exc:
+                if not self.config.wait_for_redis:
+                    raise
+                log.warning("Redis at %s unreachable (%s); retrying",
+                            masked(self.config.redis_url), exc)
 
     # ---- scans -----------------------------------------------------------------------
     def wants(self, session: str) -> bool:
