@@ -17,6 +17,7 @@ from .status_command import MIN_INTERVAL_S, check_count, check_interval
 
 
 def _run(args) -> int:
+    from .blissdata2 import ModulesMissing
     from .service import WriterService
 
     protocols = ([p.strip() for arg in args.protocol for p in arg.split(",")]
@@ -39,6 +40,9 @@ def _run(args) -> int:
     except KeyboardInterrupt:  # while waiting for Redis at start
         return 130
     except MetricsError as exc:
+        print(f"blisswriter: {exc}", file=sys.stderr)
+        return 2
+    except ModulesMissing as exc:  # --protocol blissdata2 on a Redis without its modules
         print(f"blisswriter: {exc}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: service.stop())

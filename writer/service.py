@@ -39,6 +39,10 @@ class WriterService:
         self.protocols = tuple(protocols)
         self.store = self._connect()
         self.redis = self.store.redis
+        if "blissdata2" in self.protocols:  # else it would wait, silent, for scans never to come
+            from .blissdata2 import check_modules
+
+            check_modules(self.redis, self.store.masked_url)
         # leases shared with the other writers of these sessions (writer/pool.py)
         self.writer_pool = WriterPool(self.redis, config.lease_ttl_s, config.sessions,
                                       allow_oom=self.store.script_flags())
