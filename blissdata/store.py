@@ -81,7 +81,8 @@ def connect(url: str, **kwargs) -> redis.Redis:
         client = client_from_url(url, **kwargs)
         client.ping()
     except redis.AuthenticationError as exc:
-        raise ConnectionError(f"Redis at {masked(url)}: authentication failed: {exc}") from None
+        raise ConnectionError(f"Redis at {masked(url)}: authentication failed: {exc}") \
+            from None
     except (redis.ConnectionError, redis.TimeoutError, redis.RedisClusterException,
             OSError) as exc:
         raise RedisUnreachableError(f"cannot reach Redis at {masked(url)}: {masked(exc)}") \
@@ -139,8 +140,8 @@ class DataStore:
             found = self._redis.get(keys.PROTOCOL_KEY)
         if int(found) != keys.PROTOCOL_VERSION:
             raise ProtocolVersionError(
-                f"Redis at {self.masked_url} holds blissdata protocol version {found.decode()}, "
-                f"this library speaks version {keys.PROTOCOL_VERSION}")
+                f"Redis at {self.masked_url} holds blissdata protocol version "
+                f"{found.decode()}, this library speaks version {keys.PROTOCOL_VERSION}")
 
     def used_memory(self) -> int:
         """Bytes Redis uses (INFO used_memory); on a cluster, the fullest primary's (each
@@ -168,8 +169,8 @@ class DataStore:
                 return write()
             except redis.OutOfMemoryError as exc:
                 if time.monotonic() > deadline:
-                    raise RedisFullError(f"Redis at {self.masked_url} stayed full (maxmemory) for "
-                                         f"{self.full_timeout_s} s; {what}") from exc
+                    raise RedisFullError(f"Redis at {self.masked_url} stayed full (maxmemory) "
+                                         f"for {self.full_timeout_s} s; {what}") from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
 

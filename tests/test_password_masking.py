@@ -40,7 +40,8 @@ BIN = Path(sys.executable).parent
     ("unix://:pw@/run/redis.sock", "unix://:***@/run/redis.sock"),
     ("redis://host:6379", "redis://host:6379"),
     ("redis://admin@host:6379", "redis://admin@host:6379"),
-    ("lost redis://:pw@h:1 (and rediss://u:pw2@h:2)", "lost redis://:***@h:1 (and rediss://u:***@h:2)"),
+    ("lost redis://:pw@h:1 (and rediss://u:pw2@h:2)",
+     "lost redis://:***@h:1 (and rediss://u:***@h:2)"),
 ])
 def test_masked(url, shown):
     assert masked(url) == shown
