@@ -69,8 +69,9 @@ class RedisFullError(BlissdataError):
 
 
 class RedisUnreachableError(BlissdataError, redis.ConnectionError, ConnectionError):
-    """A wait lost its Redis connection and could not get it back: Redis stayed unreachable
-    for the store's `reconnect_timeout_s`, or until the wait's own timeout passed. Also a
+    """Redis cannot be reached: at connection (`DataStore(url)`), or a wait lost its Redis
+    connection and could not get it back: Redis stayed unreachable for the store's
+    `reconnect_timeout_s`, or until the wait's own timeout passed. Also a
     `redis.ConnectionError` and a builtin `ConnectionError`, for code that catches those."""
 
 

@@ -151,7 +151,7 @@ class File(Group):
             entries = {name: None for name in sorted(self._h5, key=_entry_order)}
         else:
             raise FileNotFoundError(f"no scan of {self.filename} in Redis at "
-                                    f"{data_store.url} and no such file")
+                                    f"{data_store.masked_url} and no such file")
         if entry is not None and entry not in entries:
             self.close()
             raise KeyError(f"no entry {entry!r} in {self.filename} (entries: {list(entries)})")

@@ -251,7 +251,7 @@ class MemoryTracker:
 
     # ---- service ---------------------------------------------------------------------------
     def run(self) -> None:
-        log.info("memory tracker on %s: budget %d MB, hard limit %d MB", self.store.url,
+        log.info("memory tracker on %s: budget %d MB, hard limit %d MB", self.store.masked_url,
                  self.budget // MB, self.hard_limit // MB)
         pause = self.interval_s
         while not self._stop.is_set():
@@ -264,7 +264,7 @@ class MemoryTracker:
                 # Redis restarting or gone: try again, less and less often (at most 30 s)
                 pause = min(30.0, max(pause * 2, self.interval_s))
                 log.warning("Redis at %s unreachable: %s; next try in %.0f s",
-                            self.store.url, exc, pause)
+                            self.store.masked_url, exc, pause)
             self._stop.wait(pause)
 
     def stop(self) -> None:

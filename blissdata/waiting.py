@@ -70,7 +70,7 @@ def call_retrying(store, call: Callable[[], T], deadline: Deadline, what: str) -
     try:
         return call()  # the usual case, without the retry machinery
     except LOST_CONNECTION as exc:
-        log.warning("Redis at %s: connection lost while %s (%s); reconnecting", store.url,
+        log.warning("Redis at %s unreachable while %s (%s); reconnecting", store.masked_url,
                     what, exc)
     lost_at = time.monotonic()
     give_up_s = store.reconnect_timeout_s
@@ -85,7 +85,7 @@ def call_retrying(store, call: Callable[[], T], deadline: Deadline, what: str) -
         return pause if left is None else max(0.0, min(pause, left))
 
     def before_sleep(state) -> None:
-        log.debug("Redis at %s still unreachable (%s); next try in %.2f s", store.url,
+        log.debug("Redis at %s still unreachable (%s); next try in %.2f s", store.masked_url,
                   state.outcome.exception(), state.next_action.sleep)
 
     retrying = tenacity.Retrying(retry=tenacity.retry_if_exception_type(LOST_CONNECTION),
@@ -95,10 +95,11 @@ def call_retrying(store, call: Callable[[], T], deadline: Deadline, what: str) -
     except tenacity.RetryError as exc:
         lost = exc.last_attempt.exception()
         raise RedisUnreachableError(
-            f"Redis at {store.url} unreachable while {what} for "
+            f"Redis at {store.masked_url} unreachable while {what} for "
             f"{time.monotonic() - lost_at:.1f} s ({exc.last_attempt.attempt_number} "
             f"attempts to reconnect): {lost}") from lost
-    log.warning("Redis at %s: reconnected after %.1f s", store.url, time.monotonic() - lost_at)
+    log.warning("Redis at %s: reconnected after %.1f s", store.masked_url,
+                time.monotonic() - lost_at)
     return got
 
 

@@ -589,3 +589,18 @@ def test_gzip_chunks_compressed_in_the_pool_are_what_hdf5_reads(tmp_path):
             appender.append(data[150:])
             appender.flush(final=True)
             assert np.array_equal(f[dtype][()], data), dtype
+
+
+def test_blissdata2_on_a_redis_without_its_modules_says_what_is_missing(tmp_path):
+    """A plain server (no RedisJSON, no RediSearch): the writer exits at start naming both,
+    rather than waiting silently for scans that cannot come; native alone still runs."""
+    with EmbeddedRedis() as server:
+        for protocols in ("blissdata2", "native,blissdata2"):
+            done = subprocess.run([sys.executable, "-m", "writer.cli", "run", "--protocol",
+                                   protocols, "--redis", server.url, "--data-root",
+                                   str(tmp_path)], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 2, done.stderr
+            first = done.stderr.splitlines()[0]
+            assert f"Redis at {server.url} cannot serve blissdata 2 scans" in first
+            assert "RedisJSON (JSON.GET" in first and "RediSearch (FT._LIST" in first, first
+            assert "Traceback" not in done.stderr

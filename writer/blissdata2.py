@@ -99,6 +99,34 @@ def is_bliss2_redis(client: redis.Redis) -> bool:
     return client.get(PROTOCOL_KEY) is not None
 
 
+class ModulesMissing(RuntimeError):
+    """The Redis server lacks a module blissdata 2 needs: no blissdata 2 scan can come."""
+
+
+# module -> a command of it that answers without a key or an index to exist
+NEEDED_MODULES = {"RedisJSON": ("JSON.GET", "blisswriter:module-check"),
+                  "RediSearch": ("FT._LIST",)}
+
+
+def check_modules(client: redis.Redis, url_shown: str) -> None:
+    """ModulesMissing naming each module blissdata 2 needs (RedisJSON: its scans are JSON
+    documents; RediSearch: its producers index them) that the server at `url_shown` has not
+    loaded or does not let this client use. Each is tried by a command of its own: Redis
+    Stack and Valkey name their modules differently in MODULE LIST."""
+    problems = []
+    for module, command in NEEDED_MODULES.items():
+        try:
+            client.execute_command(*command)
+        except redis.ResponseError as exc:
+            problems.append(f"{module} ({command[0]}: {exc})")
+    if problems:
+        raise ModulesMissing(
+            f"Redis at {url_shown} cannot serve blissdata 2 scans: missing "
+            f"{', '.join(problems)}. Run the Redis that BLISS uses (redis-stack-server, or "
+            f"valkey-server --loadmodule for valkey-json and valkey-search), or leave "
+            f"blissdata2 out of --protocol (config: protocols)")
+
+
 # ---- msgpack, the little that blissdata 2 uses: [shape list, bytes] ---------------------
 def _unpack(buf: bytes, pos: int = 0):
     """Decode one msgpack value at `pos`: (value, next pos). Arrays, ints, bin, str."""

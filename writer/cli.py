@@ -17,6 +17,7 @@ from .status_command import MIN_INTERVAL_S, check_count, check_interval
 
 
 def _run(args) -> int:
+    from .blissdata2 import ModulesMissing
     from .service import WriterService
 
     protocols = ([p.strip() for arg in args.protocol for p in arg.split(",")]
@@ -25,7 +26,8 @@ def _run(args) -> int:
         config = load_config(args.config, redis_url=args.redis or os.environ.get("REDIS_URL"),
                              sessions=args.session or None, data_roots=args.data_root or None,
                              log_level=args.log_level, log_json=args.log_json or None,
-                             protocols=protocols)
+                             protocols=protocols,
+                             wait_for_redis=False if args.no_wait_for_redis else None)
     except ConfigError as exc:
         print(f"blisswriter: {exc}", file=sys.stderr)
         return 2
@@ -35,7 +37,12 @@ def _run(args) -> int:
     except ConnectionError as exc:
         print(f"blisswriter: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # while waiting for Redis at start
+        return 130
     except MetricsError as exc:
+        print(f"blisswriter: {exc}", file=sys.stderr)
+        return 2
+    except ModulesMissing as exc:  # --protocol blissdata2 on a Redis without its modules
         print(f"blisswriter: {exc}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
@@ -48,7 +55,8 @@ def _status(args) -> int:
     url = url_from(args.redis)
     return status_command.main(url, watch=args.watch, interval=args.interval, as_json=args.json,
                                session=args.session, state=args.state,
-                               last=None if args.all else args.last)
+                               last=None if args.all else args.last,
+                               wait_for_redis=not args.no_wait_for_redis)
 
 
 def _rewrite(args) -> int:
@@ -76,6 +84,9 @@ def main(argv=None) -> int:
                                      "redis_url)")
     run.add_argument("--session", action="append", help="session to follow (repeatable)")
     run.add_argument("--data-root", action="append", help="allowed data root (repeatable)")
+    run.add_argument("--no-wait-for-redis", action="store_true",
+                     help="exit 1 if Redis is unreachable at start (default: wait for it, "
+                          "as for a Redis lost later; the config's wait_for_redis)")
     run.add_argument("--log-level", type=str.upper,
                      choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.add_argument("--log-json", action="store_true", help="one JSON object per log line")
@@ -88,7 +99,10 @@ def main(argv=None) -> int:
     status = sub.add_parser("status", help="scans being written and recently finished")
     status.add_argument("--redis", help="Redis URL (default: REDIS_URL, then localhost)")
     status.add_argument("--watch", action="store_true",
-                        help="refresh until Ctrl-C (reconnects if Redis restarts)")
+                        help="refresh until Ctrl-C (waits for Redis if it is unreachable, "
+                             "at start or later)")
+    status.add_argument("--no-wait-for-redis", action="store_true",
+                        help="with --watch: exit 1 if Redis is unreachable at start")
     status.add_argument("--interval", type=check_interval, default=1.0,
                         help=f"seconds between refreshes with --watch (default 1, at least "
                              f"{MIN_INTERVAL_S})")

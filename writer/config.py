@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jsonschema
 
+from blissdata.redis_url import masked
 from blissdata.schemas import json_path
 
 
@@ -21,6 +22,7 @@ class ConfigError(ValueError):
 @dataclass
 class WriterConfig:
     redis_url: str = "redis://127.0.0.1:6379"
+    wait_for_redis: bool = True
     sessions: list[str] = field(default_factory=list)
     protocols: list[str] = field(default_factory=lambda: ["native"])
     data_roots: list[str] = field(default_factory=lambda: ["/tmp/blissdata"])
@@ -86,7 +88,8 @@ def load_config(path: str | Path | None = None, **overrides) -> WriterConfig:
                     key=lambda e: str(e.absolute_path))
     if errors:
         e = errors[0]
-        raise ConfigError(f"configuration {source}: {json_path(e.absolute_path)}: {e.message}")
+        raise ConfigError(f"configuration {source}: {json_path(e.absolute_path)}: "
+                          f"{masked(e.message)}")  # a bad redis_url is quoted in it
     config = WriterConfig(**values, source=source)
     from .compression import parse_compression
 

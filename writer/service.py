@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 import tenacity
 
-from blissdata import DataStore, NoScanAvailable, keys
+from blissdata import DataStore, NoScanAvailable, RedisUnreachableError, keys
+from blissdata.redis_url import masked
 
 from . import status as writer_status
 from .config import WriterConfig
@@ -36,9 +37,12 @@ class WriterService:
             raise ValueError(f"protocols {sorted(unknown) or '(none)'}: each must be one of "
                              f"{', '.join(PROTOCOLS)}")
         self.protocols = tuple(protocols)
-        # big socket reads: frames arrive in MiB-sized entries
-        self.store = DataStore(config.redis_url, socket_read_size=1 << 20)
+        self.store = self._connect()
         self.redis = self.store.redis
+        if "blissdata2" in self.protocols:  # else it would wait, silent, for scans never to come
+            from .blissdata2 import check_modules
+
+            check_modules(self.redis, self.store.masked_url)
         # leases shared with the other writers of these sessions (writer/pool.py)
         self.writer_pool = WriterPool(self.redis, config.lease_ttl_s, config.sessions,
                                       allow_oom=self.store.script_flags())
@@ -56,6 +60,19 @@ class WriterService:
         self._lag_labels: set[str] = set()
         self._not_wanted: set[str] = set()  # scans of sessions this writer does not follow
         self._claims: dict[str, float] = {}  # new scan key -> when to try to take it
+
+    def _connect(self) -> DataStore:
+        """The store; a Redis unreachable at start is waited for (config.wait_for_redis) as
+        one lost later is: the same backoff and log lines, for ever (Ctrl-C, SIGTERM end it)."""
+        while True:
+            try:  # big socket reads: frames arrive in MiB-sized entries
+                return DataStore(self.config.redis_url, socket_read_size=1 << 20,
+                                 wait_for_redis=self.config.wait_for_redis)
+            except RedisUnreachableError as exc:
+                if not self.config.wait_for_redis:
+                    raise
+                log.warning("Redis at %s unreachable (%s); retrying",
+                            masked(self.config.redis_url), exc)
 
     # ---- scans -----------------------------------------------------------------------
     def wants(self, session: str) -> bool:
@@ -180,7 +197,7 @@ class WriterService:
     def run(self) -> None:
         """Follow new scans until stop() (or SIGTERM/SIGINT via the CLI)."""
         log.info("blisswriter %s following %s on %s, data roots %s", self.identity,
-                 self.config.sessions or "every session", self.config.redis_url,
+                 self.config.sessions or "every session", self.store.masked_url,
                  self.config.data_roots)
         since = None
         for attempt in self._retrying():
@@ -224,7 +241,7 @@ class WriterService:
                 continue
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # lost for the whole wait (the store retried meanwhile): keep following
-                log.warning("Redis at %s unreachable (%s); retrying", self.config.redis_url, exc)
+                log.warning("Redis at %s unreachable (%s); retrying", self.store.masked_url, exc)
                 self._stop.wait(1.0)
                 continue
         self._shutdown()

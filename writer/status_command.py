@@ -23,6 +23,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from blissdata.redis_url import masked
 from blissdata.store import client_from_url
 
 from . import status as writer_status
@@ -146,9 +147,10 @@ def statuses_json(statuses: list) -> str:
 
 def main(url: str, watch: bool = False, interval: float = 1.0, as_json: bool = False,
          console: Console | None = None, session: str | None = None, state: str | None = None,
-         last: int | None = 10) -> int:
+         last: int | None = 10, wait_for_redis: bool = True) -> int:
     """`blisswriter status`: scans not finished and the ``last`` finished (None: all of the
-    last 24 h), of ``session`` and in ``state`` if given."""
+    last 24 h), of ``session`` and in ``state`` if given. With ``watch``, a Redis unreachable
+    at start is waited for as one lost later (unless not ``wait_for_redis``)."""
     console = console or Console(highlight=False)
     read = lambda: select(writer_status.read_recent(client), session, state, last)  # noqa: E731
     if not console.is_terminal:
@@ -158,8 +160,15 @@ def main(url: str, watch: bool = False, interval: float = 1.0, as_json: bool = F
         statuses, left_out = read()
         writers = read_writers(client)
     except (redis.RedisError, redis.RedisClusterException, OSError, ValueError) as exc:
-        print(f"blisswriter status: cannot reach Redis at {url}: {exc}", file=sys.stderr)
-        return 1
+        lost = isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)) and \
+            not isinstance(exc, redis.AuthenticationError)
+        waits = watch and wait_for_redis and lost
+        print(f"blisswriter status: cannot reach Redis at {masked(url)}: {masked(exc)}"
+              + ("; waiting for it" if waits else ""), file=sys.stderr, flush=True)
+        if not waits:
+            return 1
+        client = client_from_url(url, socket_connect_timeout=2, socket_timeout=10)
+        statuses = left_out = writers = None  # shown once Redis answers
     if not watch:
         if as_json:
             print(statuses_json(statuses))
@@ -167,22 +176,24 @@ def main(url: str, watch: bool = False, interval: float = 1.0, as_json: bool = F
             console.print(view(statuses, writers, left_out))
         return 0
     try:
-        _watch(read, client, url, interval, as_json, console, (statuses, left_out), writers)
+        _watch(read, client, masked(url), interval, as_json, console, (statuses, left_out),
+               writers, lost_since=time.time() if statuses is None else None)
     except KeyboardInterrupt:
         pass
     except redis.RedisError as exc:  # not a lost connection: an answer we cannot use
-        print(f"blisswriter status: Redis at {url}: {exc}", file=sys.stderr)
+        print(f"blisswriter status: Redis at {masked(url)}: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
 def _watch(read, client, url: str, interval: float, as_json: bool, console: Console,
-           shown: tuple, writers: list) -> None:
+           shown: tuple, writers: list, lost_since: float | None = None) -> None:
     """Refresh until Ctrl-C; a lost connection is said once, retried with backoff, and its
-    end said too."""
+    end said too. `url`: as shown (masked). `lost_since`: Redis unreachable since then
+    (at start: said already)."""
     live = Live(console=console, auto_refresh=False) if (
         console.is_terminal and not as_json) else None
-    lost_since, retry_s = None, interval
+    retry_s = interval
     statuses, left_out = shown
     with live or contextlib.nullcontext():
         while True:
