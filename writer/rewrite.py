@@ -4,8 +4,9 @@ settings (e.g. an old gzip file recompressed with Bitshuffle+LZ4); data identica
 Groups, attributes, soft and external links, hard links (one dataset, several names) and
 virtual datasets are kept; every chunked dataset of numbers is written again with the new
 compression, block by block through DatasetAppender (bslz4: compressed in parallel), its
-chunk shape chosen anew as the writer chooses it (writer/chunking.py: from its dtype, point
-shape and length), not copied from INPUT; other datasets are copied as they are.
+chunk shape chosen anew as the writer chooses it for a scan of that many points
+(writer/chunking.py: from dtype, point shape and length), not copied from INPUT; other
+datasets are copied as they are.
 
 It only reads INPUT. A file with a scan still being written is refused (exit 3): rewrite it
 once done. Exit 2 for a bad argument or a file that cannot be read.
@@ -176,7 +177,8 @@ def _selection(space):
 def _rewrite_dataset(src, dst, name, setting, chunk_points) -> None:
     point_shape = tuple(-1 if m is None else d for d, m in zip(src.shape[1:], src.maxshape[1:]))
     appender = DatasetAppender(dst, name, src.dtype, point_shape, compression=setting,
-                               fill_value=src.fillvalue, attrs=dict(src.attrs))
+                               fill_value=src.fillvalue, attrs=dict(src.attrs),
+                               npoints=src.shape[0] or None)  # chunks fit its length
     step = max(1, min(chunk_points, (8 * 2**20) // max(1, src.dtype.itemsize *
                                                        int(np.prod(src.shape[1:])))))
     for start in range(0, src.shape[0], step):
