@@ -91,6 +91,8 @@ class _Collector(logging.Handler):
 def validate_file(path) -> Report:
     """Validate one file, read only; ValidationInputError if it is missing or not HDF5. A
     file with a scan still being written is not validated: ``report.being_written``."""
+    import nexusformat.nexus.validate  # noqa: F401  (its first import sets its logger up)
+
     path = str(path)
     if not Path(path).exists():
         raise ValidationInputError(f"{path}: no such file")
