@@ -33,7 +33,8 @@ class ScanBeingWritten:
         scan = f"scan {self.entry}" if self.entry else "its scan"
         where = "" if Path(self.file) == Path(path) else f" ({self.file})"
         return (f"{path}: {scan}{where} is still being written (state {self.state}); "
-                f"{command} it once done (`blisswriter status --wait`)")
+                f"{command} it once done (`blisswriter status --wait`; a scan whose writer "
+                f"died is finished by the next `blisswriter run`)")
 
 
 def scans_being_written(path) -> list[ScanBeingWritten]:
