@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from . import EndReason
+from .interrupt import end_interrupted
 
 FIXTURES_DIR = Path(__file__).resolve().parent.parent / "fixtures"
 RECIPES = ("linear", "grid_fast", "grid_slow", "gaussian", "gaussian2d", "counter",
@@ -71,10 +72,11 @@ def _linear(r, i, n):
     return r["start"] + (r["stop"] - r["start"]) * (i / max(n - 1, 1))
 
 
-def generate(fixture: dict, npoints: int | None = None) -> dict:
+def generate(fixture: dict, npoints: int | None = None, rate: float | None = None) -> dict:
     """{stream name: all its points} for `npoints` points (default: the fixture's own):
-    an array for numeric streams, a list for varying-shape and reference streams."""
-    source = PointSource(fixture, npoints)
+    an array for numeric streams, a list for varying-shape and reference streams. `rate`:
+    points per second of the publication (the time streams follow it)."""
+    source = PointSource(fixture, npoints, rate)
     return source.points(0, source.npoints)
 
 
@@ -88,10 +90,11 @@ class PointSource:
     scan of frames holds one batch of them in memory, not the scan (point i is the same
     whatever the batches)."""
 
-    def __init__(self, fixture: dict, npoints: int | None = None):
+    def __init__(self, fixture: dict, npoints: int | None = None, rate: float | None = None):
         self.npoints = int(npoints or fixture["info"].get("npoints", 1))
         self._streams = fixture["streams"]
-        self._count_time = fixture["info"].get("count_time", 0.1)
+        # the time between points: the header's count_time, or the pace it is published at
+        self._count_time = 1.0 / rate if rate else fixture["info"].get("count_time", 0.1)
         self._whole: dict = {}
         everything = np.arange(self.npoints)
         for s in self._streams:  # recipes may use streams defined before them
@@ -213,13 +216,40 @@ def publish(store, fixture, session: str, path: str, npoints: int | None = None,
     """
     if isinstance(fixture, str):
         fixture = load_fixture(fixture)
+    check_detector_files(fixture, path, npoints)
     sub = fixture.get("subscans")
     if sub:
         return _publish_sequence(store, fixture, session, path, npoints, rate, progress,
                                  number)
     scan = _create(store, fixture, session, path, number, npoints)
-    _run(scan, fixture, Path(path), npoints, rate, progress, batch)
+    try:
+        _run(scan, fixture, Path(path), npoints, rate, progress, batch)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (blissdata.interrupt)
+        end_interrupted(scan, exc)
+        raise
     return [scan]
+
+
+def check_detector_files(fixture, path, npoints: int | None = None) -> None:
+    """FixtureError if the simulated detector's files of this scan (beside `path`) exist:
+    they may be the frames an earlier scan's virtual dataset points to, never overwritten."""
+    fixtures = [fixture]
+    if fixture.get("subscans"):
+        fixtures.append(load_fixture(fixture["subscans"]["fixture"]))
+    folder = Path(path).parent
+    for one in fixtures:
+        n = int(npoints or one["info"].get("npoints", 1))
+        for s in one["streams"]:
+            if s["recipe"]["kind"] != "external_frame":
+                continue
+            names = sorted({_external_file(s["recipe"], k) for k in range(n)})
+            there = [name for name in names if (folder / name).exists()]
+            if there:
+                raise FixtureError(
+                    f"fixture {one['identity']['name']!r}: the simulated detector's files "
+                    f"{', '.join(there[:3])} already exist in {folder} (an earlier scan's "
+                    f"frames, which its file points to); not overwritten: give a --path "
+                    f"in another folder")
 
 
 def _create(store, fixture, session, path, number, npoints, extra_info=None):
@@ -240,7 +270,7 @@ def _create(store, fixture, session, path, number, npoints, extra_info=None):
 
 
 def _run(scan, fixture, path: Path, npoints, rate, progress, batch=None):
-    source = PointSource(fixture, npoints)  # frames are made batch by batch, as sent
+    source = PointSource(fixture, npoints, rate)  # frames are made batch by batch, as sent
     n = source.npoints
     stop_at = fixture.get("stop_at")
     last = n if stop_at is None else max(1, int(n * stop_at))
@@ -280,15 +310,20 @@ def _publish_sequence(store, fixture, session, path, npoints, rate, progress, nu
     parent.prepare()
     parent.start()
     scans = [parent]
-    for k in range(n_children):
-        child = _create(store, child_fixture, session, path, number + 1 + k,
-                        npoints or sub.get("npoints"), extra_info={"group": parent.key})
-        _run(child, child_fixture, Path(path), npoints or sub.get("npoints"), rate, None)
-        parent.send_many({parent.streams[name]: values[k] for name, values in
-                          parent_data.items()})
-        scans.append(child)
-        if progress:
-            progress(k + 1, n_children)
+    try:
+        for k in range(n_children):
+            child = _create(store, child_fixture, session, path, number + 1 + k,
+                            npoints or sub.get("npoints"), extra_info={"group": parent.key})
+            scans.append(child)
+            _run(child, child_fixture, Path(path), npoints or sub.get("npoints"), rate, None)
+            parent.send_many({parent.streams[name]: values[k] for name, values in
+                              parent_data.items()})
+            if progress:
+                progress(k + 1, n_children)
+    except KeyboardInterrupt as exc:  # the subscan being published, then the sequence
+        for scan in reversed(scans):
+            end_interrupted(scan, exc)
+        raise
     parent.stop()
     parent.close(EndReason.SUCCESS)
     return scans

@@ -1,6 +1,11 @@
 """`blissdata-replay FILE --entry 3.1`: publish an archived scan back into Redis as a new scan
 (header, mapping, every stream; optionally at its original pace), so online processing and
-the writer can run on it again."""
+the writer can run on it again.
+
+Before publishing it checks that the new scan's file does not hold its entry already (the
+writer would refuse it: exit 2). Ctrl-C or SIGTERM ends the new scan (USER_ABORT) before
+exiting (status 130 or 143). Without --session the scan goes to the original's session,
+said on stderr: a writer writes it only if it follows that session."""
 
 from __future__ import annotations
 
@@ -13,7 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+import h5py
+
 from .archive import ArchiveError, ArchivedScan, open_scan
+from .interrupt import Interrupted, end_interrupted, stop_on_signals
 from .progress import ProgressLine
 from .scan import EndReason
 from .store import DataStore, url_from
@@ -67,6 +75,35 @@ def replay(store: DataStore, archived: ArchivedScan, session: str | None = None,
     info.setdefault("title", archived.entry_name)
     info["replayed_from"] = f"{archived.path}::{archived.entry_name}"
     scan = store.create_scan(identity, info=info)
+    try:
+        _publish(scan, archived, identity, speed, progress)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (blissdata.interrupt)
+        end_interrupted(scan, exc)
+        raise
+    return scan
+
+
+def existing_entry(path: str, number: int, info: dict) -> str | None:
+    """Where the file `path` already holds the entry a scan numbered `number` would get
+    (the writer never overwrites one), or None. It looks at the entry's name in the file
+    itself (a scan's group, or a shared file's link to its own file) and at the file
+    the per_scan layout would give it (docs/files.md)."""
+    entry = info.get("entry_name") or f"{number}.1"
+    target = Path(path)
+    per_scan = target.with_name(f"{target.stem}_{number:04d}{target.suffix or '.h5'}")
+    for candidate in (target, per_scan):
+        if not candidate.is_file():
+            continue
+        try:  # swmr=True also opens a file a writer has open (or died with)
+            with h5py.File(candidate, "r", locking=False, swmr=True) as f:
+                if f.get(entry, getlink=True) is not None:  # a group, or a link to one
+                    return f"{candidate}::/{entry}"
+        except OSError:  # not HDF5, or unreadable: the writer will say why
+            continue
+    return None
+
+
+def _publish(scan, archived: ArchivedScan, identity: dict, speed: float | None, progress):
     streams, refs = {}, {}
     for name, src in archived.streams.items():
         d = src.definition
@@ -115,7 +152,6 @@ def replay(store: DataStore, archived: ArchivedScan, session: str | None = None,
             progress(stop, total)
     scan.stop()
     scan.close(EndReason(archived.info.get("end_reason", "SUCCESS")))
-    return scan
 
 
 def main(argv=None) -> int:
@@ -140,9 +176,31 @@ def main(argv=None) -> int:
         print(f"blissdata-replay: {exc}", file=sys.stderr)
         return 1
     with archived:
+        session = args.session or archived.identity["session"]
+        if not args.session:
+            print(f"blissdata-replay: no --session: the scan goes to session {session!r}, "
+                  f"the original's (a writer writes it only if it follows {session!r})",
+                  file=sys.stderr)
+        number = archived.identity["number"] if args.number is None else args.number
+        original = Path(archived.path)
+        path = args.path or str(original.with_name(f"{original.stem}_replay"
+                                                   f"{original.suffix}"))
+        there = existing_entry(path, number, archived.info)
+        if there:
+            print(f"blissdata-replay: {there} already exists and the writer never overwrites "
+                  f"an entry: give another --path or --number", file=sys.stderr)
+            return 2
         progress = ProgressLine("replaying")
-        scan = replay(store, archived, args.session, args.path, args.number, args.speed,
-                      progress=progress)
+        try:
+            with stop_on_signals():
+                scan = replay(store, archived, args.session, path, args.number, args.speed,
+                              progress=progress)
+        except Interrupted as exc:
+            progress.close()
+            ended = "; ".join(exc.ended) or "no scan was open"
+            print(f"blissdata-replay: stopped by {exc.signal_name}: ended with USER_ABORT: "
+                  f"{ended}", file=sys.stderr)
+            return exc.exit_status
         progress.close()
         print(f"replayed {archived.path}::{archived.entry_name} as {scan.key} "
               f"({len(scan.streams)} streams) -> {scan.path}")

@@ -238,6 +238,24 @@ class Scan:
         self.info["end_reason"] = end_reason.value
         self._transition(ScanState.CLOSED, info=json.dumps(self.info))
 
+    def end_abandoned(self, end_reason: EndReason | str = EndReason.FAILURE,
+                      message: str = "") -> None:
+        """Close a scan whose producer is gone (killed, its host lost), from any process:
+        seal each stream after the points it holds, then CLOSED with `end_reason` and
+        `message` (info ``end_message``), so the writer finishes the file. Only for a scan
+        whose producer no longer sends: a point sent after this is refused."""
+        self._reload()
+        if self.state == ScanState.CLOSED:
+            raise ScanStateError(f"scan {self.key} is already CLOSED (end_reason "
+                                 f"{self.info.get('end_reason')})")
+        for stream in self._streams.values():
+            stream.seal_after_last_point()
+        self.info.setdefault("end_time", now_iso())
+        self.info["end_reason"] = EndReason(end_reason).value
+        if message:
+            self.info["end_message"] = message
+        self._transition(ScanState.CLOSED, info=json.dumps(self.info))
+
     def send_many(self, batches: dict) -> None:
         """Send to several streams in one round trip: {stream or name: data}."""
         if not batches:

@@ -1,13 +1,20 @@
 """`blissdata-simulate FIXTURE`: publish a realistic scan into Redis, as acquisition software
-would, through the public API only."""
+would, through the public API only.
+
+Ctrl-C or SIGTERM ends the scan (USER_ABORT) before exiting (status 130 or 143), so the
+writer finishes its file. The scan's file is an absolute path (the writer runs elsewhere):
+`--path`, or by default ./data/SESSION/FIXTURE.h5 from the current folder, under the data
+root the README gives the writer (`--data-root "$PWD/data"`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from .fixtures import FixtureError, list_fixtures, load_fixture, publish
+from .fixtures import FixtureError, check_detector_files, list_fixtures, load_fixture, publish
+from .interrupt import Interrupted, stop_on_signals
 from .progress import ProgressLine
 from .store import DataStore, url_from
 
@@ -19,7 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=float, help="points per second (default: full speed)")
     parser.add_argument("--session", default="demo")
     parser.add_argument("--number", type=int, default=1, help="scan number")
-    parser.add_argument("--path", help="scan file (default /tmp/blissdata/SESSION/FIXTURE.h5)")
+    parser.add_argument("--path", help="scan file, an absolute path (default: "
+                                       "$PWD/data/SESSION/FIXTURE.h5)")
     parser.add_argument("--redis", help="Redis URL (default: REDIS_URL, then localhost)")
     parser.add_argument("--list", action="store_true", help="list the fixtures and exit")
     args = parser.parse_args(argv)
@@ -35,6 +43,20 @@ def main(argv=None) -> int:
     except FixtureError as exc:
         print(f"blissdata-simulate: {exc}", file=sys.stderr)
         return 2
+    if args.path is not None and not os.path.isabs(args.path):
+        print(f"blissdata-simulate: --path {args.path} is a relative path; the writer, "
+              f"running elsewhere, needs an absolute one (e.g. {Path(args.path).absolute()})",
+              file=sys.stderr)
+        return 2
+    path = args.path or str(Path.cwd() / "data" / args.session
+                            / f"{Path(args.fixture).stem}.h5")
+    if args.path is None:
+        print(f"blissdata-simulate: no --path: the scan's file is {path}", file=sys.stderr)
+    try:
+        check_detector_files(fixture, path, args.points)
+    except FixtureError as exc:
+        print(f"blissdata-simulate: {exc}", file=sys.stderr)
+        return 2
     url = url_from(args.redis)
     try:
         store = DataStore(url)
@@ -42,11 +64,19 @@ def main(argv=None) -> int:
         print(f"blissdata-simulate: {exc}", file=sys.stderr)
         return 1
     name = fixture["identity"]["name"]
-    path = args.path or f"/tmp/blissdata/{args.session}/{os.path.basename(args.fixture)}.h5"
 
     progress = ProgressLine(name, "points published")
-    scans = publish(store, fixture, session=args.session, path=path, npoints=args.points,
-                    rate=args.rate, progress=progress, number=args.number)
+    try:
+        with stop_on_signals():
+            scans = publish(store, fixture, session=args.session, path=path,
+                            npoints=args.points, rate=args.rate, progress=progress,
+                            number=args.number)
+    except Interrupted as exc:
+        progress.close()
+        ended = "; ".join(exc.ended) or "no scan was open"
+        print(f"blissdata-simulate: stopped by {exc.signal_name}: ended with USER_ABORT: "
+              f"{ended}", file=sys.stderr)
+        return exc.exit_status
     progress.close()
     for scan in scans:
         print(f"scan {scan.number} {scan.name} -> {scan.key} ({path})")

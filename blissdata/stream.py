@@ -276,6 +276,15 @@ class Stream:
         self._sealed_here = True
         return self._next_index
 
+    def seal_after_last_point(self) -> int:
+        """Seal a stream whose producer is gone (``Scan.end_abandoned``), after the points
+        it holds; returns its number of points (a stream already sealed is left as it is)."""
+        length, sealed = self._length_and_sealed()
+        if not sealed:
+            self._next_index = length
+            self.seal()
+        return length
+
     # ---- reader ----------------------------------------------------------------------
     def _last_entry(self):
         got = self._redis.xrevrange(self.key, "+", "-", count=1)

@@ -1082,9 +1082,9 @@ class Bliss2ScanWriter(ScanWriter):
             writer_status.write_note(self.entry, self.status)
             h5.flush()
         self._publish_final_status()
-        log.info("scan %s %s:%s done: %d points in %d streams -> %s::/%s (%s)",
+        log.info("scan %s %s:%s done: %s in each of %d streams -> %s::/%s (%s)",
                  self.scan_key, self.scan.session, self.scan.number,
-                 sum(self.status.points.values()), len(self.appenders), self.file_path,
+                 self.status.points_text(), len(self.appenders), self.file_path,
                  self.entry_name, self.scan.info.get("end_reason"))
 
 

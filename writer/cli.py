@@ -1,4 +1,5 @@
-"""`blisswriter`: run the writer service, validate files, show status, rewrite files."""
+"""`blisswriter`: run the writer service, validate files, show status (or wait for a scan),
+rewrite files, end a scan whose producer died."""
 
 from __future__ import annotations
 
@@ -53,10 +54,24 @@ def _run(args) -> int:
 
 def _status(args) -> int:
     url = url_from(args.redis)
+    if args.wait is not None:
+        from . import scan_wait
+
+        return scan_wait.main(url, args.wait, session=args.session, timeout=args.timeout)
+    if args.timeout is not None:
+        print("blisswriter status: --timeout goes with --wait SCAN", file=sys.stderr)
+        return 2
     return status_command.main(url, watch=args.watch, interval=args.interval, as_json=args.json,
                                session=args.session, state=args.state,
                                last=None if args.all else args.last,
                                wait_for_redis=not args.no_wait_for_redis)
+
+
+def _end(args) -> int:
+    from . import scan_end
+
+    return scan_end.main(url_from(args.redis), args.scan, session=args.session,
+                         reason=args.reason, message=args.message)
 
 
 def _rewrite(args) -> int:
@@ -109,14 +124,35 @@ def main(argv=None) -> int:
     status.add_argument("--json", action="store_true",
                         help="the statuses as JSON, for scripts (one line per refresh)")
     status.add_argument("--session", help="only the scans of this session")
-    status.add_argument("--state", choices=["waiting", "writing", "done", "failed", "skipped"],
+    status.add_argument("--state", choices=["waiting", "writing", "idle", "done", "failed",
+                                            "skipped"],
                         help="only the scans in this state")
     status.add_argument("--last", type=check_count, default=10, metavar="N",
                         help="the N scans finished most recently (default 10), and every "
                              "scan not finished")
     status.add_argument("--all", action="store_true",
                         help="every scan of the last 24 h")
+    status.add_argument("--wait", metavar="SCAN",
+                        help="wait until the writer has finished this scan (its key, or its "
+                             "number: the latest scan with that number, of --session if "
+                             "given); exit 0 done, 1 failed, 3 timeout, 4 skipped, 5 Redis "
+                             "unreachable")
+    status.add_argument("--timeout", type=check_interval, metavar="SECONDS",
+                        help="with --wait: give up after this long (exit 3; default: never)")
     status.set_defaults(func=_status)
+
+    end = sub.add_parser("end", help="end a scan whose producer died, so the writer "
+                                     "finishes its file")
+    end.add_argument("scan", help="the scan's key, or its number (the latest scan with "
+                                  "that number, of --session if given)")
+    end.add_argument("--session", help="the scan's session (with a number)")
+    end.add_argument("--reason", type=str.upper, default="FAILURE",
+                     choices=["FAILURE", "USER_ABORT", "SUCCESS"],
+                     help="end_reason recorded in the scan and its file (default FAILURE)")
+    end.add_argument("--message", default="",
+                     help="why, kept in the scan's info (end_message)")
+    end.add_argument("--redis", help="Redis URL (default: REDIS_URL, then localhost)")
+    end.set_defaults(func=_end)
 
     # listed here for `blisswriter --help`; main() hands its arguments to rewrite.main
     sub.add_parser("rewrite", help="rewrite a file with other storage settings", add_help=False)

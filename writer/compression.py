@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import hdf5plugin
 
 __all__ = ["CompressionSetting", "parse_compression", "compression_kwargs", "is_bslz4",
-           "dataset_is_bslz4", "DEFAULT", "NAMES"]
+           "dataset_is_bslz4", "DEFAULT", "NAMES", "ACCEPTED_NAMES"]
 
 DEFAULT = "bitshuffle-lz4"
 _ALIASES = {"bslz4": "bitshuffle-lz4", "bitshuffle_lz4": "bitshuffle-lz4"}
@@ -33,6 +33,8 @@ _LEVELS = {
     "none": None,
 }
 NAMES = tuple(_LEVELS)
+#: every name a setting may give (the aliases too), for help texts and errors
+ACCEPTED_NAMES = NAMES + tuple(_ALIASES)
 
 BITSHUFFLE_FILTER_ID = 32008
 _BSHUF_LZ4 = 2  # bitshuffle filter's cd_values[4] for LZ4
@@ -77,19 +79,21 @@ def parse_compression(setting=None) -> CompressionSetting:
     elif isinstance(setting, dict):
         rest = dict(setting)
         if "name" not in rest:
-            raise ValueError(f"compression setting {setting!r}: needs a 'name', one of {NAMES}")
+            raise ValueError(f"compression setting {setting!r}: needs a 'name', one of "
+                             f"{ACCEPTED_NAMES}")
         name = rest.pop("name")
         level = rest.pop("level", None)
         if rest:
             raise ValueError(f"compression setting {setting!r}: unknown keys {sorted(rest)}; "
                              "allowed keys are 'name' and 'level'")
     else:
-        raise ValueError(f"compression setting {setting!r}: must be a name (one of {NAMES}) "
+        raise ValueError(f"compression setting {setting!r}: must be a name (one of "
+                         f"{ACCEPTED_NAMES}) "
                          "or a dict {'name': ..., 'level': ...}")
     key = _ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else name
     if key not in _LEVELS:
         raise ValueError(f"compression setting {setting!r}: unknown name {name!r}; allowed "
-                         f"names are {NAMES}")
+                         f"names are {ACCEPTED_NAMES}")
     levels = _LEVELS[key]
     if levels is None:
         if level is not None:

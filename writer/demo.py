@@ -134,7 +134,9 @@ def main(argv=None) -> int:
                         if st is not None and st.finished:
                             statuses[scan.key] = st
                     if live is not None:
-                        live.update(status_table([st for st in current if st]), refresh=True)
+                        table = status_table([st for st in current if st],
+                                             holders_known=False)  # read() has no holders
+                        live.update(table, refresh=True)
                     time.sleep(0.1)
             files = sorted({Path(st.file) for st in statuses.values() if st.file})
             for scan in scans:

@@ -2,9 +2,14 @@
 settings (e.g. an old gzip file recompressed with Bitshuffle+LZ4); data identical.
 
 Groups, attributes, soft and external links, hard links (one dataset, several names) and
-virtual datasets are kept; every chunked dataset is written again with the new compression
-(same chunk shape), chunk by chunk through DatasetAppender (bslz4: compressed in parallel);
-small contiguous/compact datasets are copied as they are.
+virtual datasets are kept; every chunked dataset of numbers is written again with the new
+compression, block by block through DatasetAppender (bslz4: compressed in parallel), its
+chunk shape chosen anew as the writer chooses it for a scan of that many points
+(writer/chunking.py: from dtype, point shape and length), not copied from INPUT; other
+datasets are copied as they are.
+
+It only reads INPUT. A file with a scan still being written is refused (exit 3): rewrite it
+once done. Exit 2 for a bad argument or a file that cannot be read.
 
 Files a virtual dataset or an external link points to (a detector's own files) stay where
 they are. HDF5 looks for a relative source next to the file that names it, so when OUT is in
@@ -22,13 +27,18 @@ import h5py
 import hdf5plugin  # noqa: F401  (filters for reading)
 import numpy as np
 
-from .compression import parse_compression
+from .being_written import EXIT_BEING_WRITTEN, scans_being_written
+from .compression import ACCEPTED_NAMES, parse_compression
 from .dataset_writer import DatasetAppender
 from .references import OWN_FILE_ATTR
 
 
 class RewriteError(ValueError):
     pass
+
+
+class InputBeingWritten(RewriteError):
+    """INPUT has a scan still being written."""
 
 
 def rewrite(src_path: str, dst_path: str, compression=None, chunk_points: int = 256,
@@ -45,6 +55,9 @@ def rewrite(src_path: str, dst_path: str, compression=None, chunk_points: int = 
         raise RewriteError(f"{src_path}: no such file")
     if not h5py.is_hdf5(src_p):
         raise RewriteError(f"{src_path}: not an HDF5 file")
+    busy = scans_being_written(src_p)
+    if busy:
+        raise InputBeingWritten("\n".join(scan.message(src_path, "rewrite") for scan in busy))
     if dst_p.exists():
         raise RewriteError(f"{dst_path} exists; the rewrite never overwrites a file")
     if not dst_p.parent.is_dir():
@@ -164,7 +177,8 @@ def _selection(space):
 def _rewrite_dataset(src, dst, name, setting, chunk_points) -> None:
     point_shape = tuple(-1 if m is None else d for d, m in zip(src.shape[1:], src.maxshape[1:]))
     appender = DatasetAppender(dst, name, src.dtype, point_shape, compression=setting,
-                               fill_value=src.fillvalue, attrs=dict(src.attrs))
+                               fill_value=src.fillvalue, attrs=dict(src.attrs),
+                               npoints=src.shape[0] or None)  # chunks fit its length
     step = max(1, min(chunk_points, (8 * 2**20) // max(1, src.dtype.itemsize *
                                                        int(np.prod(src.shape[1:])))))
     for start in range(0, src.shape[0], step):
@@ -179,11 +193,13 @@ def _rewrite_dataset(src, dst, name, setting, chunk_points) -> None:
 def main(argv: list[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="blisswriter rewrite", description=__doc__)
+    parser = argparse.ArgumentParser(prog="blisswriter rewrite", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input")
     parser.add_argument("output")
     parser.add_argument("--compression", default="bitshuffle-lz4",
-                        help="bitshuffle-lz4 (default), zstd, blosc2, gzip, none")
+                        help=f"one of {', '.join(ACCEPTED_NAMES)} (default bitshuffle-lz4; bslz4 "
+                             f"and bitshuffle_lz4 are other names for it)")
     parser.add_argument("--level", type=int, help="zstd / gzip / blosc2 level")
     parser.add_argument("--absolute-sources", action="store_true",
                         help="name the files of virtual datasets and external links by "
@@ -195,8 +211,15 @@ def main(argv: list[str]) -> int:
             {"level": args.level} if args.level is not None else {})})
         counts = rewrite(args.input, args.output, setting,
                          absolute_sources=args.absolute_sources)
+    except InputBeingWritten as exc:
+        print(f"blisswriter rewrite: {exc}", file=sys.stderr)
+        return EXIT_BEING_WRITTEN
     except (RewriteError, ValueError) as exc:
         print(f"blisswriter rewrite: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, KeyError, RuntimeError) as exc:  # h5py on a file it cannot read
+        print(f"blisswriter rewrite: {args.input} could not be rewritten: {exc}",
+              file=sys.stderr)
         return 2
     missing = counts.pop("missing sources", [])
     size_in, size_out = os.path.getsize(args.input), os.path.getsize(args.output)

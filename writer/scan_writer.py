@@ -742,9 +742,8 @@ class ScanWriter(threading.Thread):
         # "done" once the file is closed: who waits for it can open it at once
         self._release_file()
         self._publish_final_status()
-        total = sum(self.status.points.values())
-        log.info("scan %s %s:%s done: %d points in %d streams, %.1f MB -> %s::/%s (%s)",
-                 self.scan_key, self.scan.session, self.scan.number, total,
+        log.info("scan %s %s:%s done: %s in each of %d streams, %.1f MB -> %s::/%s (%s)",
+                 self.scan_key, self.scan.session, self.scan.number, self.status.points_text(),
                  len(self.definitions), self.status.bytes_written / 1e6, self.where,
                  self.entry_name, self.scan.info.get("end_reason"))
 

@@ -49,6 +49,14 @@ class ScanStatus:
         if message not in self.warnings:
             self.warnings.append(message)
 
+    def points_text(self) -> str:
+        """The scan's points, for a log line: "60 points" (every stream), or "58 to 60
+        points" when its streams hold different numbers (an aborted scan)."""
+        counts = sorted(set(self.points.values())) or [0]
+        if len(counts) == 1:
+            return f"{counts[0]} points"
+        return f"{counts[0]} to {counts[-1]} points"
+
     @property
     def finished(self) -> bool:
         return self.state in ("done", "failed", "skipped")

@@ -1,10 +1,13 @@
-"""`blisswriter status [--watch] [--json]`: what the writer is doing, read from Redis (any
-machine).
+"""`blisswriter status [--watch] [--json] [--wait SCAN]`: what the writer is doing, read from
+Redis (any machine).
 
 Drawn with `rich`: a table with a progress bar per scan, redrawn in place with `--watch` on a
 terminal; plain text without colours or cursor moves when the output is piped (one table per
 refresh then). `--json` prints the statuses as JSON (one line per refresh with `--watch`) for
-scripts. `--watch` survives a Redis restart: it says so and reconnects.
+scripts. `--watch` survives a Redis restart: it says so and reconnects. On a terminal
+narrower than WIDE_COLUMNS the table keeps the columns that say which scan and how far
+(session, scan, name, state, progress, points, age) and drops the byte counts.
+`--wait SCAN` (writer/scan_wait.py) waits for one scan to be done or failed.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from .pool import read_writers
 
 MIN_INTERVAL_S = 0.1  # below this a watch would only load Redis and the terminal
 BAR = 20
+WIDE_COLUMNS = 120  # narrower terminals get the compact table
+NO_WRITER = "no writer"  # the state column of an unfinished scan no live writer holds
 RETRY_MAX_S = 5.0  # longest wait between reconnection attempts
 
 
@@ -76,16 +81,37 @@ def select(statuses: list, session: str | None = None, state: str | None = None,
     return shown, len(finished) - last
 
 
-def status_table(statuses: list, now: float | None = None):
-    """A rich renderable: one row per scan, then its file, warnings and error."""
+def nothing_found(session: str | None = None, state: str | None = None) -> str:
+    """What an empty table says: which filter matched nothing."""
+    what = f"no {state} scan" if state else "no scan"
+    if session:
+        what += f" of session {session!r}"
+    return f"{what} in the last 24 h"
+
+
+def shown_state(st: writer_status.ScanStatus, holders_known: bool = True) -> str:
+    """The state column: an unfinished scan that no live writer holds says so (its last
+    status is stale: the writer stopped or died; another takes it over when one runs).
+    `holders_known`: ``held_by`` was read (writer_status.read_recent)."""
+    return NO_WRITER if holders_known and not st.finished and not st.held_by else st.state
+
+
+def status_table(statuses: list, now: float | None = None, wide: bool = True,
+                 empty: str = "no scan written in the last 24 h", holders_known: bool = True):
+    """A rich renderable: one row per scan, then its file, warnings and error. Not `wide`:
+    without the byte counts, for an 80-column terminal. `holders_known`: see shown_state."""
     now = now or time.time()
     if not statuses:
-        return Text("no scan written in the last 24 h")
+        return Text(empty)
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for name in ("session", "scan", "name", "state"):  # words wrap on a narrow terminal
-        table.add_column(name, justify="right" if name == "scan" else "left")
-    table.add_column("progress", min_width=8, max_width=BAR)  # a bar shrinks too
-    for name in ("points", "MB", "MB/s", "lag pts", "file MB", "not data", "age"):
+    table.add_column("session", overflow="fold")  # long words wrap, never cut
+    table.add_column("scan", justify="right", no_wrap=True)
+    table.add_column("name", overflow="fold")
+    table.add_column("state", no_wrap=True)
+    table.add_column("progress", min_width=8 if wide else 4, max_width=BAR)  # a bar shrinks
+    numbers = ("points", "MB", "MB/s", "lag pts", "file MB", "not data", "age") if wide \
+        else ("points", "age")
+    for name in numbers:
         table.add_column(name, justify="right", no_wrap=True)  # numbers never wrap
     notes = []
     for st in statuses:
@@ -93,16 +119,17 @@ def status_table(statuses: list, now: float | None = None):
         bar = (ProgressBar(total=st.expected_points, completed=done)
                if st.expected_points else Text("?" * BAR, overflow="crop"))
         points = f"{done}/{st.expected_points}" if st.expected_points else f"{done}"
-        state = Text(st.state, style={"failed": "red", "done": "green",
-                                      "writing": "cyan"}.get(st.state, ""))
+        shown = shown_state(st, holders_known)
+        state = Text(shown, style={"failed": "red", "done": "green", "writing": "cyan",
+                                   NO_WRITER: "yellow"}.get(shown, ""))
         rate = st.write_rate_mb_s if st.state == "writing" else 0.0
         # the file's bytes that are not its datasets' data (HDF5 metadata and anything
         # left behind): known once the scan is done
         other = (f"{100 * (st.file_bytes - st.stored_bytes) / st.file_bytes:.1f}%"
                  if st.file_bytes else "")
-        table.add_row(st.session, str(st.number), st.name, state, bar, points,
-                      f"{st.bytes_written / 1e6:.1f}", f"{rate:.1f}", str(st.lag_points),
-                      f"{st.file_bytes / 1e6:.1f}" if st.file_bytes else "", other,
+        sizes = (f"{st.bytes_written / 1e6:.1f}", f"{rate:.1f}", str(st.lag_points),
+                 f"{st.file_bytes / 1e6:.1f}" if st.file_bytes else "", other) if wide else ()
+        table.add_row(st.session, str(st.number), st.name, state, bar, points, *sizes,
                       f"{now - st.updated:.0f}s")
         where = f"{st.session}:{st.number} {st.name}"
         if st.file:
@@ -111,7 +138,7 @@ def status_table(statuses: list, now: float | None = None):
             notes.append(Text(f"{where}: warning: {warning}", style="yellow"))
         if st.error:
             notes.append(Text(f"{where}: ERROR: {st.error}", style="red"))
-        if not st.finished:  # the writer pool: who has it now
+        if not st.finished and holders_known:  # the writer pool: who has it now
             notes.append(Text(f"{where}: held by writer {st.held_by}" if st.held_by else
                               f"{where}: held by no writer (waiting for one to take it)"))
     return Group(table, *notes)
@@ -132,9 +159,10 @@ def writers_table(writers: list, now: float | None = None):
     return table
 
 
-def view(statuses: list, writers: list, left_out: int = 0):
+def view(statuses: list, writers: list, left_out: int = 0, wide: bool = True,
+         empty: str = "no scan written in the last 24 h"):
     """What `status` draws: the writers, then the scans."""
-    parts = [writers_table(writers), Text(""), status_table(statuses)]
+    parts = [writers_table(writers), Text(""), status_table(statuses, wide=wide, empty=empty)]
     if left_out:
         parts.append(Text(f"{left_out} older finished scans not shown (--last N, --all)",
                           style="dim"))
@@ -155,6 +183,10 @@ def main(url: str, watch: bool = False, interval: float = 1.0, as_json: bool = F
     read = lambda: select(writer_status.read_recent(client), session, state, last)  # noqa: E731
     if not console.is_terminal:
         console.width = max(console.width, 160)  # a log line is not wrapped at 80 columns
+
+    def draw(statuses, writers, left_out):  # at the width of the terminal now (it may change)
+        return view(statuses, writers, left_out, wide=console.width >= WIDE_COLUMNS,
+                    empty=nothing_found(session, state))
     try:  # a RedisCluster for redis+cluster:// URLs
         client = client_from_url(url, socket_connect_timeout=2, socket_timeout=10)
         statuses, left_out = read()
@@ -173,11 +205,11 @@ def main(url: str, watch: bool = False, interval: float = 1.0, as_json: bool = F
         if as_json:
             print(statuses_json(statuses))
         else:
-            console.print(view(statuses, writers, left_out))
+            console.print(draw(statuses, writers, left_out))
         return 0
     try:
         _watch(read, client, masked(url), interval, as_json, console, (statuses, left_out),
-               writers, lost_since=time.time() if statuses is None else None)
+               writers, draw, lost_since=time.time() if statuses is None else None)
     except KeyboardInterrupt:
         pass
     except redis.RedisError as exc:  # not a lost connection: an answer we cannot use
@@ -187,7 +219,7 @@ def main(url: str, watch: bool = False, interval: float = 1.0, as_json: bool = F
 
 
 def _watch(read, client, url: str, interval: float, as_json: bool, console: Console,
-           shown: tuple, writers: list, lost_since: float | None = None) -> None:
+           shown: tuple, writers: list, draw, lost_since: float | None = None) -> None:
     """Refresh until Ctrl-C; a lost connection is said once, retried with backoff, and its
     end said too. `url`: as shown (masked). `lost_since`: Redis unreachable since then
     (at start: said already)."""
@@ -202,10 +234,10 @@ def _watch(read, client, url: str, interval: float, as_json: bool, console: Cons
                 if as_json:
                     print(statuses_json(statuses), flush=True)
                 elif live is not None:
-                    live.update(Group(header, view(statuses, writers, left_out)),
+                    live.update(Group(header, draw(statuses, writers, left_out)),
                                 refresh=True)
                 else:
-                    console.print(header, view(statuses, writers, left_out), "")
+                    console.print(header, draw(statuses, writers, left_out), "")
                 time.sleep(interval)
             try:
                 statuses, left_out = read()

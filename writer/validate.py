@@ -1,7 +1,13 @@
 """`blisswriter validate FILE...`: NeXus validation of written files, offline, with nexusformat
 (it bundles the NeXus definitions). nexusformat's own commands exit 0 even on errors; this one
-collects what it reports and exits 1 when any file has an error (2: a file is missing or is
-not HDF5), so it can gate a CI job.
+collects what it reports and exits 1 when any file has an error (2: a file is missing, is
+not HDF5 or cannot be read; 3: a scan of it is still being written, see below; with several
+files, the highest of these), so it can gate a CI job.
+
+It never writes and never needs write permission (archived files are often read-only):
+nexusformat reads the tree of a read-only open (its own validator opens files read-write).
+A file with a scan still being written (HDF5 marks it open for writing, or a shared file's
+entry links to such a file) is not validated: it says which scan and its state, exit 3.
 
 What counts: nexusformat's errors are errors and its warnings are warnings, each with the HDF5
 path it is about, with two adjustments:
@@ -33,6 +39,8 @@ from pathlib import Path
 
 import h5py
 
+from .being_written import EXIT_BEING_WRITTEN, scans_being_written
+
 NXDL_NAME = re.compile(r"^[a-zA-Z0-9_]([a-zA-Z0-9_.]*[a-zA-Z0-9_])?$")
 _CONTEXT = re.compile(r"^\s*(?:NX\w+|Field|Group|Attribute): (/\S*)")
 _INVALID_NAME = re.compile(r'^\s*"([^"]+)" is an invalid name')
@@ -49,6 +57,7 @@ class Report:
     path: str
     errors: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    being_written: list = field(default_factory=list)  # ScanBeingWritten: not validated
 
     @property
     def ok(self) -> bool:
@@ -80,8 +89,9 @@ class _Collector(logging.Handler):
 
 
 def validate_file(path) -> Report:
-    """Validate one file; ValidationInputError if it is missing or not HDF5."""
-    from nexusformat.nexus import validate as nxvalidate
+    """Validate one file, read only; ValidationInputError if it is missing or not HDF5. A
+    file with a scan still being written is not validated: ``report.being_written``."""
+    import nexusformat.nexus.validate  # noqa: F401  (its first import sets its logger up)
 
     path = str(path)
     if not Path(path).exists():
@@ -89,6 +99,9 @@ def validate_file(path) -> Report:
     if not h5py.is_hdf5(path):
         raise ValidationInputError(f"{path}: not an HDF5 file")
     report = Report(path)
+    report.being_written = scans_being_written(path)
+    if report.being_written:
+        return report
     logger = logging.getLogger("NXValidate")
     saved = (logger.handlers[:], logger.level)
     collector = _Collector(report)
@@ -96,7 +109,7 @@ def validate_file(path) -> Report:
     logger.setLevel(logging.DEBUG)  # the INFO lines say which path the next finding is about
     logger.total = {"warning": 0, "error": 0}
     try:
-        result = nxvalidate.validate_file(path)
+        result = _nexusformat_validate(path)
     except Exception as exc:  # nexusformat failing on a file is a finding, not a crash
         report.errors.append(f"/: nexusformat could not read the file: {exc}")
         result = ()
@@ -109,6 +122,26 @@ def validate_file(path) -> Report:
     _check_default_plots(report)
     _check_virtual_sources(report)
     return report
+
+
+def _nexusformat_validate(path: str):
+    """nexusformat's ``validate_file`` on a read-only open: its own opens the file ``r+``
+    (``with root`` reopens it read-write), which changes the file's modification time and
+    fails on a file the user may not write. Returns (warnings, errors) as it does."""
+    from nexusformat.nexus import nxload
+    from nexusformat.nexus.validate import (FileValidator, get_validator, log_header,
+                                            log_summary)
+
+    validator = FileValidator(path)
+    log_header(validator, filename=path, path="/")
+    root = nxload(path, "r", locking=False)  # never `with root`: that opens it read-write
+    try:
+        get_validator(root.nxclass, definitions=validator.definitions).validate(
+            root, parent=validator)
+    finally:
+        root.nxfile.close()
+    validator.output_log()
+    return log_summary()
 
 
 def _text(value) -> str | None:
@@ -232,7 +265,16 @@ def main(files: list[str]) -> int:
             report = validate_file(path)
         except ValidationInputError as exc:
             print(f"{exc}", file=sys.stderr)
-            worst = 2
+            worst = max(worst, 2)
+            continue
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:  # h5py on a damaged file
+            print(f"{path}: cannot be read: {exc}", file=sys.stderr)
+            worst = max(worst, 2)
+            continue
+        if report.being_written:
+            for scan in report.being_written:
+                print(scan.message(path, "validate"), file=sys.stderr)
+            worst = max(worst, EXIT_BEING_WRITTEN)
             continue
         status = "OK" if report.ok else "INVALID"
         print(f"{path}: {status}, {len(report.errors)} errors, {len(report.warnings)} warnings")
