@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-import h5py
-
 from .archive import ArchiveError, ArchivedScan, open_scan
+from .file_backing import open_h5
 from .interrupt import Interrupted, end_interrupted, stop_on_signals
 from .progress import ProgressLine
 from .scan import EndReason
@@ -94,8 +93,8 @@ def existing_entry(path: str, number: int, info: dict) -> str | None:
     for candidate in (target, per_scan):
         if not candidate.is_file():
             continue
-        try:  # swmr=True also opens a file a writer has open (or died with)
-            with h5py.File(candidate, "r", locking=False, swmr=True) as f:
+        try:  # also a file a writer has open, or this process (the archived scan's)
+            with open_h5(str(candidate)) as f:
                 if f.get(entry, getlink=True) is not None:  # a group, or a link to one
                     return f"{candidate}::/{entry}"
         except OSError:  # not HDF5, or unreadable: the writer will say why

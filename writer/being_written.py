@@ -17,7 +17,7 @@ from pathlib import Path
 
 import h5py
 
-from .files import marked_open_for_write
+from .files import status_flags
 
 #: exit status of `validate` and `rewrite` for a file with a scan still being written
 EXIT_BEING_WRITTEN = 3
@@ -39,21 +39,26 @@ class ScanBeingWritten:
 
 def scans_being_written(path) -> list[ScanBeingWritten]:
     """The scans of the HDF5 file `path` (its own, or those its top-level external links
-    name) whose file HDF5 marks open for writing."""
+    name) whose file HDF5 marks open for writing. A shared file wears that mark too while
+    one of its scans is written (docs/files.md): its links say which."""
     path = Path(path)
-    if marked_open_for_write(path):
-        return _entries_of(path)
+    try:
+        with h5py.File(path, "r", swmr=True, locking=False) as f:
+            links = [(name, f.get(name, getlink=True)) for name in f]
+    except OSError:
+        return _entries_of(path) if status_flags(path) else []
     found = []
-    with h5py.File(path, "r", locking=False) as f:
-        links = [(name, f.get(name, getlink=True)) for name in f]
     for name, link in links:
         if not isinstance(link, h5py.ExternalLink):
             continue
         target = Path(link.filename)
         if not target.is_absolute():  # HDF5 looks beside the file naming it
             target = path.resolve().parent / target
-        if target.is_file() and marked_open_for_write(target):
+        if target.is_file() and status_flags(target):
             found.extend(_entries_of(target, only=name))
+    own = [name for name, link in links if not isinstance(link, h5py.ExternalLink)]
+    if status_flags(path) and (own or not links):
+        found.extend(_entries_of(path))
     return found
 
 

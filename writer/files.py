@@ -202,19 +202,6 @@ def swmr_capable(path) -> bool:
         return True
 
 
-def marked_open_for_write(path) -> bool:
-    """Whether HDF5 marks the file open for writing (the superblock's consistency flags): a
-    writer has it open now, or died with it open. Read only; False for a file without a
-    version 2/3 superblock (those have no such flags)."""
-    with open(path, "rb") as fh:
-        offset = _superblock_offset(fh)
-        if offset is None:
-            return False
-        fh.seek(offset + 8)
-        head = fh.read(4)
-    return len(head) == 4 and head[0] in (2, 3) and head[3] != 0
-
-
 def _superblock_offset(fh) -> int | None:
     """Where the HDF5 superblock of the open file `fh` starts (0, or 512, 1024, ... after a
     user block), or None if it has none."""
