@@ -33,6 +33,8 @@ from pathlib import Path
 
 import h5py
 
+from blissdata import lost_points
+
 NXDL_NAME = re.compile(r"^[a-zA-Z0-9_]([a-zA-Z0-9_.]*[a-zA-Z0-9_])?$")
 _CONTEXT = re.compile(r"^\s*(?:NX\w+|Field|Group|Attribute): (/\S*)")
 _INVALID_NAME = re.compile(r'^\s*"([^"]+)" is an invalid name')
@@ -108,7 +110,23 @@ def validate_file(path) -> Report:
     _recheck_axis_sizes(report)
     _check_default_plots(report)
     _check_virtual_sources(report)
+    _check_lost_points(report)
     return report
+
+
+def _check_lost_points(report: Report) -> None:
+    """Points lost in Redis before the writer stored them: the entry is complete otherwise
+    (fill values stand in for them), so a warning naming them, not an error."""
+    with h5py.File(report.path, "r", locking=False) as f:
+        for name, group in f.items():
+            if not isinstance(group, h5py.Group):
+                continue
+            lost = lost_points.recorded_in(group)
+            if lost:
+                report.warnings.append(
+                    f"/{name}: {lost_points.count(lost)} points lost in Redis before the "
+                    f"writer stored them (fill values in the file, listed in "
+                    f"writer_status lost_points): {lost_points.describe(lost)}")
 
 
 def _text(value) -> str | None:
