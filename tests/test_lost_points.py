@@ -34,12 +34,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_writer_process(redis_url, data_root, log_path, metrics_port=None):
+def start_writer_process(redis_url, data_root, log_path, metrics_port=None, settings=""):
     command = [sys.executable, "-m", "writer.cli", "run", "--redis", redis_url,
                "--data-root", str(data_root), "--log-level", "INFO"]
     if metrics_port is not None:
+        settings += f"\n[metrics]\nenabled = true\nport = {metrics_port}\n"
+    if settings:
         config = log_path.with_suffix(".toml")
-        config.write_text(f"[metrics]\nenabled = true\nport = {metrics_port}\n")
+        config.write_text(settings)
         command += ["--config", str(config)]
     return subprocess.Popen(command, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
 
@@ -163,10 +165,12 @@ def test_points_trimmed_before_the_writer_stored_them(store, tmp_path):
         stop_process(proc)
 
 
-def test_redis_restarted_empty_mid_scan(tmp_path):
-    """valkey without persistence killed -9 and started again, empty, on the same port:
-    the writer ends the entry with the reason, keeps every point it had, and writes the
-    next scan in full. Its log does not blame another writer."""
+@pytest.mark.parametrize("down_s", [0.0, 3.0])
+def test_redis_restarted_empty_mid_scan(tmp_path, down_s):
+    """valkey without persistence killed -9 and started again, empty, on the same port (at
+    once, or after the writer's lease ran out: it has let go of the file by then): the
+    writer ends the entry with the reason, keeps every point it had, and writes the next
+    scan in full. Its log does not blame another writer."""
     data_root = tmp_path / "data"
     data_root.mkdir()
     log_path = tmp_path / "writer.log"
@@ -175,7 +179,8 @@ def test_redis_restarted_empty_mid_scan(tmp_path):
     proc = None
     try:
         store = DataStore(server.url)
-        proc = start_writer_process(server.url, data_root, log_path)
+        proc = start_writer_process(server.url, data_root, log_path,
+                                    settings="lease_ttl_s = 1.0\n")
         time.sleep(1.0)
         path = data_root / "restart.h5"
         scan = store.create_scan({"session": "s", "name": "ascan", "number": 1,
@@ -189,6 +194,7 @@ def test_redis_restarted_empty_mid_scan(tmp_path):
         server.process.kill()  # -9: no persistence, nothing saved
         server.process.wait()
         server.stop()
+        time.sleep(down_s)
         server = EmbeddedRedis(port=port).start()  # as systemd brings it back
         deadline = time.monotonic() + 30
         while True:
@@ -201,6 +207,9 @@ def test_redis_restarted_empty_mid_scan(tmp_path):
         assert end_reason == "DELETION" and end_time
         assert note.state == "failed"
         assert "scan gone from Redis: deleted, or Redis restarted without its data" in note.error
+        # in Redis too (`blisswriter status`), though the scan itself is gone
+        st = wait_status(DataStore(server.url), scan.key)
+        assert st.state == "failed" and "scan gone from Redis" in st.error
         with h5py.File(path, "r", swmr=True, locking=False) as f:
             assert np.array_equal(f["1.1/measurement/diode"][()], np.arange(150.0))
         # the next scan, in the new Redis, is written in full

@@ -167,10 +167,10 @@ class ScanWriter(threading.Thread):
 
     # ---- the steps -------------------------------------------------------------------
     def _write_scan(self) -> None:
-        if self.file is not None and not self.service.redis.exists(self.scan_key):
-            # a retry after a lost connection (Redis still down: retried again, the file
-            # kept), to a Redis that came back without the scan: its entry is ended while
-            # the file is still open
+        if self.file is not None and self._gone_from_redis():
+            # a retry after a lost connection, to a Redis that came back without the scan:
+            # its entry is ended while the file is still open (Redis still unreachable:
+            # the file goes, another writer may take the scan; _fail reopens it if needed)
             raise ScanNotFoundError(f"scan {self.scan_key} no longer exists")
         self._release_file()  # a retry after a lost connection starts clean
         self.scan = self._load_scan()
@@ -865,8 +865,8 @@ class ScanWriter(threading.Thread):
         """End the scan as failed: the entry ended, the file closed, the status out.
         `gone`: the scan is gone from Redis; its lease may have gone with it (no other
         writer can take a scan Redis no longer has), the status goes out unfenced."""
-        if gone and not self.lease.holds():
-            self.status.lease = ""  # nothing left to fence against
+        if gone:  # the lease may vanish with the scan any moment: nothing to fence
+            self.status.lease = ""
         elif not self.lease.holds():  # another writer has the scan: its story, not ours
             log.warning("scan %s: %s; not recorded: this writer lost the scan's lease",
                         self.scan_key, reason)
@@ -876,12 +876,15 @@ class ScanWriter(threading.Thread):
         self.status.state = "failed"
         self.status.error = reason
         log.error("scan %s: failed: %s", self.scan_key, reason)
+        if gone and self.entry is None:
+            self._reopen_entry()
         kept = ""
         if self.entry is not None and self.file is not None:
             durable_before = dict(self.status.points)  # what the last good flush published
             try:
                 with self.file.lock:
-                    durable = {n: a.flush() for n, a in self.appenders.items()}
+                    durable = {**self.status.points,
+                               **{n: a.flush() for n, a in self.appenders.items()}}
                     self.status.points = durable
                     writer_status.write_note(self.entry, self.status)
                     self._end_failed_entry("DELETION" if gone else "FAILURE")
@@ -910,6 +913,24 @@ class ScanWriter(threading.Thread):
             log.error("scan %s: could not publish the failure to Redis: %s", self.scan_key, exc)
         if gone:
             self.service.record_gone(self.scan_key)
+
+    def _reopen_entry(self) -> None:
+        """The entry of a scan that vanished from Redis while this writer had let go of its
+        file (Redis unreachable for a while, then back without the scan): opened again to
+        be ended. No other writer can take a scan Redis no longer has."""
+        if self.scan is None or self.file_path is None or not self.file_path.exists():
+            return
+        try:
+            self.file = self.service.files.acquire(self.file_path, resume=True,
+                                                   swmr=self._swmr_possible())
+            with self.file.lock:
+                self.entry = self.file.h5.get(self.entry_name)
+                if self.entry is not None:
+                    self._check_entry_is_ours()
+        except Exception as exc:  # locked by another process, unreadable, not ours
+            log.error("scan %s: its entry in %s stays unended: %s", self.scan_key,
+                      self.where, exc)
+            self._release_file()
 
     def _pause(self) -> None:
         """Service stopping mid-scan: make what we have durable; a restart resumes."""
