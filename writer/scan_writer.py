@@ -21,7 +21,9 @@ import redis
 import tenacity
 
 from blissdata import ScanNotFoundError, ScanState, bslz4, lost_points
-from blissdata.exceptions import LeaseLostError, MalformedEntryError, PointsGoneError
+from blissdata.exceptions import (IndexNoMoreThereError, LeaseLostError, MalformedEntryError,
+                                  PointsGoneError)
+from blissdata.file_backing import DataFileError
 from blissdata.encoding import StreamDefinition
 from blissdata.memory_tracker import trim_durable
 from blissdata.stream import Stream
@@ -137,6 +139,10 @@ class ScanWriter(threading.Thread):
             self._fail(str(exc))
         except ScanNotFoundError as exc:
             self._fail(f"{SCAN_GONE} ({exc})", gone=True)
+        except IndexNoMoreThereError as exc:  # gone from Redis where no gap can be filled
+            self._fail(f"points gone from Redis: {exc}")
+        except DataFileError as exc:  # a file that should hold points Redis no longer has
+            self._fail(f"points trimmed from Redis cannot be read back: {exc}")
         except Exception as exc:
             if is_file_error(exc):
                 log.debug("scan %s: %s", self.scan_key, exc)  # HDF5's full story
