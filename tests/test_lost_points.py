@@ -284,3 +284,50 @@ def test_many_lost_ranges_still_fit_the_status_note(tmp_path):
         stored = lost_points.recorded_in(entry)
     assert stored["x"][0][0] == 0 and stored["x"][-1][1] == 49991
     assert all(lost_points.overlapping(stored["x"], a, b) for a, b in status.lost_points["x"])
+
+
+def test_tracker_process_counts_and_logs_every_trim_of_unwritten_points(tmp_path):
+    """The tracker command above its hard limit with points no writer stored: an ERROR at
+    start, an ERROR per trim naming scan, stream and range, and the counts in its metrics."""
+    port = free_port()
+    with EmbeddedRedis() as server:
+        store = DataStore(server.url)
+        scan = store.create_scan({"session": "s", "name": "ascan", "number": 1,
+                                  "path": str(tmp_path / "never.h5")},
+                                 info={"title": "t", "type": "ascan", "scan_nb": 1})
+        s = scan.create_stream("x", "float64", (1024,))
+        scan.prepare()
+        for _ in range(64):
+            s.send(np.zeros((8, 1024)))  # 4 MB of points, no writer: no watermark
+        log_path = tmp_path / "tracker.log"
+        proc = subprocess.Popen([sys.executable, "-m", "blissdata.memory_tracker", "--redis",
+                                 server.url, "--budget", "1.5", "--hard-limit", "2",
+                                 "--interval", "0.1", "--metrics-port", str(port)],
+                                stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 20
+            while not store.redis.hget(keys.lost_key(scan.key), "x"):
+                assert time.monotonic() < deadline and proc.poll() is None, \
+                    log_path.read_text()
+                time.sleep(0.1)
+            lost = json.loads(store.redis.hget(keys.lost_key(scan.key), "x"))
+            assert lost[0][0] == 0
+            def metrics():
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                              timeout=5).read().decode()
+                return dict(line.rsplit(" ", 1) for line in text.splitlines()
+                            if line and not line.startswith("#"))
+
+            values = metrics()
+            while float(values["blissdata_tracker_lost_trims_total"]) < 1:  # just counted
+                assert time.monotonic() < deadline, values
+                time.sleep(0.1)
+                values = metrics()
+            assert float(values["blissdata_tracker_lost_trims_total"]) == 1
+            assert float(values["blissdata_tracker_lost_points_total"]) == lost[0][1]
+            assert float(values["blissdata_tracker_hard_limit_bytes"]) == 2 * MB
+            log = log_path.read_text()
+            assert "above the hard limit" in log  # said at start
+            assert f"scan {scan.key} stream 'x' points [0, {lost[0][1]})" in log
+        finally:
+            stop_process(proc)
