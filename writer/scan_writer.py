@@ -119,6 +119,7 @@ class ScanWriter(threading.Thread):
         self._largest_entry = 0  # bytes of the largest Redis entry read (sizes the reads)
         self._redefined_at = None  # stream name -> points published when seen redefined
         self._start_time_written = False
+        self._entry_written = False  # this writer has had the scan's entry open
 
     # ---- thread body -----------------------------------------------------------------
     def run(self) -> None:
@@ -361,6 +362,7 @@ class ScanWriter(threading.Thread):
             h5.flush()
             if self._swmr_possible() and not self.file.swmr:
                 self.file.start_swmr()
+        self._entry_written = True
         if self.master_path is not None:
             link_entry(self.master_path, self.entry_name, self.file_path)
         log.info("scan %s %s:%s %s -> %s::/%s%s", self.scan_key, self.scan.session,
@@ -924,8 +926,8 @@ class ScanWriter(threading.Thread):
         """The entry of a scan that vanished from Redis while this writer had let go of its
         file (Redis unreachable for a while, then back without the scan): opened again to
         be ended. No other writer can take a scan Redis no longer has."""
-        if self.scan is None or self.file_path is None or not self.file_path.exists():
-            return
+        if not self._entry_written or not self.file_path.exists():
+            return  # (a writer that never had the entry leaves it to the one that had it)
         try:
             self.file = self.service.files.acquire(self.file_path, resume=True,
                                                    swmr=self._swmr_possible())
