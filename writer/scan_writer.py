@@ -128,7 +128,11 @@ class ScanWriter(threading.Thread):
                 with attempt:
                     self._write_scan()
         except LeaseLostError as exc:  # another writer has it now: write nothing more
-            if self._gone_from_redis():  # no other writer: the lease went with the scan
+            gone = self._gone_from_redis()
+            if gone is None:  # Redis does not answer: let go of the file, then ask again
+                self._release_file()
+                gone = self._gone_once_redis_answers()
+            if gone:  # no other writer: the lease went with the scan
                 self._fail(f"{SCAN_GONE} ({exc})", gone=True)
             else:
                 log.warning("scan %s: %s", self.scan_key, exc)
@@ -698,8 +702,7 @@ class ScanWriter(threading.Thread):
         definition = self.definitions[name]
         if definition.encoding == "references":
             raise ScanFailed(f"{gone}: a gap in a `references` stream cannot be filled")
-        lost_points.record(self.service.redis, self.scan_key, name, start, stop,
-                           self.service.store.script_flags())
+        self._record_lost(name, start, stop)
         ranges = self.status.lost_points.setdefault(name, [])
         self.status.lost_points[name] = lost_points.merged(ranges + [[start, stop]])
         log.error("scan %s stream %r: points [%d, %d) were trimmed from Redis before the "
@@ -713,6 +716,25 @@ class ScanWriter(threading.Thread):
             for at in range(start, stop, self._fill_batch(definition)):
                 n = min(stop, at + self._fill_batch(definition)) - at
                 self._append_parts(name, at, [self._filler(appender, definition, n)])
+
+    def _record_lost(self, name: str, start: int, stop: int, patience_s: float = 30.0) -> None:
+        """The range in Redis before any watermark passes it; while Redis is full (servers
+        without script flags refuse the script then), again for a while."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                lost_points.record(self.service.redis, self.scan_key, name, start, stop,
+                                   self.service.store.script_flags())
+                return
+            except redis.ResponseError as exc:  # OutOfMemoryError, or OOM inside the script
+                if "OOM" not in str(exc) and not isinstance(exc, redis.OutOfMemoryError):
+                    raise
+            if time.monotonic() > deadline:
+                raise ScanFailed(f"stream {name!r}: points [{start}, {stop}) were trimmed "
+                                 f"from Redis before the writer stored them, and Redis stayed "
+                                 f"full for {patience_s:.0f} s: the loss cannot be recorded "
+                                 f"there")
+            time.sleep(0.1)
 
     @staticmethod
     def _fill_batch(definition: StreamDefinition) -> int:
@@ -738,12 +760,24 @@ class ScanWriter(threading.Thread):
                 f"them: {lost_points.describe(lost)}; every other point is in the file "
                 f"(the lost ones hold the fill value; readers raise IndexNoMoreThereError)")
 
-    def _gone_from_redis(self) -> bool:
-        """Whether the scan's keys are gone from a Redis that answers."""
+    def _gone_from_redis(self) -> bool | None:
+        """Whether the scan's keys are gone from Redis; None if Redis does not answer."""
         try:
             return not self.service.redis.exists(self.scan_key)
         except redis.RedisError:
-            return False
+            return None
+
+    def _gone_once_redis_answers(self) -> bool:
+        """`_gone_from_redis()`, asked until Redis answers (False if the service stops
+        first): a scan whose Redis came back empty still gets its entry ended."""
+        pause = 0.2
+        while not self._stop_requested.is_set():
+            gone = self._gone_from_redis()
+            if gone is not None:
+                return gone
+            self._stop_requested.wait(pause)
+            pause = min(5.0, pause * 2)
+        return False
 
     def _flush(self, final: bool = False) -> bool:
         """Make every point appended durable and publish the watermarks; False if Redis was
@@ -826,8 +860,12 @@ class ScanWriter(threading.Thread):
         lost = self.status.lost_points
         # every point is in the file now: the lost ranges in Redis become exactly the gaps
         # this writer filled (the tracker counts as lost what the writer still held)
-        lost_points.replace(self.service.redis, self.scan_key, lost, list(self.appenders),
-                            self.service.store.script_flags())
+        try:
+            lost_points.replace(self.service.redis, self.scan_key, lost, list(self.appenders),
+                                self.service.store.script_flags())
+        except redis.ResponseError as exc:  # Redis full: what the tracker recorded stays
+            log.warning("scan %s: lost ranges in Redis not set to the writer's: %s",
+                        self.scan_key, exc)
         with self.file.lock:
             self.lease.check()
             end_reason = self.scan.info.get("end_reason", "SUCCESS")
