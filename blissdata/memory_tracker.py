@@ -120,11 +120,11 @@ class MemoryTracker:
     def used_memory(self) -> int:
         return self.store.used_memory()
 
-    def memory_without_scan_data(self) -> int:
+    def memory_without_scan_data(self, used: int | None = None) -> int:
         """What Redis would use with every scan's data trimmed (its own needs, other keys):
         used_memory less the memory of the scans' data streams. A hard limit below it
         trims every point of every scan before any writer can store it."""
-        used = self.used_memory()
+        used = self.used_memory() if used is None else used
         data_keys = []
         for key in self._scans_oldest_first():
             raw = self.redis.hget(key, "streams")
@@ -146,7 +146,7 @@ class MemoryTracker:
             self.metrics.observe(self, used)
         if used <= self.hard_limit:
             return None
-        floor = self.memory_without_scan_data()
+        floor = self.memory_without_scan_data(used)
         if floor >= self.hard_limit:
             return (f"hard limit {self.hard_limit / MB:.1f} MB is below what Redis at "
                     f"{self.store.url} uses with no scan data ({floor / MB:.1f} MB of "
@@ -400,7 +400,8 @@ def main(argv=None) -> int:
             return 1
     problem = tracker.check_hard_limit()
     if problem:
-        print(f"blissdata-memory-tracker: --hard-limit: {problem}", file=sys.stderr)
+        print(f"blissdata-memory-tracker: not started: {problem} (--hard-limit; default "
+              f"1.5 x --budget)", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: tracker.stop())
     signal.signal(signal.SIGINT, lambda *_: tracker.stop())

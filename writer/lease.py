@@ -133,10 +133,10 @@ class FileLease:
             if all(renewed):
                 self._valid_until = max(self._valid_until,
                                         started + VALID_FRACTION * self.ttl_ms / 1000)
-            else:
+            else:  # (a Redis error here changes nothing: the next renewal asks again)
+                holders = self._holders([k for k, ok in zip(lease_keys, renewed) if not ok])
                 self.lost = True
-                self.vanished = not any(self._holders(
-                    [k for k, ok in zip(lease_keys, renewed) if not ok]))
+                self.vanished = not any(holders)
             return not self.lost
 
     def _holders(self, lease_keys: list) -> list:
