@@ -19,6 +19,7 @@ import pytest
 
 from blissdata import DataStore, IndexNoMoreThereError, keys, lost_points
 from blissdata.archive import open_scan
+from blissdata.h5api import File
 from blissdata.memory_tracker import MemoryTracker
 from blissdata.redis_server import EmbeddedRedis
 from writer import status as writer_status
@@ -150,6 +151,17 @@ def test_points_trimmed_before_the_writer_stored_them(store, tmp_path):
             assert np.array_equal(archived.streams["cam"][:100], frames[:100])
         finally:
             archived.close()
+        # h5api: live (the Stream API), then from the file once the scan left Redis
+        with File(DataStore(store.url), str(path)) as live:
+            with pytest.raises(IndexNoMoreThereError, match=rf"\[\[{first}, 190\]\]"):
+                live["/1.1/measurement/diode"][150:160]
+        store.delete_scan(scan.key)
+        with File(DataStore(store.url), str(path)) as archived_file:
+            diode_ds = archived_file["/1.1/measurement/diode"]
+            with pytest.raises(IndexNoMoreThereError, match=rf"\[\[{first}, 190\]\]"):
+                diode_ds[150:160]
+            assert np.array_equal(diode_ds[190:300], values[190:])
+            assert len(diode_ds) == 300
         # validate: a warning naming the loss, not an error
         report = validate_file(path)
         assert report.ok, report.errors
