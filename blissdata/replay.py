@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import lost_points
 from .archive import ArchiveError, ArchivedScan, open_scan
+from .exceptions import IndexNoMoreThereError
 from .progress import ProgressLine
 from .scan import EndReason
 from .store import DataStore, url_from
@@ -51,7 +53,14 @@ def replay(store: DataStore, archived: ArchivedScan, session: str | None = None,
            path: str | None = None, number: int | None = None, speed: float | None = None,
            progress=None):
     """Publish `archived` as a new scan; returns it. `speed`: 1 = original pace, 2 = twice
-    as fast, None = as fast as possible."""
+    as fast, None = as fast as possible. A scan whose writer recorded points lost in Redis
+    (fill values in the file) is refused: IndexNoMoreThereError naming them."""
+    lost = {n: s.lost for n, s in archived.streams.items() if getattr(s, "lost", None)}
+    if lost:
+        raise IndexNoMoreThereError(
+            f"{archived.path}::{archived.entry_name}: {lost_points.count(lost)} points were "
+            f"lost in Redis before the writer stored them ({lost_points.describe(lost)}); "
+            f"the file holds fill values there: not replayed")
     identity = dict(archived.identity)
     if session:
         identity["session"] = session
@@ -141,9 +150,14 @@ def main(argv=None) -> int:
         return 1
     with archived:
         progress = ProgressLine("replaying")
-        scan = replay(store, archived, args.session, args.path, args.number, args.speed,
-                      progress=progress)
-        progress.close()
+        try:
+            scan = replay(store, archived, args.session, args.path, args.number, args.speed,
+                          progress=progress)
+        except IndexNoMoreThereError as exc:  # points lost: nothing published
+            print(f"blissdata-replay: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            progress.close()
         print(f"replayed {archived.path}::{archived.entry_name} as {scan.key} "
               f"({len(scan.streams)} streams) -> {scan.path}")
         for what, why in archived.not_replayable.items():

@@ -20,6 +20,7 @@ import pytest
 from blissdata import DataStore, IndexNoMoreThereError, keys, lost_points
 from blissdata.archive import open_scan
 from blissdata.h5api import File
+from blissdata.replay import main as replay_main
 from blissdata.memory_tracker import MemoryTracker
 from blissdata.redis_server import EmbeddedRedis
 from writer import status as writer_status
@@ -61,7 +62,7 @@ def read_entry_status(path, entry="1.1"):
                 f[f"{entry}/end_reason"][()].decode(), f[f"{entry}/end_time"][()].decode())
 
 
-def test_points_trimmed_before_the_writer_stored_them(store, tmp_path):
+def test_points_trimmed_before_the_writer_stored_them(store, tmp_path, capsys):
     """The writer is paused while the tracker, above its hard limit, trims points [100, 190)
     that no file holds: the writer records them lost, fills them with the fill value, writes
     every later point, and ends the scan "failed" naming the range: in Redis, the file, its
@@ -151,6 +152,9 @@ def test_points_trimmed_before_the_writer_stored_them(store, tmp_path):
             assert np.array_equal(archived.streams["cam"][:100], frames[:100])
         finally:
             archived.close()
+        # replay: refused, naming the loss, nothing published
+        assert replay_main([str(path), "--redis", store.url]) == 2
+        assert f"'diode' [{first}, 190)" in capsys.readouterr().err
         # h5api: live (the Stream API), then from the file once the scan left Redis
         with File(DataStore(store.url), str(path)) as live:
             with pytest.raises(IndexNoMoreThereError, match=rf"\[\[{first}, 190\]\]"):
