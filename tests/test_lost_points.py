@@ -347,3 +347,53 @@ def test_tracker_process_counts_and_logs_every_trim_of_unwritten_points(tmp_path
             assert f"scan {scan.key} stream 'x' points [0, {lost[0][1]})" in log
         finally:
             stop_process(proc)
+
+
+def test_writer_killed_after_a_gap_resumes_with_it(store, tmp_path):
+    """A writer killed -9 after it filled a gap: the one restarted resumes from the file,
+    keeps the lost range in its status, and ends the scan failed naming it."""
+    data_root = tmp_path / "data"
+    data_root.mkdir()
+    log_path = tmp_path / "writer.log"
+    proc = start_writer_process(store.url, data_root, log_path)
+    try:
+        time.sleep(1.0)
+        path = data_root / "resumed.h5"
+        scan = store.create_scan({"session": "s", "name": "ascan", "number": 1,
+                                  "path": str(path)},
+                                 info={"title": "t", "type": "ascan", "scan_nb": 1})
+        diode = scan.create_stream("diode", "float64")
+        scan.prepare()
+        scan.start()
+        values = np.arange(300, dtype=np.float64)
+        for i in range(0, 100, 10):
+            diode.send(values[i:i + 10])
+        wait_durable(store, scan.key, "diode", 100, log_path)
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.3)
+        try:
+            for i in range(100, 200, 10):
+                diode.send(values[i:i + 10])
+            MemoryTracker(DataStore(store.url), budget_bytes=1, hard_limit_bytes=1).step()
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        wait_durable(store, scan.key, "diode", 200, log_path)  # the gap filled and flushed
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for i in range(200, 300, 10):
+            diode.send(values[i:i + 10])
+        scan.stop()
+        scan.close()
+        proc = start_writer_process(store.url, data_root, log_path)
+        st = wait_status(store, scan.key, timeout=30)
+        first = st.lost_points["diode"][0][0]
+        assert st.state == "failed" and st.lost_points == {"diode": [[first, 190]]}, \
+            log_path.read_text()
+        assert "resumed after a writer restart" in st.warnings
+        with h5py.File(path, "r", swmr=True, locking=False) as f:
+            got = f["1.1/measurement/diode"][()]
+        assert np.array_equal(got[:first], values[:first]) and np.isnan(got[first:190]).all()
+        assert np.array_equal(got[190:], values[190:])
+        assert read_entry_status(path)[1] == "SUCCESS WITH POINTS LOST"
+    finally:
+        stop_process(proc)
