@@ -123,7 +123,8 @@ class MemoryTracker:
     def memory_without_scan_data(self, used: int | None = None) -> int:
         """What Redis would use with every scan's data trimmed (its own needs, other keys):
         used_memory less the memory of the scans' data streams. A hard limit below it
-        trims every point of every scan before any writer can store it."""
+        trims every point of every scan before any writer can store it. (On a cluster:
+        the fullest primary's usage less every scan's data, a lower bound.)"""
         used = self.used_memory() if used is None else used
         data_keys = []
         for key in self._scans_oldest_first():
