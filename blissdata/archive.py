@@ -27,7 +27,8 @@ from .encoding import StreamDefinition
 from .json_points import json_points
 from .point_shapes import varying_points
 from .file_backing import open_h5
-from .exceptions import BlissdataError, EndOfStream, IndexWontBeThereError
+from . import lost_points
+from .exceptions import BlissdataError, EndOfStream, IndexWontBeThereError, PointsGoneError
 from .scan import ScanState
 from .stream import StreamView
 
@@ -50,10 +51,13 @@ def _jsonable(value):
 
 
 class ArchivedStream:
-    def __init__(self, scan, definition: StreamDefinition, dataset: h5py.Dataset):
+    def __init__(self, scan, definition: StreamDefinition, dataset: h5py.Dataset,
+                 lost: list | None = None):
         self._scan = scan
         self.definition = definition
         self.dataset = dataset
+        # ranges lost in Redis before the writer stored them: fill values in the file
+        self.lost = lost or []
 
     name = property(lambda self: self.definition.name)
     encoding = property(lambda self: self.definition.encoding)
@@ -76,6 +80,12 @@ class ArchivedStream:
         return f"<ArchivedStream {self.name!r} {len(self)} points in {self.dataset.name}>"
 
     def _read(self, start: int, stop: int):
+        gone = lost_points.overlapping(self.lost, start, stop)
+        if gone:
+            raise PointsGoneError(f"stream {self.name!r} of {self._scan.path}::"
+                                  f"{self._scan.entry_name}: points [{start}, {stop}) are not "
+                                  f"in the file; lost (trimmed from Redis before the writer "
+                                  f"stored them): {gone}", self.name, start, stop)
         data = self.dataset[start:stop]
         if self.encoding == "json":  # texts beside their rows, or strings (older files)
             return json_points(self.dataset, start, data, refresh=True)
@@ -175,12 +185,14 @@ class ArchivedScan:
             if field not in self.info and _text(group, field):
                 self.info[field] = _text(group, field)
         self.streams = {}
+        lost = lost_points.recorded_in(group)
         for name, d in header["streams"].items():
             dataset = self._h5.get(header.get("datasets", {}).get(name, ""))
             if dataset is None:
                 self.not_replayable[name] = "its dataset is not in the file"
                 continue
-            self.streams[name] = ArchivedStream(self, StreamDefinition.from_json(d), dataset)
+            self.streams[name] = ArchivedStream(self, StreamDefinition.from_json(d), dataset,
+                                                lost.get(name))
 
     # ---- files written by other programs ---------------------------------------------------
     def _from_layout(self, group) -> None:

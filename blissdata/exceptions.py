@@ -56,6 +56,15 @@ class IndexNoMoreThereError(BlissdataError, IndexError):
     """The index was trimmed from Redis and no file holds it."""
 
 
+class PointsGoneError(IndexNoMoreThereError):
+    """Points [start, stop) of a stream are neither in Redis nor readable from a file (lost,
+    or not in the file yet): ``stream``, ``start``, ``stop`` say which."""
+
+    def __init__(self, message: str, stream: str, start: int, stop: int):
+        super().__init__(message)
+        self.stream, self.start, self.stop = stream, start, stop
+
+
 class IndexWontBeThereError(BlissdataError, IndexError):
     """The stream was sealed before reaching that index."""
 

@@ -22,7 +22,8 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the compression filters for reading)
 import numpy as np
 
-from .exceptions import BlissdataError, IndexNoMoreThereError
+from . import lost_points
+from .exceptions import BlissdataError, PointsGoneError
 from .json_points import PointsNotThere, json_points
 from .point_shapes import shapes_dataset, varying_points
 
@@ -160,19 +161,20 @@ READ_RETRY_PAUSES = (0.0, 0.05, 0.2, 0.5, 1.0)
 
 
 def lost_ranges(raw) -> list[list[int]]:
-    return json.loads(raw) if raw else []
+    return lost_points.ranges_of(raw)
 
 
 def read_points(stream, start: int, stop: int, backing: dict | None, lost: list):
-    """Points [start, stop) of `stream` from the file the writer marked."""
-    if backing is None or backing["points"] < stop:
+    """Points [start, stop) of `stream` from the file the writer marked. Points in a lost
+    range raise even when the file covers them: the writer filled them with fill values."""
+    detail = lost_points.overlapping(lost, start, stop)
+    if detail or backing is None or backing["points"] < stop:
         covered = 0 if backing is None else backing["points"]
-        detail = [r for r in lost if r[0] < stop and r[1] > start]
         why = (f"; lost (trimmed before any file held them): {detail}" if detail else
                f"; the file holds [0, {covered})" if backing else "; no file holds this stream")
-        raise IndexNoMoreThereError(
+        raise PointsGoneError(
             f"stream {stream.name!r} of scan {stream.scan.key}: points [{start}, {stop}) are no "
-            f"more in Redis{why}")
+            f"more in Redis{why}", stream.name, start, stop)
     files = stream.scan.store.files
     definition = stream.definition
     if definition.encoding == "json":

@@ -23,6 +23,8 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the compression filters for reading)
 import numpy as np
 
+from . import lost_points
+from .archive import ArchivedScan
 from .exceptions import ScanNotFoundError
 from .file_backing import open_h5
 from .h5values import set_attrs, write_value
@@ -237,7 +239,7 @@ class File(Group):
         if self._h5 is not None:
             if parts and parts[0] not in self._entries and self._default is not None:
                 parts.insert(0, self._default)  # entry-relative, as for a live scan
-            return self._h5["/" + "/".join(parts)]
+            return self._with_losses_guarded(self._h5["/" + "/".join(parts)], parts)
         if not parts:
             return self
         if parts[0] in self._entries:
@@ -246,6 +248,20 @@ class File(Group):
         if self._default is None:
             raise KeyError(f"{path!r}: no scan in {self.filename}")
         return self._entry(self._default)["/".join(parts)]
+
+    def _with_losses_guarded(self, obj, parts: list):
+        """A dataset of the file as h5py gives it, unless its stream lost points in Redis
+        before the writer stored them (fill values in the file): then read through the
+        archived stream, which raises IndexNoMoreThereError for them."""
+        if not isinstance(obj, h5py.Dataset) or not parts or parts[0] not in self._entries:
+            return obj
+        entry = self._h5[parts[0]]
+        if not lost_points.recorded_in(entry):
+            return obj
+        for stream in ArchivedScan(self.filename, parts[0], self._h5).streams.values():
+            if stream.lost and stream.dataset.id == obj.id:
+                return Dataset(obj.name, obj.attrs, stream=stream)
+        return obj
 
     def close(self) -> None:
         if self._h5 is not None:

@@ -7,13 +7,18 @@ Each round (every `interval_s`):
    whose info says `"save": false` have no file to wait for: their streams are trimmed freely.
    A stream's last entry is never trimmed (the stream's length is read from it).
 2. If memory is still above the hard limit: trim anyway (oldest scans first, keeping each
-   stream's last entry), record the lost ranges in `<scan>:lost` and log them as errors.
+   stream's last entry), record the lost ranges in `<scan>:lost` and log each as an ERROR
+   naming scan, stream and range (counted in the metrics: `--metrics-port`).
 3. Closed scans get a TTL (`closed_ttl_s`) on all their keys; scans with no activity (no new
    point, no state change) for `inactive_ttl_s` are deleted; index entries of scans that are
    gone are removed.
 4. Every `orphan_interval_s` (and at the first round): keys of a scan whose hash is gone
    (`<scan>:stream:*`, `:durable`, `:writer`, ... left by an older producer or a process
    that wrote after the scan was deleted) are found with SCAN and removed.
+
+It refuses to start when the hard limit is below what Redis uses with no scan data (every
+point would be trimmed before a writer could store it), and says so as an ERROR when Redis is
+above the hard limit at start.
 
 It keeps no state it cannot rebuild from Redis (only when it last saw activity): restarted, it
 picks up where it was.
@@ -31,7 +36,7 @@ import time
 
 import redis
 
-from . import keys
+from . import keys, lost_points
 from .store import DataStore, url_from
 
 log = logging.getLogger("blissdata.memory_tracker")
@@ -107,9 +112,52 @@ class MemoryTracker:
         self._next_orphan_sweep = 0.0  # monotonic time
         self._activity: dict[str, tuple] = {}  # scan key -> (fingerprint, since)
         self._stop = threading.Event()
+        # trims of points no file held yet, and those points (for metrics and tests)
+        self.lost_trims = 0
+        self.lost_points = 0
+        self.metrics = None  # TrackerMetrics when served (--metrics-port)
 
     def used_memory(self) -> int:
         return self.store.used_memory()
+
+    def memory_without_scan_data(self, used: int | None = None) -> int:
+        """What Redis would use with every scan's data trimmed (its own needs, other keys):
+        used_memory less the memory of the scans' data streams. A hard limit below it
+        trims every point of every scan before any writer can store it. (On a cluster:
+        the fullest primary's usage less every scan's data, a lower bound.)"""
+        used = self.used_memory() if used is None else used
+        data_keys = []
+        for key in self._scans_oldest_first():
+            raw = self.redis.hget(key, "streams")
+            data_keys += [keys.data_key(key, n) for n in (json.loads(raw) if raw else {})]
+        if not data_keys:
+            return used
+        pipe = self.redis.pipeline(transaction=False)
+        for data_key in data_keys:  # one by one: a cluster pipeline sends each to its node
+            pipe.memory_usage(data_key)
+        return max(0, used - sum(int(n or 0) for n in pipe.execute()))
+
+    def check_hard_limit(self) -> str | None:
+        """Whether the hard limit leaves room for scans: a problem in words (the limit is
+        below what Redis uses with no scan data: everything would be lost), or None. Also
+        says, as an ERROR log line and in the metrics, when Redis is above the hard limit
+        now (points no file holds will be trimmed at once)."""
+        used = self.used_memory()
+        if self.metrics is not None:
+            self.metrics.observe(self, used)
+        if used <= self.hard_limit:
+            return None
+        floor = self.memory_without_scan_data(used)
+        if floor >= self.hard_limit:
+            return (f"hard limit {self.hard_limit / MB:.1f} MB is below what Redis at "
+                    f"{self.store.url} uses with no scan data ({floor / MB:.1f} MB of "
+                    f"{used / MB:.1f} MB): every point of every scan would be trimmed before "
+                    f"a writer could store it; give a hard limit (and budget) well above "
+                    f"{floor / MB:.1f} MB")
+        log.error("Redis at %s uses %.1f MB, above the hard limit (%.1f MB): points no file "
+                  "holds yet are trimmed now and LOST", self.store.url, used / MB,
+                  self.hard_limit / MB)
+        return None
 
     # ---- one round -------------------------------------------------------------------------
     def step(self) -> dict:
@@ -132,6 +180,8 @@ class MemoryTracker:
         if time.monotonic() >= self._next_orphan_sweep:
             done["orphan_keys"] = self.remove_orphans()
             self._next_orphan_sweep = time.monotonic() + self.orphan_interval_s
+        if self.metrics is not None:
+            self.metrics.observe(self, self.used_memory())
         return done
 
     def remove_orphans(self) -> int:
@@ -195,10 +245,11 @@ class MemoryTracker:
         return total
 
     def _record_lost(self, key: str, name: str, start: int, stop: int) -> None:
-        raw = self.redis.hget(keys.lost_key(key), name)
-        ranges = json.loads(raw) if raw else []
-        ranges.append([start, stop])
-        self.redis.hset(keys.lost_key(key), name, json.dumps(ranges))
+        lost_points.record(self.redis, key, name, start, stop, self.store.script_flags())
+        self.lost_trims += 1
+        self.lost_points += stop - start
+        if self.metrics is not None:
+            self.metrics.lost(stop - start)
         log.error("Redis over its hard limit (%d MB): scan %s stream %r points [%d, %d) "
                   "trimmed before any file held them: LOST", self.hard_limit // MB, key, name,
                   start, stop)
@@ -253,6 +304,12 @@ class MemoryTracker:
     def run(self) -> None:
         log.info("memory tracker on %s: budget %d MB, hard limit %d MB", self.store.masked_url,
                  self.budget // MB, self.hard_limit // MB)
+        try:
+            problem = self.check_hard_limit()
+        except (redis.ConnectionError, redis.TimeoutError):
+            problem = None  # Redis not there yet: the rounds below say so and retry
+        if problem:  # the command refuses to start; here (a program's own tracker), said loudly
+            log.error("%s", problem)
         pause = self.interval_s
         while not self._stop.is_set():
             try:
@@ -313,6 +370,9 @@ def main(argv=None) -> int:
                              f"(default: 86400 = 1 day)")
     parser.add_argument("--interval", type=float, default=1.0, metavar="S",
                         help="seconds between rounds, > 0 (default: 1)")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="serve Prometheus metrics on this port (127.0.0.1): memory, "
+                             "limits, trims of points no file held (default: none)")
     parser.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="(default: INFO)")
@@ -330,6 +390,20 @@ def main(argv=None) -> int:
     except ConnectionError as exc:
         print(f"blissdata-memory-tracker: {exc}", file=sys.stderr)
         return 1
+    if args.metrics_port is not None:
+        from .tracker_metrics import TrackerMetrics
+
+        try:
+            tracker.metrics = TrackerMetrics(args.metrics_port)
+        except OSError as exc:
+            print(f"blissdata-memory-tracker: metrics cannot listen on 127.0.0.1:"
+                  f"{args.metrics_port}: {exc}", file=sys.stderr)
+            return 1
+    problem = tracker.check_hard_limit()
+    if problem:
+        print(f"blissdata-memory-tracker: not started: {problem} (--hard-limit; default "
+              f"1.5 x --budget)", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: tracker.stop())
     signal.signal(signal.SIGINT, lambda *_: tracker.stop())
     tracker.run()

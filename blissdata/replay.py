@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import lost_points
 from .archive import ArchiveError, ArchivedScan, open_scan
+from .exceptions import IndexNoMoreThereError
 from .file_backing import open_h5
 from .interrupt import Interrupted, end_interrupted, stop_on_signals
 from .progress import ProgressLine
@@ -58,7 +60,14 @@ def replay(store: DataStore, archived: ArchivedScan, session: str | None = None,
            path: str | None = None, number: int | None = None, speed: float | None = None,
            progress=None):
     """Publish `archived` as a new scan; returns it. `speed`: 1 = original pace, 2 = twice
-    as fast, None = as fast as possible."""
+    as fast, None = as fast as possible. A scan whose writer recorded points lost in Redis
+    (fill values in the file) is refused: IndexNoMoreThereError naming them."""
+    lost = {n: s.lost for n, s in archived.streams.items() if getattr(s, "lost", None)}
+    if lost:
+        raise IndexNoMoreThereError(
+            f"{archived.path}::{archived.entry_name}: {lost_points.count(lost)} points were "
+            f"lost in Redis before the writer stored them ({lost_points.describe(lost)}); "
+            f"the file holds fill values there: not replayed")
     identity = dict(archived.identity)
     if session:
         identity["session"] = session
@@ -200,6 +209,10 @@ def main(argv=None) -> int:
             print(f"blissdata-replay: stopped by {exc.signal_name}: ended with USER_ABORT: "
                   f"{ended}", file=sys.stderr)
             return exc.exit_status
+        except IndexNoMoreThereError as exc:  # points lost: nothing published
+            progress.close()
+            print(f"blissdata-replay: {exc}", file=sys.stderr)
+            return 2
         progress.close()
         print(f"replayed {archived.path}::{archived.entry_name} as {scan.key} "
               f"({len(scan.streams)} streams) -> {scan.path}")

@@ -87,6 +87,18 @@ def test_tracker_reads_every_primary(store, new_scan):
     assert MemoryTracker(store, budget_bytes=2**40).step()["trimmed_entries"] == 0
 
 
+def test_tracker_refuses_a_hard_limit_below_an_idle_node(store):
+    """`--budget 1` gives a 1.5 MB hard limit, below what an idle cluster node uses: every
+    point would be lost, so the tracker does not start."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "blissdata.memory_tracker", "--redis",
+                           store.url, "--budget", "1"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "with no scan data" in done.stderr, done.stderr
+
+
 def test_writer_status_on_cluster(store, redis_url, tmp_path, capsys):
     from writer.cli import main as cli_main
 

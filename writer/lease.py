@@ -83,6 +83,9 @@ class FileLease:
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.scans: set[str] = set()  # scan keys whose lease we hold with this token
         self.lost = False
+        # lost because the keys were gone (Redis restarted without its data, or the lease
+        # expired), not because another writer holds them
+        self.vanished = False
         self._valid_until = 0.0  # time.monotonic() until which we surely hold it all
         self._lock = threading.Lock()
 
@@ -130,9 +133,17 @@ class FileLease:
             if all(renewed):
                 self._valid_until = max(self._valid_until,
                                         started + VALID_FRACTION * self.ttl_ms / 1000)
-            else:
+            else:  # (a Redis error here changes nothing: the next renewal asks again)
+                holders = self._holders([k for k, ok in zip(lease_keys, renewed) if not ok])
                 self.lost = True
+                self.vanished = not any(holders)
             return not self.lost
+
+    def _holders(self, lease_keys: list) -> list:
+        pipe = self.client.pipeline(transaction=False)
+        for key in lease_keys:
+            pipe.get(key)
+        return pipe.execute()
 
     def holds(self) -> bool:
         """Whether this process may still write this file: surely yes until the local
@@ -170,6 +181,10 @@ class ScanLease:
     def check(self) -> None:
         """LeaseLostError unless this writer still holds the scan and its file."""
         if not self.file_lease.holds():
+            if self.file_lease.vanished:
+                raise LeaseLostError(f"scan {self.scan_key}: this writer's lease on "
+                                     f"{self.file_lease.path} is gone from Redis (Redis "
+                                     f"restarted without its data, or the lease expired)")
             raise LeaseLostError(f"scan {self.scan_key}: this writer lost its lease on "
                                  f"{self.file_lease.path} (paused or cut off longer than "
                                  f"the lease); another writer takes the scan over")

@@ -27,6 +27,17 @@ class WriterMetrics:
         self.lag_points = Gauge("blisswriter_lag_points",
                                 "Points published but not yet durable, all scans", ["scan"],
                                 registry=r)
+        # points lost in Redis (trimmed before the writer stored them): each gap is also an
+        # ERROR log line naming scan, stream and range, and the scan ends "failed"
+        self.gaps = Counter("blisswriter_gaps",
+                            "Ranges of points trimmed from Redis before the writer stored them",
+                            registry=r)
+        self.points_lost = Counter("blisswriter_points_lost",
+                                   "Points trimmed from Redis before the writer stored them "
+                                   "(fill values in the file)", registry=r)
+        self.scans_gone = Counter("blisswriter_scans_gone",
+                                  "Scans gone from Redis while being written (deleted, or "
+                                  "Redis restarted without its data)", registry=r)
         self.redis_memory = Gauge("blisswriter_redis_used_memory_bytes",
                                   "Redis used_memory as last seen by the writer", registry=r)
         # the writer pool (several writers on the same sessions, writer/pool.py)

@@ -187,7 +187,12 @@ class WriterPool:
                 file_leases = list(self.files.values())
             for file_lease in file_leases:
                 try:
-                    if not file_lease.renew():
+                    if not file_lease.renew() and file_lease.vanished:
+                        log.warning("lease on %s is gone from Redis (Redis restarted without "
+                                    "its data, or the lease expired): its scans %s stop here; "
+                                    "those still in Redis are taken up again by the next "
+                                    "sweep", file_lease.path, sorted(file_lease.scans))
+                    elif file_lease.lost:
                         self.lost_count += 1
                         log.warning("lease on %s lost to another writer: its scans %s stop "
                                     "here", file_lease.path, sorted(file_lease.scans))

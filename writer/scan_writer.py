@@ -20,8 +20,10 @@ import numpy as np
 import redis
 import tenacity
 
-from blissdata import ScanNotFoundError, ScanState
-from blissdata.exceptions import LeaseLostError, MalformedEntryError
+from blissdata import ScanNotFoundError, ScanState, bslz4, lost_points
+from blissdata.exceptions import (IndexNoMoreThereError, LeaseLostError, MalformedEntryError,
+                                  PointsGoneError)
+from blissdata.file_backing import DataFileError
 from blissdata.encoding import StreamDefinition
 from blissdata.memory_tracker import trim_durable
 from blissdata.stream import Stream
@@ -49,6 +51,9 @@ from .text_appender import TextAppender
 log = logging.getLogger("blisswriter")
 READ_BYTES = 16 * 2**20  # target size of one read per stream
 GATHER_BYTES = 4 * 2**20  # a read that brought less waits read_gather_s before the next
+FILL_BYTES = 64 * 2**20  # a gap of lost points is filled at most this much at a time
+#: why a scan whose keys vanished mid-write ends (the writer cannot tell which)
+SCAN_GONE = "scan gone from Redis: deleted, or Redis restarted without its data"
 
 
 def _nbytes(part) -> int:
@@ -114,6 +119,7 @@ class ScanWriter(threading.Thread):
         self._largest_entry = 0  # bytes of the largest Redis entry read (sizes the reads)
         self._redefined_at = None  # stream name -> points published when seen redefined
         self._start_time_written = False
+        self._entry_written = False  # this writer has had the scan's entry open
 
     # ---- thread body -----------------------------------------------------------------
     def run(self) -> None:
@@ -122,7 +128,14 @@ class ScanWriter(threading.Thread):
                 with attempt:
                     self._write_scan()
         except LeaseLostError as exc:  # another writer has it now: write nothing more
-            log.warning("scan %s: %s", self.scan_key, exc)
+            gone = self._gone_from_redis()
+            if gone is None:  # Redis does not answer: let go of the file, then ask again
+                self._release_file()
+                gone = self._gone_once_redis_answers()
+            if gone:  # no other writer: the lease went with the scan
+                self._fail(f"{SCAN_GONE} ({exc})", gone=True)
+            else:
+                log.warning("scan %s: %s", self.scan_key, exc)
         except WriterStopping:
             self._pause()
         except (ScanFailed, MappingError, PathRefused, EntryExistsError) as exc:
@@ -130,7 +143,11 @@ class ScanWriter(threading.Thread):
         except MalformedEntryError as exc:  # the points before that entry are in the file
             self._fail(str(exc))
         except ScanNotFoundError as exc:
-            self._fail(f"scan deleted from Redis while being written: {exc}")
+            self._fail(f"{SCAN_GONE} ({exc})", gone=True)
+        except IndexNoMoreThereError as exc:  # gone from Redis where no gap can be filled
+            self._fail(f"points gone from Redis: {exc}")
+        except DataFileError as exc:  # a file that should hold points Redis no longer has
+            self._fail(f"points trimmed from Redis cannot be read back: {exc}")
         except Exception as exc:
             if is_file_error(exc):
                 log.debug("scan %s: %s", self.scan_key, exc)  # HDF5's full story
@@ -161,6 +178,11 @@ class ScanWriter(threading.Thread):
 
     # ---- the steps -------------------------------------------------------------------
     def _write_scan(self) -> None:
+        if self.file is not None and self._gone_from_redis():
+            # a retry after a lost connection, to a Redis that came back without the scan:
+            # its entry is ended while the file is still open (Redis still unreachable:
+            # the file goes, another writer may take the scan; _fail reopens it if needed)
+            raise ScanNotFoundError(f"scan {self.scan_key} no longer exists")
         self._release_file()  # a retry after a lost connection starts clean
         self.scan = self._load_scan()
         ident = self.scan.identity
@@ -303,6 +325,7 @@ class ScanWriter(threading.Thread):
             self.status.started = previous.started
             self.status.state = "writing"
             self.status.warnings = previous.warnings + ["resumed after a writer restart"]
+            self.status.lost_points = previous.lost_points  # filled gaps already in the file
         try:
             in_master = self.master_path is not None and entry_in(self.master_path,
                                                                   self.entry_name)
@@ -343,6 +366,7 @@ class ScanWriter(threading.Thread):
             h5.flush()
             if self._swmr_possible() and not self.file.swmr:
                 self.file.start_swmr()
+        self._entry_written = True
         if self.master_path is not None:
             link_entry(self.master_path, self.entry_name, self.file_path)
         log.info("scan %s %s:%s %s -> %s::/%s%s", self.scan_key, self.scan.session,
@@ -525,13 +549,17 @@ class ScanWriter(threading.Thread):
         if not names:
             self._wait_for(ScanState.CLOSED)
             return
-        cursor = self.scan.cursor(names, start={n: a.npoints for n, a in self.appenders.items()},
-                                  raw_chunks=True)
         half_lag = self.config.max_lag_s / 2
         gather_s = min(self.read_gather_s, half_lag / 10)
-        ahead = ReadAhead(cursor, lambda: self._entries_per_read(len(names)),
-                          name=f"read-{self.name}",
-                          gather=lambda views: gather_s if _small(views) else 0.0)
+
+        def read_ahead():  # from where each appender is
+            cursor = self.scan.cursor(names, raw_chunks=True,
+                                      start={n: a.npoints for n, a in self.appenders.items()})
+            return ReadAhead(cursor, lambda: self._entries_per_read(len(names)),
+                             name=f"read-{self.name}",
+                             gather=lambda views: gather_s if _small(views) else 0.0)
+
+        ahead = read_ahead()
         last_state_check = 0.0
         dirty_since = None  # when the oldest point not flushed yet was read
         last_flush = time.monotonic()
@@ -558,6 +586,12 @@ class ScanWriter(threading.Thread):
                     self.scan.update(block=False)
                     self._check_definitions(final=True)  # a redefinition explains it
                     raise
+                except PointsGoneError as gone:  # trimmed before we stored them: lost
+                    ahead.close()
+                    self._fill_gap(gone)
+                    dirty_since = time.monotonic() if dirty_since is None else dirty_since
+                    ahead = read_ahead()  # on from the points after the gap
+                    continue
                 now = time.monotonic()
                 if views:
                     self._event()
@@ -636,10 +670,14 @@ class ScanWriter(threading.Thread):
         if view.index != appender.npoints:
             raise ScanFailed(f"stream {name!r}: got points from {view.index}, expected "
                              f"{appender.npoints} (lost or duplicated data)")
-        definition = self.definitions[name]
         self._largest_entry = max(self._largest_entry, view.entry_nbytes)
+        self._append_parts(name, view.index, view.parts)
+
+    def _append_parts(self, name: str, index: int, parts) -> None:
+        appender = self.appenders[name]
+        definition = self.definitions[name]
         try:
-            for part in view.parts:  # as the cursor cut them: no copy to join them
+            for part in parts:  # as the cursor cut them: no copy to join them
                 if definition.encoding == "bslz4":
                     appender.append_compressed(part)
                 elif definition.varying:
@@ -647,7 +685,99 @@ class ScanWriter(threading.Thread):
                 else:  # numeric arrays, or lists of json / reference points
                     appender.append(part)
         except ValueError as exc:
-            raise ScanFailed(f"stream {name!r} at point {view.index}: {exc}") from None
+            raise ScanFailed(f"stream {name!r} at point {index}: {exc}") from None
+
+    # ---- points lost in Redis --------------------------------------------------------
+    def _fill_gap(self, gone: PointsGoneError) -> None:
+        """Points [start, stop) of a stream were trimmed from Redis before this writer
+        stored them (a memory tracker above its hard limit, a producer's own trim): they are
+        lost. Record the range (Redis, then the file's writer_status) before the watermark
+        passes it, so readers raise for it; fill it with the dataset's fill value; go on
+        with the points after it."""
+        name, start, stop = gone.stream, gone.start, gone.stop
+        appender = self.appenders.get(name)
+        if appender is None or start != appender.npoints or stop <= start:
+            raise ScanFailed(f"stream {name!r}: {gone}; this writer was at point "
+                             f"{getattr(appender, 'npoints', '?')}")
+        definition = self.definitions[name]
+        if definition.encoding == "references":
+            raise ScanFailed(f"{gone}: a gap in a `references` stream cannot be filled")
+        self._record_lost(name, start, stop)
+        ranges = self.status.lost_points.setdefault(name, [])
+        self.status.lost_points[name] = lost_points.merged(ranges + [[start, stop]])
+        log.error("scan %s stream %r: points [%d, %d) were trimmed from Redis before the "
+                  "writer stored them (a memory tracker above its hard limit?): LOST; filled "
+                  "with the fill value in %s::%s, recorded in writer_status lost_points; "
+                  "writing goes on from point %d", self.scan_key, name, start, stop,
+                  self.where, self.dataset_paths[name], stop)
+        self.service.record_lost(self.scan_key, stop - start)
+        with self.file.lock:
+            self.lease.check()
+            for at in range(start, stop, self._fill_batch(definition)):
+                n = min(stop, at + self._fill_batch(definition)) - at
+                self._append_parts(name, at, [self._filler(appender, definition, n)])
+
+    def _record_lost(self, name: str, start: int, stop: int, patience_s: float = 30.0) -> None:
+        """The range in Redis before any watermark passes it; while Redis is full (servers
+        without script flags refuse the script then), again for a while."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                lost_points.record(self.service.redis, self.scan_key, name, start, stop,
+                                   self.service.store.script_flags())
+                return
+            except redis.ResponseError as exc:  # OutOfMemoryError, or OOM inside the script
+                if "OOM" not in str(exc) and not isinstance(exc, redis.OutOfMemoryError):
+                    raise
+            if time.monotonic() > deadline:
+                raise ScanFailed(f"stream {name!r}: points [{start}, {stop}) were trimmed "
+                                 f"from Redis before the writer stored them, and Redis stayed "
+                                 f"full for {patience_s:.0f} s: the loss cannot be recorded "
+                                 f"there")
+            time.sleep(0.1)
+
+    @staticmethod
+    def _fill_batch(definition: StreamDefinition) -> int:
+        return max(1, FILL_BYTES // max(1, definition.point_nbytes or 1))
+
+    @staticmethod
+    def _filler(appender, definition: StreamDefinition, n: int):
+        """n points that stand for lost ones, in the form the cursor gives this stream."""
+        if definition.encoding == "json":
+            return [None] * n
+        shape = tuple(0 if d == -1 else d for d in definition.shape)
+        fill = appender.dataset.fillvalue
+        if definition.varying:  # empty points (their shapes say so)
+            return [np.zeros(shape, definition.dtype)] * n
+        if definition.encoding == "bslz4":  # raw chunks: one compressed frame, n times
+            frame = np.full(shape, fill, definition.dtype)
+            return [bslz4.compress(frame)] * n
+        return np.full((n, *shape), fill, definition.dtype)
+
+    def _lost_reason(self) -> str:
+        lost = self.status.lost_points
+        return (f"{lost_points.count(lost)} points lost in Redis before the writer stored "
+                f"them: {lost_points.describe(lost)}; every other point is in the file "
+                f"(the lost ones hold the fill value; readers raise IndexNoMoreThereError)")
+
+    def _gone_from_redis(self) -> bool | None:
+        """Whether the scan's keys are gone from Redis; None if Redis does not answer."""
+        try:
+            return not self.service.redis.exists(self.scan_key)
+        except redis.RedisError:
+            return None
+
+    def _gone_once_redis_answers(self) -> bool:
+        """`_gone_from_redis()`, asked until Redis answers (False if the service stops
+        first): a scan whose Redis came back empty still gets its entry ended."""
+        pause = 0.2
+        while not self._stop_requested.is_set():
+            gone = self._gone_from_redis()
+            if gone is not None:
+                return gone
+            self._stop_requested.wait(pause)
+            pause = min(5.0, pause * 2)
+        return False
 
     def _flush(self, final: bool = False) -> bool:
         """Make every point appended durable and publish the watermarks; False if Redis was
@@ -727,13 +857,26 @@ class ScanWriter(threading.Thread):
     # ---- the end ---------------------------------------------------------------------
     def _finalize(self) -> None:
         self._wait_for(ScanState.CLOSED)
+        lost = self.status.lost_points
+        # every point is in the file now: the lost ranges in Redis become exactly the gaps
+        # this writer filled (the tracker counts as lost what the writer still held)
+        try:
+            lost_points.replace(self.service.redis, self.scan_key, lost, list(self.appenders),
+                                self.service.store.script_flags())
+        except redis.ResponseError as exc:  # Redis full: what the tracker recorded stays
+            log.warning("scan %s: lost ranges in Redis not set to the writer's: %s",
+                        self.scan_key, exc)
         with self.file.lock:
             self.lease.check()
             end_reason = self.scan.info.get("end_reason", "SUCCESS")
+            if lost:
+                end_reason = f"{end_reason} WITH POINTS LOST"
             finalize_entry(self.entry, self.scan.info, end_reason)
             if not self.file.swmr:  # again, with the end time and reason
                 writer_status.write_header_note(self.entry, self.scan, self.dataset_paths)
-            self.status.state = "done"
+            self.status.state = "failed" if lost else "done"
+            if lost:
+                self.status.error = self._lost_reason()
             self.file.h5.flush()  # the size the file has
             self.status.stored_bytes = stored_bytes(self.file.h5)
             self.status.file_bytes = self.file.h5.id.get_filesize()
@@ -742,6 +885,12 @@ class ScanWriter(threading.Thread):
         # "done" once the file is closed: who waits for it can open it at once
         self._release_file()
         self._publish_final_status()
+        if lost:
+            log.error("scan %s %s:%s failed: %s; %s in each of %d streams -> %s::/%s",
+                      self.scan_key, self.scan.session, self.scan.number, self.status.error,
+                      self.status.points_text(), len(self.definitions), self.where,
+                      self.entry_name)
+            return
         log.info("scan %s %s:%s done: %s in each of %d streams, %.1f MB -> %s::/%s (%s)",
                  self.scan_key, self.scan.session, self.scan.number, self.status.points_text(),
                  len(self.definitions), self.status.bytes_written / 1e6, self.where,
@@ -758,23 +907,33 @@ class ScanWriter(threading.Thread):
                 return
             time.sleep(0.1)
 
-    def _fail(self, reason: str) -> None:
-        if not self.lease.holds():  # another writer has the scan: its story, not ours
+    def _fail(self, reason: str, gone: bool = False) -> None:
+        """End the scan as failed: the entry ended, the file closed, the status out.
+        `gone`: the scan is gone from Redis; its lease may have gone with it (no other
+        writer can take a scan Redis no longer has), the status goes out unfenced."""
+        if gone:  # the lease may vanish with the scan any moment: nothing to fence
+            self.status.lease = ""
+        elif not self.lease.holds():  # another writer has the scan: its story, not ours
             log.warning("scan %s: %s; not recorded: this writer lost the scan's lease",
                         self.scan_key, reason)
             return
+        if self.status.lost_points:
+            reason = f"{reason}; {self._lost_reason()}"
         self.status.state = "failed"
         self.status.error = reason
         log.error("scan %s: failed: %s", self.scan_key, reason)
+        if gone and self.entry is None:
+            self._reopen_entry()
         kept = ""
         if self.entry is not None and self.file is not None:
             durable_before = dict(self.status.points)  # what the last good flush published
             try:
                 with self.file.lock:
-                    durable = {n: a.flush() for n, a in self.appenders.items()}
+                    durable = {**self.status.points,
+                               **{n: a.flush() for n, a in self.appenders.items()}}
                     self.status.points = durable
                     writer_status.write_note(self.entry, self.status)
-                    self._end_failed_entry("DELETION" if "deleted" in reason else "FAILURE")
+                    self._end_failed_entry("DELETION" if gone else "FAILURE")
                     self.file.h5.flush()
                 kept = f"; {sum(durable.values())} points kept in {self.where}"
             except Exception as exc:  # the disk may be the problem: keep what is there
@@ -798,6 +957,26 @@ class ScanWriter(threading.Thread):
             self._publish_final_status()
         except (redis.RedisError, LeaseLostError) as exc:
             log.error("scan %s: could not publish the failure to Redis: %s", self.scan_key, exc)
+        if gone:
+            self.service.record_gone(self.scan_key)
+
+    def _reopen_entry(self) -> None:
+        """The entry of a scan that vanished from Redis while this writer had let go of its
+        file (Redis unreachable for a while, then back without the scan): opened again to
+        be ended. No other writer can take a scan Redis no longer has."""
+        if not self._entry_written or not self.file_path.exists():
+            return  # (a writer that never had the entry leaves it to the one that had it)
+        try:
+            self.file = self.service.files.acquire(self.file_path, resume=True,
+                                                   swmr=self._swmr_possible())
+            with self.file.lock:
+                self.entry = self.file.h5.get(self.entry_name)
+                if self.entry is not None:
+                    self._check_entry_is_ours()
+        except Exception as exc:  # locked by another process, unreadable, not ours
+            log.error("scan %s: its entry in %s stays unended: %s", self.scan_key,
+                      self.where, exc)
+            self._release_file()
 
     def _pause(self) -> None:
         """Service stopping mid-scan: make what we have durable; a restart resumes."""

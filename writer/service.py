@@ -153,6 +153,16 @@ class WriterService:
         self.metrics.lag_points.labels(scan_key).set(lag)
         self._lag_labels.add(scan_key)
 
+    def record_lost(self, scan_key: str, points: int) -> None:
+        """Called by a ScanWriter that found points trimmed from Redis before it stored
+        them (a gap it filled)."""
+        self.metrics.gaps.inc()
+        self.metrics.points_lost.inc(points)
+
+    def record_gone(self, scan_key: str) -> None:
+        """Called by a ScanWriter whose scan vanished from Redis while it wrote it."""
+        self.metrics.scans_gone.inc()
+
     def active_scans(self) -> int:
         return max(1, len(self.writers))
 

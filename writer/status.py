@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import redis
 
-from blissdata import keys
+from blissdata import keys, lost_points
 from blissdata.exceptions import LeaseLostError
 
 # Sorted set: scan key -> time of the writer's last status update. `blisswriter status` lists it.
@@ -26,7 +26,7 @@ class ScanStatus:
     number: int = 0
     name: str = ""
     # waiting, writing, idle (no event for inactivity_timeout_s), done, failed, skipped
-    # ("save": false)
+    # ("save": false); "failed" also when points were lost in Redis (see lost_points)
     state: str = "waiting"
     file: str = ""
     entry: str = ""
@@ -44,6 +44,9 @@ class ScanStatus:
     held_by: str = ""  # writer holding the scan's lease when read (read_recent), "" if none
     file_bytes: int = 0  # size of the scan's file once written (its own file: docs/files.md)
     stored_bytes: int = 0  # bytes of its datasets' stored data then (the rest: metadata...)
+    # stream -> [[start, stop], ...]: points trimmed from Redis before the writer stored them;
+    # in the file they hold the fill value (readers raise IndexNoMoreThereError for them)
+    lost_points: dict = field(default_factory=dict)
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
@@ -162,7 +165,14 @@ def write_note(entry, status: ScanStatus) -> None:
         short = ScanStatus.from_json(text)
         short.warnings = short.warnings[-3:]
         short.error = short.error[:room // 2]
-        text = short.to_json().encode()[:room]
+        most = 256
+        text = short.to_json().encode()
+        while len(text) > room and most > 1:  # fewer, wider lost ranges: never fewer points
+            most //= 2
+            short.lost_points = {n: lost_points.coarsened(r, most)
+                                 for n, r in short.lost_points.items()}
+            text = short.to_json().encode()
+        text = text[:room]
     data[()] = np.bytes_(text)
 
 

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import h5py
 
+from blissdata import lost_points
+
 from .being_written import EXIT_BEING_WRITTEN, scans_being_written
 
 NXDL_NAME = re.compile(r"^[a-zA-Z0-9_]([a-zA-Z0-9_.]*[a-zA-Z0-9_])?$")
@@ -121,6 +123,7 @@ def validate_file(path) -> Report:
     _recheck_axis_sizes(report)
     _check_default_plots(report)
     _check_virtual_sources(report)
+    _check_lost_points(report)
     return report
 
 
@@ -142,6 +145,21 @@ def _nexusformat_validate(path: str):
         root.nxfile.close()
     validator.output_log()
     return log_summary()
+
+
+def _check_lost_points(report: Report) -> None:
+    """Points lost in Redis before the writer stored them: the entry is complete otherwise
+    (fill values stand in for them), so a warning naming them, not an error."""
+    with h5py.File(report.path, "r", locking=False) as f:
+        for name, group in f.items():
+            if not isinstance(group, h5py.Group):
+                continue
+            lost = lost_points.recorded_in(group)
+            if lost:
+                report.warnings.append(
+                    f"/{name}: {lost_points.count(lost)} points lost in Redis before the "
+                    f"writer stored them (fill values in the file, listed in "
+                    f"writer_status lost_points): {lost_points.describe(lost)}")
 
 
 def _text(value) -> str | None:
