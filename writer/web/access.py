@@ -1,0 +1,152 @@
+"""What `blisswriter serve` may read: files under its data roots, opened read-only without
+ever locking against the writer.
+
+Every path a request names goes through `DataRoots.resolve` (no `..`, nothing outside the
+roots, symlinks leading out refused); every HDF5 object is reached through `check_links`
+(external links and virtual-dataset sources must point inside the roots too); every file is
+opened by `open_h5`, the one place that decides how.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401  the compression filters (Bitshuffle/LZ4, zstd, blosc2)
+
+#: what the file browser lists
+HDF5_SUFFIXES = (".h5", ".hdf5", ".nxs", ".nx", ".hdf")
+MAX_LINK_HOPS = 32  # soft links that point at soft links: more is a loop
+
+
+class AccessError(Exception):
+    """A request the server refuses; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def open_h5(path: str | Path) -> h5py.File:
+    """Open an HDF5 file for reading, whoever is writing it.
+
+    A finished file opens plainly; a scan being written (SWMR, or left marked open by a
+    killed writer) only with ``swmr=True``. ``locking=False``: the server never takes a lock
+    the writer could trip on (the writer holds one on a file it writes). Files of older
+    writers are not SWMR-capable, so the plain open comes first. Each call opens the file
+    anew, so the lengths read are the ones flushed by then."""
+    try:
+        return h5py.File(path, "r", locking=False)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        return h5py.File(path, "r", swmr=True, locking=False)
+
+
+class DataRoots:
+    """The folders the server serves, resolved once (symlinks in the roots themselves are
+    the administrator's choice and kept)."""
+
+    def __init__(self, roots):
+        if not roots:
+            raise ValueError("at least one data root is needed (--data-root DIR)")
+        self.roots, self.given = [], []  # resolved; as given (absolute)
+        for root in roots:
+            path = Path(root).expanduser()
+            if not path.is_dir():
+                raise ValueError(f"data root {root} is not an existing folder")
+            self.roots.append(path.resolve())
+            self.given.append(Path(os.path.abspath(path)))
+
+    def root_of(self, path: Path) -> Path | None:
+        """The root holding `path` (already resolved), or None."""
+        for root in self.roots:
+            if path == root or path.is_relative_to(root):
+                return root
+        return None
+
+    def resolve(self, requested: str, *, want_dir: bool = False) -> Path:
+        """The real path of a file (or folder) a request names: absolute, under a root.
+        Raises AccessError 400/403/404 with the reason."""
+        if not requested:
+            raise AccessError(400, "no file given: add ?file=/path/to/file.h5")
+        if "\0" in requested:
+            raise AccessError(400, "file path contains a NUL byte")
+        if ".." in Path(requested).parts:
+            raise AccessError(403, f"{requested}: '..' is not allowed in file paths")
+        if not os.path.isabs(requested):
+            raise AccessError(400, f"{requested}: give an absolute path under a data root "
+                                   f"({', '.join(map(str, self.roots))})")
+        real = Path(os.path.realpath(requested))
+        if self.root_of(real) is None:
+            given = Path(os.path.normpath(requested))
+            if any(given == r or given.is_relative_to(r) for r in self.given + self.roots):
+                raise AccessError(403, f"{requested} leads outside the data roots (symlink)")
+            raise AccessError(403, f"{requested} is outside the data roots")
+        if want_dir:
+            if not real.is_dir():
+                raise AccessError(404, f"{requested}: no such folder")
+        elif not real.is_file():
+            raise AccessError(404, f"{requested}: no such file" if not real.exists()
+                              else f"{requested} is not a file")
+        return real
+
+    def check_target(self, name: str, linking_file: str, what: str) -> None:
+        """An external file named by a link or a virtual-dataset source of `linking_file`:
+        it must exist under the roots. HDF5 looks first beside the linking file for a
+        relative name, first at the name itself for an absolute one: the file checked here
+        is the one it opens."""
+        if name == ".":  # a virtual dataset's source in its own file
+            return
+        base = Path(linking_file).parent
+        target = Path(name) if os.path.isabs(name) else base / name
+        real = Path(os.path.realpath(target))
+        if self.root_of(real) is None:
+            raise AccessError(403, f"{what} points outside the data roots ({name})")
+        if not real.is_file():
+            raise AccessError(404, f"{what} points to a missing file ({name})")
+
+
+def check_links(roots: DataRoots, h5file: h5py.File, path: str) -> None:
+    """Walk `path` in `h5file` link by link, following soft links, and refuse (AccessError
+    403/404) an external link whose file is outside the roots before h5py follows it. An
+    external link inside the roots is checked further in its own file."""
+    parts = [p for p in path.split("/") if p]
+    current, hops = "/", 0
+    while parts:
+        name = parts.pop(0)
+        child = current.rstrip("/") + "/" + name
+        try:
+            link = h5file.get(child, getlink=True)
+        except (KeyError, OSError, RuntimeError):  # a dangling link higher up
+            link = None
+        if link is None:
+            raise AccessError(404, f"{path} is not a valid path in {Path(h5file.filename).name}")
+        if isinstance(link, h5py.SoftLink):
+            hops += 1
+            if hops > MAX_LINK_HOPS:
+                raise AccessError(404, f"{path}: more than {MAX_LINK_HOPS} soft links (a loop?)")
+            target = link.path if link.path.startswith("/") else (
+                current.rstrip("/") + "/" + link.path)
+            parts = [p for p in target.split("/") if p] + parts
+            current = "/"
+            continue
+        if isinstance(link, h5py.ExternalLink):
+            roots.check_target(link.filename, h5file.filename,
+                               f"external link {child} of {Path(h5file.filename).name}")
+            if parts:  # the rest of the path lies in the linked file
+                linked = Path(h5file.filename).parent / link.filename
+                with open_h5(linked) as other:
+                    check_links(roots, other, link.path.rstrip("/") + "/" + "/".join(parts))
+            return
+        current = child
+
+
+def check_virtual_sources(roots: DataRoots, dataset: h5py.Dataset) -> None:
+    """A virtual dataset is read only when every source file is inside the roots."""
+    if not dataset.is_virtual:
+        return
+    for source in dataset.virtual_sources():
+        roots.check_target(source.file_name, dataset.file.filename,
+                           f"virtual dataset {dataset.name}")
