@@ -2,13 +2,15 @@
 ever locking against the writer.
 
 Every path a request names goes through `DataRoots.resolve` (no `..`, nothing outside the
-roots, symlinks leading out refused); every HDF5 object is reached through `check_links`
-(external links and virtual-dataset sources must point inside the roots too); every file is
-opened by `open_h5`, the one place that decides how.
+roots, symlinks leading out refused); every HDF5 object is reached through `follow_links`
+(external links are followed by the server, not h5py, and like virtual-dataset sources
+must point inside the roots); every file is opened by `open_h5`, the one place that
+decides how.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -92,13 +94,13 @@ class DataRoots:
                               else f"{requested} is not a file")
         return real
 
-    def check_target(self, name: str, linking_file: str, what: str) -> None:
+    def check_target(self, name: str, linking_file: str, what: str) -> Path | None:
         """An external file named by a link or a virtual-dataset source of `linking_file`:
         it must exist under the roots. HDF5 looks first beside the linking file for a
         relative name, first at the name itself for an absolute one: the file checked here
         is the one it opens."""
         if name == ".":  # a virtual dataset's source in its own file
-            return
+            return None
         base = Path(linking_file).parent
         target = Path(name) if os.path.isabs(name) else base / name
         real = Path(os.path.realpath(target))
@@ -106,12 +108,16 @@ class DataRoots:
             raise AccessError(403, f"{what} points outside the data roots ({name})")
         if not real.is_file():
             raise AccessError(404, f"{what} points to a missing file ({name})")
+        return real
 
 
-def check_links(roots: DataRoots, h5file: h5py.File, path: str) -> None:
-    """Walk `path` in `h5file` link by link, following soft links, and refuse (AccessError
-    403/404) an external link whose file is outside the roots before h5py follows it. An
-    external link inside the roots is checked further in its own file."""
+def follow_links(roots: DataRoots, h5file: h5py.File, path: str,
+                 opened: contextlib.ExitStack) -> tuple[h5py.File, str]:
+    """Where `path` of `h5file` really is: (file, path in it). Soft links are walked (to see
+    where they lead) but left to h5py; an external link is followed here, never by h5py:
+    its file must be under the roots (else AccessError 403/404) and is opened with
+    `open_h5` (a scan being written, behind the shared file's link, opens too), kept open
+    by `opened` for the request."""
     parts = [p for p in path.split("/") if p]
     current, hops = "/", 0
     while parts:
@@ -129,18 +135,30 @@ def check_links(roots: DataRoots, h5file: h5py.File, path: str) -> None:
                 raise AccessError(404, f"{path}: more than {MAX_LINK_HOPS} soft links (a loop?)")
             target = link.path if link.path.startswith("/") else (
                 current.rstrip("/") + "/" + link.path)
-            parts = [p for p in target.split("/") if p] + parts
-            current = "/"
+            walked = _walk(roots, h5file, target, parts, opened)
+            if walked is not None:  # the soft link leads through an external link
+                return walked
+            current = child
             continue
         if isinstance(link, h5py.ExternalLink):
-            roots.check_target(link.filename, h5file.filename,
-                               f"external link {child} of {Path(h5file.filename).name}")
-            if parts:  # the rest of the path lies in the linked file
-                linked = Path(h5file.filename).parent / link.filename
-                with open_h5(linked) as other:
-                    check_links(roots, other, link.path.rstrip("/") + "/" + "/".join(parts))
-            return
+            where = f"external link {child} of {Path(h5file.filename).name}"
+            linked = roots.check_target(link.filename, h5file.filename, where)
+            try:
+                other = opened.enter_context(open_h5(linked))
+            except OSError as exc:
+                raise AccessError(404, f"{where}: {linked} does not open: {exc}") from None
+            rest = "/".join([p for p in link.path.split("/") if p] + parts)
+            return follow_links(roots, other, "/" + rest, opened)
         current = child
+    return h5file, path
+
+
+def _walk(roots, h5file, target: str, rest: list, opened):
+    """A soft link's target plus the rest of the path: (file, path) when it goes through an
+    external link, None when it stays in `h5file` (h5py then follows the soft link)."""
+    full = "/" + "/".join([p for p in target.split("/") if p] + rest)
+    where = follow_links(roots, h5file, full, opened)
+    return where if where[0] is not h5file else None
 
 
 def check_virtual_sources(roots: DataRoots, dataset: h5py.Dataset) -> None:

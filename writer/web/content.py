@@ -18,7 +18,7 @@ from h5grove.encoders import Response, encode
 from h5grove.models import LinkResolution
 from h5grove.utils import NotFoundError, QueryArgumentError, parse_slice, sorted_dict
 
-from .access import AccessError, DataRoots, check_links, check_virtual_sources, open_h5
+from .access import AccessError, DataRoots, check_virtual_sources, follow_links, open_h5
 
 DEFAULT_MAX_SELECTION_MB = 64.0  # h5web asks for what it shows: a frame, a line, a slice
 FORMATS = ("json", "bin", "csv", "npy", "tiff")
@@ -64,17 +64,16 @@ class H5Content:
         if not path.startswith("/"):
             raise AccessError(422, f"path {path!r} must start with '/'")
         real = self.roots.resolve(file)
-        try:
-            h5file = open_h5(real)
-        except OSError as exc:
-            raise AccessError(422, f"{file} cannot be opened as HDF5: {exc}") from None
-        with h5file:
-            check_links(self.roots, h5file, path)
+        with contextlib.ExitStack() as opened:
             try:
-                content = create_content(h5file, path, LinkResolution.ONLY_VALID)
-                h5obj = (h5file[path] if isinstance(content, ResolvedEntityContent)
-                         else None)
-                if isinstance(h5obj, h5py.Dataset) and h5file.swmr_mode:
+                h5file = opened.enter_context(open_h5(real))
+            except OSError as exc:
+                raise AccessError(422, f"{file} cannot be opened as HDF5: {exc}") from None
+            where, local = follow_links(self.roots, h5file, path, opened)
+            try:
+                content = create_content(where, local, LinkResolution.ONLY_VALID)
+                h5obj = where[local] if isinstance(content, ResolvedEntityContent) else None
+                if isinstance(h5obj, h5py.Dataset) and where.swmr_mode:
                     h5obj.refresh()  # the length flushed by now
                 yield content, h5obj
             except NotFoundError as exc:
@@ -87,21 +86,27 @@ class H5Content:
     def meta(self, file: str, path: str | None) -> Response:
         with self.entity(file, path) as (content, h5obj):
             if isinstance(content, GroupContent):
-                return encode(self._group_metadata(content, h5obj))
-            return encode(content.metadata())
+                found = self._group_metadata(content, h5obj)
+            else:
+                found = content.metadata()
+            found["name"] = (path or "/").rstrip("/").split("/")[-1]  # as asked, not as linked
+            return encode(found)
 
     def _group_metadata(self, content: GroupContent, group: h5py.Group) -> dict:
-        """A group and its children, like h5grove's, except that a child whose link leads
-        outside the roots is shown as the link itself, never followed."""
+        """A group and its children, like h5grove's, except that external links are
+        followed by `follow_links` (a child leading outside the roots is shown as the link
+        itself, never followed)."""
         children = []
         for name in group.keys():
             child = content.path.rstrip("/") + "/" + name
-            try:
-                check_links(self.roots, group.file, child)
-                resolve = LinkResolution.ONLY_VALID
-            except AccessError:
-                resolve = LinkResolution.NONE
-            children.append(create_content(group.file, child, resolve).metadata(0))
+            with contextlib.ExitStack() as opened:
+                try:
+                    where, local = follow_links(self.roots, group.file, child, opened)
+                    found = create_content(where, local, LinkResolution.ONLY_VALID).metadata(0)
+                except (AccessError, NotFoundError, OSError, KeyError):
+                    found = create_content(group.file, child, LinkResolution.NONE).metadata()
+            found["name"] = name
+            children.append(found)
         return sorted_dict(("children", children), *content.metadata(0).items())
 
     def attr(self, file: str, path: str | None, keys: list[str]) -> Response:
