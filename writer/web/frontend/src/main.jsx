@@ -5,7 +5,7 @@ import '@h5web/app/styles.css';
 import './page.css';
 
 import { App, H5GroveProvider } from '@h5web/app';
-import { StrictMode, startTransition, useCallback, useEffect, useState } from 'react';
+import { StrictMode, Suspense, useCallback, useEffect, useRef, useState } from 'react';
 import { createRoot } from 'react-dom/client';
 
 const BASE = new URL('.', document.baseURI); // the server's base path (--base-path)
@@ -61,7 +61,7 @@ function Progress({ scan }) {
   );
 }
 
-function ScanList({ current, onOpen, onError }) {
+function ScanList({ current, onOpen, onError, onScans }) {
   const [scans, setScans] = useState(null);
   const [note, setNote] = useState('');
 
@@ -72,6 +72,7 @@ function ScanList({ current, onOpen, onError }) {
         const body = await getJson('api/scans');
         if (!stopped) {
           setScans(body.scans);
+          onScans(body.scans);
           setNote(body.error || '');
           onError('');
         }
@@ -85,7 +86,7 @@ function ScanList({ current, onOpen, onError }) {
       stopped = true;
       clearInterval(timer);
     };
-  }, [onError]);
+  }, [onError, onScans]);
 
   if (scans === null) return <p className="muted">loading scans…</p>;
   return (
@@ -185,18 +186,25 @@ function FileBrowser({ onOpen, onError }) {
 }
 
 function Viewer({ file, path, live }) {
-  // h5web re-reads the file when a reset key changes; in a transition, React keeps the
-  // current plot on screen until the new values are there (no flashing spinner)
+  // h5web re-reads the file when a reset key changes (not in a startTransition: its stores
+  // are made in a useMemo, which a suspended transition would throw away and fetch again)
   const [tick, setTick] = useState(0);
+  const wasLive = useRef(live);
   useEffect(() => {
-    if (!live) return undefined;
-    const timer = setInterval(() => startTransition(() => setTick((t) => t + 1)),
-      LIVE_REFRESH_MS);
+    if (!live) {
+      if (wasLive.current) setTick((t) => t + 1); // the points flushed at the scan's end
+      wasLive.current = false;
+      return undefined;
+    }
+    wasLive.current = true;
+    const timer = setInterval(() => setTick((t) => t + 1), LIVE_REFRESH_MS);
     return () => clearInterval(timer);
   }, [live]);
   return (
     <H5GroveProvider url={api('h5grove')} filepath={file} resetKeys={[tick]}>
-      <App initialPath={path} sidebarOpen />
+      <Suspense fallback={<p className="muted hint">refreshing…</p>}>
+        <App initialPath={path} sidebarOpen />
+      </Suspense>
     </H5GroveProvider>
   );
 }
@@ -217,6 +225,17 @@ function Page() {
     setWhere(next);
   }, []);
   const setLive = (live) => open({ ...where, live });
+
+  // a scan that ends stops the live refresh of its entry (after one last read)
+  const [scans, setScans] = useState([]);
+  useEffect(() => {
+    const shown = scans.find((s) => s.file === where.file && `/${s.entry}` === where.path);
+    if (where.live && shown && !shown.live) {
+      const next = { ...where, live: false };
+      window.history.replaceState(null, '', window.location.href.replace(/[?&]live=1/, ''));
+      setWhere(next);
+    }
+  }, [scans, where]);
 
   return (
     <div className="page" data-panel-open={panelOpen || !where.file ? '' : undefined}>
@@ -242,12 +261,11 @@ function Page() {
         </div>
       )}
       <div className="body">
-        {(panelOpen || !where.file) && (
-          <aside>
-            <ScanList current={where.file} onOpen={open} onError={setError} />
-            <FileBrowser onOpen={open} onError={setError} />
-          </aside>
-        )}
+        {/* hidden, not unmounted: the scan list also ends the live refresh */}
+        <aside hidden={!panelOpen && !!where.file}>
+          <ScanList current={where.file} onOpen={open} onError={setError} onScans={setScans} />
+          <FileBrowser onOpen={open} onError={setError} />
+        </aside>
         <main>
           {where.file ? (
             <Viewer key={`${where.file}#${where.path}`} {...where} />
