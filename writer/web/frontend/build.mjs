@@ -37,6 +37,62 @@ function sourceHash() {
   return hash.digest('hex');
 }
 
+// Live refresh without flashing: the page re-reads a growing scan by changing
+// H5GroveProvider's resetKeys inside a React transition, which keeps the current plot on
+// screen until the new one is ready. That needs h5web's provider and stores to stay the same
+// objects while the transition retries (h5web makes them in useMemo, which React discards on
+// every retry of a render that suspended before it committed: each retry would fetch anew,
+// for ever). So @h5web/app 17.0.0 gets them from caches keyed by their inputs instead. The
+// build stops if the code patched is not found (another h5web version: review the patch).
+const H5WEB_PATCHES = [
+  [
+    'api: T(() => new Jl(t, n, i, a), [\n\t\t\tn,\n\t\t\tt,\n\t\t\t...r,\n\t\t\ti,\n\t\t\ta\n\t\t]),',
+    'api: __liveMemoByDeps(() => new Jl(t, n, i, a), [n, t, ...r, i, a]),',
+  ],
+  [
+    'function oi(e) {\n\tlet { api: t, children: n } = e, r = T(() => {',
+    'function oi(e) {\n\tlet T = __liveMemoByApi(e.api);\n\tlet { api: t, children: n } = e, r = T(() => {',
+  ],
+];
+const H5WEB_HELPERS = `
+var __liveApis = [];
+function __liveMemoByDeps(make, deps) {
+  const same = (a) => a.length === deps.length && a.every((v, k) => Object.is(v, deps[k]));
+  let found = __liveApis.find((entry) => same(entry.deps));
+  if (!found) {
+    found = { deps, value: make() };
+    __liveApis = [found, ...__liveApis].slice(0, 4);
+  }
+  return found.value;
+}
+var __liveStores = new WeakMap();
+function __liveMemoByApi(api) {
+  let slots = __liveStores.get(api);
+  if (!slots) __liveStores.set(api, (slots = []));
+  let call = 0;
+  return (make) => {
+    const k = call++;
+    if (!(k in slots)) slots[k] = make();
+    return slots[k];
+  };
+}
+`;
+const patchH5web = {
+  name: 'h5web-live-refresh',
+  setup(build) {
+    build.onLoad({ filter: /@h5web[\\/]app[\\/]dist[\\/]index\.js$/ }, (args) => {
+      let code = readFileSync(args.path, 'utf8');
+      for (const [from, to] of H5WEB_PATCHES) {
+        if (code.split(from).length !== 2) {
+          throw new Error(`h5web patch: ${JSON.stringify(from.slice(0, 60))} not found once`);
+        }
+        code = code.replace(from, to);
+      }
+      return { contents: code + H5WEB_HELPERS, loader: 'js' };
+    });
+  },
+};
+
 mkdirSync(out, { recursive: true });
 await esbuild.build({
   entryPoints: { app: join(here, 'src', 'main.jsx') },
@@ -49,6 +105,7 @@ await esbuild.build({
   loader: { '.woff': 'dataurl', '.woff2': 'dataurl', '.svg': 'dataurl', '.png': 'dataurl' },
   outdir: out,
   legalComments: 'linked',
+  plugins: [patchH5web],
   logLevel: 'info',
 });
 const hash = sourceHash();

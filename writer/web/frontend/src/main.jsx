@@ -5,7 +5,9 @@ import '@h5web/app/styles.css';
 import './page.css';
 
 import { App, H5GroveProvider } from '@h5web/app';
-import { StrictMode, Suspense, useCallback, useEffect, useRef, useState } from 'react';
+import {
+  StrictMode, Suspense, startTransition, useCallback, useEffect, useRef, useState,
+} from 'react';
 import { createRoot } from 'react-dom/client';
 
 const BASE = new URL('.', document.baseURI); // the server's base path (--base-path)
@@ -186,8 +188,8 @@ function FileBrowser({ onOpen, onError }) {
 }
 
 function Viewer({ file, path, live }) {
-  // h5web re-reads the file when a reset key changes (not in a startTransition: its stores
-  // are made in a useMemo, which a suspended transition would throw away and fetch again)
+  // h5web re-reads the file when a reset key changes; in a transition, React keeps the
+  // current plot on screen until the new values are there (build.mjs: h5web's patch)
   const [tick, setTick] = useState(0);
   const wasLive = useRef(live);
   useEffect(() => {
@@ -197,7 +199,8 @@ function Viewer({ file, path, live }) {
       return undefined;
     }
     wasLive.current = true;
-    const timer = setInterval(() => setTick((t) => t + 1), LIVE_REFRESH_MS);
+    const timer = setInterval(() => startTransition(() => setTick((t) => t + 1)),
+      LIVE_REFRESH_MS);
     return () => clearInterval(timer);
   }, [live]);
   return (
