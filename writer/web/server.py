@@ -1,6 +1,6 @@
 """`blisswriter serve`: the HTTP transport. Tornado handlers, each a few lines over
 `content.H5Content` (h5grove's endpoints, for h5web), `listing` (scans, folders) and the
-built page in `static/`. Read-only: GET and HEAD only.
+built page in `static/`. Read-only: GET only.
 
 Routes, below ``--base-path`` (default ``/``):
 
