@@ -146,7 +146,9 @@ def main(argv=None) -> int:
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1: this machine only; "
                             "0.0.0.0 for every interface)")
-    serve.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free)")
+    serve.add_argument("--port", type=int,
+                       help="port (default: 8765, else the next free one up to 8774; 0: any "
+                            "free one)")
     serve.add_argument("--base-path", default="/",
                        help="URL prefix the page lives under behind a reverse proxy that "
                             "does not strip it, e.g. /viewer (default /)")

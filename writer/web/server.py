@@ -15,6 +15,7 @@ Routes, below ``--base-path`` (default ``/``):
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import signal
@@ -149,14 +150,33 @@ def normalize_base_path(base_path: str) -> str:
     return "/" + "".join(f"{p}/" for p in parts)
 
 
-def serve(data_roots, host: str = "127.0.0.1", port: int = 8765, redis_url: str | None = None,
-          base_path: str = "/", max_selection_mb: float = DEFAULT_MAX_SELECTION_MB,
-          on_ready=None) -> None:
-    """Serve until SIGINT/SIGTERM. `on_ready(url)` once listening (port 0: any free port)."""
+DEFAULT_PORT = 8765
+PORTS_TRIED = 10  # without --port: 8765, else the next free one up to 8774 (like Jupyter)
+
+
+def listen(host: str, port: int | None) -> list:
+    """The listening sockets: on `port` (0: any free one), or, None, on the first free port
+    from DEFAULT_PORT (another server, e.g. a second viewer, may hold it)."""
+    if port is not None:
+        return bind_sockets(port, host)
+    for candidate in range(DEFAULT_PORT, DEFAULT_PORT + PORTS_TRIED):
+        try:
+            return bind_sockets(candidate, host)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(f"ports {DEFAULT_PORT}-{DEFAULT_PORT + PORTS_TRIED - 1} are all in use on "
+                  f"{host}: choose one with --port")
+
+
+def serve(data_roots, host: str = "127.0.0.1", port: int | None = None,
+          redis_url: str | None = None, base_path: str = "/",
+          max_selection_mb: float = DEFAULT_MAX_SELECTION_MB, on_ready=None) -> None:
+    """Serve until SIGINT/SIGTERM. `on_ready(url)` once listening."""
     app = WebApp(data_roots, redis_url, base_path, max_selection_mb)
 
     async def main():
-        sockets = bind_sockets(port, host)
+        sockets = listen(host, port)
         server = HTTPServer(app.application, xheaders=True)  # X-Forwarded-* behind a proxy
         server.add_sockets(sockets)
         bound = sockets[0].getsockname()[1]
