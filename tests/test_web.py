@@ -221,6 +221,21 @@ def test_base_path_and_page(files, tmp_path):
         stop_process(proc)
 
 
+def test_default_port_taken_next_one(tmp_path):
+    """Without --port: 8765, else the next free port (a second viewer starts too)."""
+    first, url1 = start_serve([tmp_path], None, port=None)
+    try:
+        second, url2 = start_serve([tmp_path], None, port=None)
+        try:
+            ports = [int(u.rsplit(":", 1)[1].strip("/")) for u in (url1, url2)]
+            assert ports[0] != ports[1] and all(8765 <= p < 8775 for p in ports), ports
+            assert get(url2 + "api/info")[0] == 200
+        finally:
+            stop_process(second)
+    finally:
+        stop_process(first)
+
+
 def test_bad_options(tmp_path):
     for extra, words in ([["--data-root", str(tmp_path / "missing")], "not an existing folder"],
                          [["--data-root", str(tmp_path), "--base-path", "/a/../b"], "'..'"]):

@@ -13,9 +13,11 @@ import urllib.parse
 import urllib.request
 
 
-def start_serve(data_roots, redis_url=None, *extra, log_path=None):
-    """`blisswriter serve` on a free port; returns (process, base URL) once it listens."""
-    args = [sys.executable, "-m", "writer.cli", "serve", "--port", "0"]
+def start_serve(data_roots, redis_url=None, *extra, log_path=None, port=0):
+    """`blisswriter serve` on a free port (None: its default); returns (process, base URL)
+    once it listens."""
+    args = [sys.executable, "-m", "writer.cli", "serve"]
+    args += ["--port", str(port)] if port is not None else []
     for root in data_roots:
         args += ["--data-root", str(root)]
     args += ["--redis", redis_url] if redis_url else ["--no-redis"]

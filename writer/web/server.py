@@ -45,10 +45,12 @@ class ApiHandler(tornado.web.RequestHandler):
     def set_default_headers(self):
         self.set_header("Cache-Control", "no-store")  # a live scan changes between requests
 
-    async def run(self, work, *args):
+    async def run(self, work, *args, hdf5: bool = True):
+        """`work(*args)` in the HDF5 thread (else, `hdf5=False`, in another: a slow Redis
+        must not hold up the files)."""
+        executor = self.app.executor if hdf5 else None
         try:
-            answer = await asyncio.get_running_loop().run_in_executor(
-                self.app.executor, work, *args)
+            answer = await asyncio.get_running_loop().run_in_executor(executor, work, *args)
         except AccessError as exc:
             self.send_error(exc.status, message=str(exc))
             return
@@ -93,7 +95,7 @@ class H5GroveHandler(ApiHandler):
 
 class ScansHandler(ApiHandler):
     async def get(self):
-        await self.run(read_scans, self.app.redis_client, self.app.roots)
+        await self.run(read_scans, self.app.redis_client, self.app.roots, hdf5=False)
 
 
 class FilesHandler(ApiHandler):
