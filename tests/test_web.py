@@ -129,6 +129,9 @@ def files(tmp_path):
         f["ext_relative_out"] = h5py.ExternalLink("../outside/secret.h5", "/")
         f["ext_in"] = h5py.ExternalLink(str(other / "allowed.h5"), "/")
         f["soft_out"] = h5py.SoftLink("/ext_out/values")
+        f["loop_a"] = h5py.SoftLink("/loop_b/x")
+        f["loop_b"] = h5py.SoftLink("/loop_a")
+        f["self_ext"] = h5py.ExternalLink("scan.h5", "/self_ext")  # a file linking itself
         layout = h5py.VirtualLayout((1000,), "f8")
         layout[:] = h5py.VirtualSource(str(outside / "secret.h5"), "values", (1000,))
         f.create_virtual_dataset("vds_out", layout)
@@ -164,6 +167,8 @@ def test_refused_paths_and_bad_requests(files, tmp_path):
             ("meta", root / "folder.h5", "/", {}, 404, "not a file"),
             ("meta", scan, "/entry/nothing", {}, 404, "not a valid path"),
             ("meta", scan, "entry", {}, 422, "must start with '/'"),
+            ("meta", scan, "/loop_a", {}, 404, "a loop?"),
+            ("meta", scan, "/self_ext/x", {}, 404, "a loop?"),
             ("meta", root / "text.h5", "/", {}, 422, "cannot be opened as HDF5"),
             ("data", scan, "/entry/x", {"selection": "2000"}, 422, "out of range"),
             ("data", scan, "/entry/x", {"selection": "a:b"}, 422, "not a slice"),

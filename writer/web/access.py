@@ -19,7 +19,7 @@ import hdf5plugin  # noqa: F401  the compression filters (Bitshuffle/LZ4, zstd, 
 
 #: what the file browser lists
 HDF5_SUFFIXES = (".h5", ".hdf5", ".nxs", ".nx", ".hdf")
-MAX_LINK_HOPS = 32  # soft links that point at soft links: more is a loop
+MAX_LINK_HOPS = 32  # links that lead to links: more is a loop
 
 
 class AccessError(Exception):
@@ -112,14 +112,14 @@ class DataRoots:
 
 
 def follow_links(roots: DataRoots, h5file: h5py.File, path: str,
-                 opened: contextlib.ExitStack) -> tuple[h5py.File, str]:
+                 opened: contextlib.ExitStack, hops: int = 0) -> tuple[h5py.File, str]:
     """Where `path` of `h5file` really is: (file, path in it). Soft links are walked (to see
     where they lead) but left to h5py; an external link is followed here, never by h5py:
     its file must be under the roots (else AccessError 403/404) and is opened with
     `open_h5` (a scan being written, behind the shared file's link, opens too), kept open
     by `opened` for the request."""
     parts = [p for p in path.split("/") if p]
-    current, hops = "/", 0
+    current = "/"
     while parts:
         name = parts.pop(0)
         child = current.rstrip("/") + "/" + name
@@ -130,17 +130,17 @@ def follow_links(roots: DataRoots, h5file: h5py.File, path: str,
         if link is None:
             raise AccessError(404, f"{path} is not a valid path in {Path(h5file.filename).name}")
         if isinstance(link, h5py.SoftLink):
-            hops += 1
-            if hops > MAX_LINK_HOPS:
-                raise AccessError(404, f"{path}: more than {MAX_LINK_HOPS} soft links (a loop?)")
+            if hops >= MAX_LINK_HOPS:
+                raise AccessError(404, f"{path}: more than {MAX_LINK_HOPS} links (a loop?)")
             target = link.path if link.path.startswith("/") else (
                 current.rstrip("/") + "/" + link.path)
-            walked = _walk(roots, h5file, target, parts, opened)
-            if walked is not None:  # the soft link leads through an external link
-                return walked
-            current = child
-            continue
+            full = "/" + "/".join([p for p in target.split("/") if p] + parts)
+            where = follow_links(roots, h5file, full, opened, hops + 1)
+            # through an external link: where it leads; in this file: h5py follows it
+            return where if where[0] is not h5file else (h5file, path)
         if isinstance(link, h5py.ExternalLink):
+            if hops >= MAX_LINK_HOPS:
+                raise AccessError(404, f"{path}: more than {MAX_LINK_HOPS} links (a loop?)")
             where = f"external link {child} of {Path(h5file.filename).name}"
             linked = roots.check_target(link.filename, h5file.filename, where)
             try:
@@ -148,17 +148,9 @@ def follow_links(roots: DataRoots, h5file: h5py.File, path: str,
             except OSError as exc:
                 raise AccessError(404, f"{where}: {linked} does not open: {exc}") from None
             rest = "/".join([p for p in link.path.split("/") if p] + parts)
-            return follow_links(roots, other, "/" + rest, opened)
+            return follow_links(roots, other, "/" + rest, opened, hops + 1)
         current = child
     return h5file, path
-
-
-def _walk(roots, h5file, target: str, rest: list, opened):
-    """A soft link's target plus the rest of the path: (file, path) when it goes through an
-    external link, None when it stays in `h5file` (h5py then follows the soft link)."""
-    full = "/" + "/".join([p for p in target.split("/") if p] + rest)
-    where = follow_links(roots, h5file, full, opened)
-    return where if where[0] is not h5file else None
 
 
 def check_virtual_sources(roots: DataRoots, dataset: h5py.Dataset) -> None:
