@@ -144,6 +144,7 @@ function FileBrowser({ onOpen, onError }) {
   useEffect(() => {
     getJson(`api/files${folder ? `?folder=${encodeURIComponent(folder)}` : ''}`)
       .then(setListing)
+      .then(() => onError(''))
       .catch((error) => onError(`files: ${error.message}`));
   }, [folder, onError]);
 
@@ -214,7 +215,11 @@ function Viewer({ file, path, live }) {
 
 function Page() {
   const [where, setWhere] = useState(readLocation);
-  const [error, setError] = useState('');
+  // one message per part of the page, so that one part's success does not hide another's error
+  const [errors, setErrors] = useState({});
+  const onScansError = useCallback((message) => setErrors((e) => ({ ...e, scans: message })), []);
+  const onFilesError = useCallback((message) => setErrors((e) => ({ ...e, files: message })), []);
+  const error = Object.values(errors).filter(Boolean).join('; ');
   const [panelOpen, setPanelOpen] = useState(!readLocation().file);
 
   useEffect(() => {
@@ -266,8 +271,9 @@ function Page() {
       <div className="body">
         {/* hidden, not unmounted: the scan list also ends the live refresh */}
         <aside hidden={!panelOpen && !!where.file}>
-          <ScanList current={where.file} onOpen={open} onError={setError} onScans={setScans} />
-          <FileBrowser onOpen={open} onError={setError} />
+          <ScanList current={where.file} onOpen={open} onError={onScansError}
+            onScans={setScans} />
+          <FileBrowser onOpen={open} onError={onFilesError} />
         </aside>
         <main>
           {where.file ? (
