@@ -15,6 +15,7 @@ COMMANDS = [
     ["blisswriter", "status"],
     ["blisswriter", "validate"],
     ["blisswriter", "rewrite"],
+    ["blisswriter", "serve"],
     ["blissdata-simulate"],
     ["blissdata-memory-tracker"],
     ["blissdata-replay"],

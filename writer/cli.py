@@ -1,5 +1,5 @@
 """`blisswriter`: run the writer service, validate files, show status (or wait for a scan),
-rewrite files, end a scan whose producer died."""
+rewrite files, end a scan whose producer died, serve files to a web browser."""
 
 from __future__ import annotations
 
@@ -86,6 +86,29 @@ def _validate(args) -> int:
     return validate_main(args.files)
 
 
+def _serve(args) -> int:
+    from .web.server import serve
+
+    roots = args.data_root
+    if not roots:
+        try:
+            roots = load_config(args.config).data_roots
+        except ConfigError as exc:
+            print(f"blisswriter serve: {exc}", file=sys.stderr)
+            return 2
+    redis_url = None if args.no_redis else url_from(args.redis)
+    try:
+        serve(roots, host=args.host, port=args.port, redis_url=redis_url,
+              base_path=args.base_path, max_selection_mb=args.max_selection_mb,
+              on_ready=lambda url: print(f"blisswriter serve: {url}  (data roots: "
+                                         f"{', '.join(map(str, roots))}; Ctrl-C stops)",
+                                         flush=True))
+    except (ValueError, OSError) as exc:  # a bad root or base path, a port in use
+        print(f"blisswriter serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["rewrite"]:  # its own parser, with its own --help (argparse's REMAINDER
@@ -160,6 +183,31 @@ def main(argv=None) -> int:
     validate = sub.add_parser("validate", help="validate files against the NeXus definitions")
     validate.add_argument("files", nargs="+")
     validate.set_defaults(func=_validate)
+
+    serve = sub.add_parser("serve", help="the scans' files in a web browser (h5web), live",
+                           description="Serve a page where a browser explores the HDF5 files "
+                                       "under the data roots with h5web, and follows the "
+                                       "writer's running scans live. Read-only.")
+    serve.add_argument("--data-root", action="append",
+                       help="folder whose files are served (repeatable; default: the "
+                            "config's data_roots)")
+    serve.add_argument("--config", help="writer TOML configuration, for its data_roots")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; "
+                            "0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int,
+                       help="port (default: 8765, else the next free one up to 8774; 0: any "
+                            "free one)")
+    serve.add_argument("--base-path", default="/",
+                       help="URL prefix the page lives under behind a reverse proxy that "
+                            "does not strip it, e.g. /viewer (default /)")
+    serve.add_argument("--redis", help="Redis URL for the list of scans (default: REDIS_URL, "
+                                       "then localhost)")
+    serve.add_argument("--no-redis", action="store_true",
+                       help="no list of scans: only the file browser")
+    serve.add_argument("--max-selection-mb", type=float, default=64.0,
+                       help="largest slice one request may read, MB (default 64)")
+    serve.set_defaults(func=_serve)
 
     args = parser.parse_args(argv)
     return args.func(args)

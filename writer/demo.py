@@ -1,9 +1,10 @@
 """The README's first command: everything started here, real scans written, then a tour.
 
-Starts a private Redis-compatible server, the writer service and the memory tracker as
-separate processes, publishes several realistic fixtures through the public API, waits until
-the writer has finished every file, validates them against the NeXus definitions, prints the
-tree of one file and where the files are, then stops everything it started.
+Starts a private Redis-compatible server, the writer service, the memory tracker and the web
+viewer (`blisswriter serve`) as separate processes, publishes several realistic fixtures
+through the public API, waits until the writer has finished every file, validates them
+against the NeXus definitions, prints the tree of one file and where the files are, then
+stops everything it started (`--serve`: after Ctrl-C, the viewer serving meanwhile).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +42,18 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _viewer_port(preferred: int = 8765) -> int:
+    """`blisswriter serve`'s default port if it is free, else any free one."""
+    for port in (preferred, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise OSError("no free port for the web viewer")
 
 
 def print_tree(group: h5py.Group, indent: str = "  ", depth: int = 3) -> None:
@@ -91,6 +105,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output", help="folder for the files (default: ./demo-output)")
     parser.add_argument("--fixtures", nargs="*", default=DEFAULT_FIXTURES)
     parser.add_argument("--points", type=int, help="points per scan (default: the fixture's)")
+    parser.add_argument("--serve", action="store_true",
+                        help="after the tour, keep the web viewer (and Redis, the writer) "
+                             "running until Ctrl-C")
     args = parser.parse_args(argv)
 
     from blissdata.fixtures import load_fixture
@@ -110,8 +127,13 @@ def main(argv=None) -> int:
                          "--session", "demo"], logs / "writer.log")
         tracker = _start(["blissdata.memory_tracker", "--redis", server.url],
                          logs / "tracker.log")
-        print(f"2. writer (pid {writer.pid}) and memory tracker (pid {tracker.pid}) started; "
-              f"logs in {logs}")
+        port = _viewer_port()
+        viewer = _start(["writer.cli", "serve", "--redis", server.url, "--data-root", str(out),
+                         "--port", str(port)], logs / "serve.log")
+        url = f"http://127.0.0.1:{port}/"
+        print(f"2. writer (pid {writer.pid}), memory tracker (pid {tracker.pid}) and web viewer "
+              f"(pid {viewer.pid}) started; logs in {logs}")
+        print(f"   web viewer: {url}  (open it now: scans show live as they are written)")
         try:
             time.sleep(1.0)
             store = DataStore(server.url)
@@ -167,10 +189,21 @@ def main(argv=None) -> int:
                 print(f"   {path}  ({path.stat().st_size / 1e6:.2f} MB)")
             ok = len(statuses) == len(scans) and errors == 0 and all(
                 st.state == "done" for st in statuses.values())
+            print(f"7. the scans in a web browser: {url}  ("
+                  + ("serving until Ctrl-C)" if args.serve else
+                     "served during the tour; `python3 dev.py demo --serve` keeps it up)"),
+                  flush=True)
+            if args.serve and viewer.poll() is None:
+                with contextlib.suppress(KeyboardInterrupt):
+                    while viewer.poll() is None:
+                        time.sleep(0.5)
         finally:
+            _stop(viewer)
             _stop(tracker)
             _stop(writer)
-        print("7. writer, tracker and Redis stopped.", "All good." if ok else "PROBLEMS above.")
+        print(f"8. viewer, writer, tracker and Redis stopped; browse the files again with "
+              f".venv/bin/blisswriter serve --data-root {out}")
+        print("All good." if ok else "PROBLEMS above.")
     return 0 if ok else 1
 
 
