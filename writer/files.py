@@ -593,6 +593,12 @@ def _sync_master_flags(master: Path) -> None:
         shutil.copyfile(master, tmp)
         set_status_flags(tmp, want)
         os.replace(tmp, master)
+    except OSError:
+        if want:
+            raise
+        # no room for a new version (a full disk failed the scan): the mark is cleared in
+        # place, one write within the superblock's first sector, so that plain opens work
+        set_status_flags(master, 0)
     finally:
         if tmp.exists():
             tmp.unlink()
