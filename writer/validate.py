@@ -40,6 +40,7 @@ from pathlib import Path
 import h5py
 
 from blissdata import lost_points
+from blissdata.file_backing import open_h5
 
 from .being_written import EXIT_BEING_WRITTEN, scans_being_written
 
@@ -137,7 +138,7 @@ def _nexusformat_validate(path: str):
 
     validator = FileValidator(path)
     log_header(validator, filename=path, path="/")
-    root = nxload(path, "r", locking=False)  # never `with root`: that opens it read-write
+    root = nxload(path, "r")  # never `with root`: that opens it read-write
     try:
         get_validator(root.nxclass, definitions=validator.definitions).validate(
             root, parent=validator)
@@ -150,7 +151,7 @@ def _nexusformat_validate(path: str):
 def _check_lost_points(report: Report) -> None:
     """Points lost in Redis before the writer stored them: the entry is complete otherwise
     (fill values stand in for them), so a warning naming them, not an error."""
-    with h5py.File(report.path, "r", locking=False) as f:
+    with open_h5(report.path) as f:
         for name, group in f.items():
             if not isinstance(group, h5py.Group):
                 continue
@@ -170,7 +171,7 @@ def _text(value) -> str | None:
 def _check_default_plots(report: Report) -> None:
     """A viewer opening the file must find something to plot: root @default -> an NXentry,
     each NXentry's @default -> an NXdata with an existing @signal field."""
-    with h5py.File(report.path, "r", locking=False) as f:
+    with open_h5(report.path) as f:
         entries = [name for name, link in f.items()
                    if isinstance(link, h5py.Group)
                    and _text(link.attrs.get("NX_class")) == "NXentry"]
@@ -214,7 +215,7 @@ def _recheck_axis_sizes(report: Report) -> None:
         if not found:
             continue
         group_path, axis = found.groups()
-        with h5py.File(report.path, "r", locking=False) as f:
+        with open_h5(report.path) as f:
             group = f.get(group_path)
             axes = [a.decode() if isinstance(a, bytes) else a
                     for a in group.attrs.get("axes", [])] if group is not None else []
@@ -242,7 +243,7 @@ def _check_virtual_sources(report: Report) -> None:
                 virtual.append(name)
 
     checked: dict[tuple[str, str], str | None] = {}  # (file, dataset) -> problem or None
-    with h5py.File(report.path, "r", locking=False) as f:
+    with open_h5(report.path) as f:
         f.visititems_links(visit)
         for name in virtual:
             vds = f[name]
@@ -268,7 +269,7 @@ def _source_problem(path: Path, dataset: str) -> str | None:
     if not path.exists():
         return f"is missing (no file {path})"
     try:
-        with h5py.File(path, "r", locking=False) as src:
+        with open_h5(path) as src:
             if not isinstance(src.get(dataset), h5py.Dataset):
                 return f"is missing (no dataset {dataset} in {path})"
     except OSError as exc:
