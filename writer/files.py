@@ -342,7 +342,10 @@ class OpenFile:
         with self.lock:
             if not self.h5.swmr_mode:
                 self.h5.swmr_mode = True
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            except OSError:  # a file system that cannot lock: nothing was held
+                pass
 
 
 class OpenFiles:
