@@ -12,7 +12,6 @@ the reference files are opened the same way (relative paths start at the scan fi
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time

@@ -8,7 +8,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import h5py
@@ -16,31 +15,13 @@ import numpy as np
 
 from blissdata import DataStore
 from blissdata.redis_server import EmbeddedRedis
-from writer_helpers import SEED_STREAMS, seed_scan, stop_process, wait_status
+from writer_helpers import SEED_STREAMS, Lines, seed_scan, stop_process, wait_status
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class Lines:
-    """The lines a pipe gives, gathered by a thread; wait_for() one that matches."""
-
-    def __init__(self, pipe):
-        self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(iter(pipe.readline, "")),
-                         daemon=True).start()
-
-    def wait_for(self, predicate, timeout=60):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [line for line in list(self.lines) if predicate(line)]
-            if found:
-                return found[-1]
-            time.sleep(0.05)
-        raise AssertionError(f"no such line within {timeout} s in {self.lines[-10:]}")
 
 
 def writer_command(url, data_root, *options):

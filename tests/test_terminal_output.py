@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import redis
 
 from blissdata.redis_server import EmbeddedRedis
-from writer_helpers import seed_scan, stop_process, wait_status
+from writer_helpers import Lines, seed_scan, stop_process, wait_status
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,24 +51,6 @@ def test_status_interval_refused_clearly(value, why):
     done = subprocess.run([str(BIN / "blisswriter"), "status", "--watch", "--interval", value],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and why in done.stderr and "Traceback" not in done.stderr
-
-
-class Lines:
-    """Collects a pipe's lines in a thread, so the test can wait for one."""
-
-    def __init__(self, pipe):
-        self.lines = []
-        threading.Thread(target=lambda: self.lines.extend(iter(pipe.readline, "")),
-                         daemon=True).start()
-
-    def wait_for(self, predicate, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [line for line in list(self.lines) if predicate(line)]
-            if found:
-                return found[-1]
-            time.sleep(0.05)
-        raise AssertionError(f"nothing expected within {timeout} s in {self.lines[-10:]}")
 
 
 def test_status_watch_survives_a_redis_restart(tmp_path):

@@ -107,3 +107,21 @@ def durable_points(store, scan_key, stream):
     import json
 
     return json.loads(raw)["points"] if raw else 0
+
+
+class Lines:
+    """The lines a pipe gives, gathered by a thread, so a test can wait for one."""
+
+    def __init__(self, pipe):
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(iter(pipe.readline, "")),
+                         daemon=True).start()
+
+    def wait_for(self, predicate, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [line for line in list(self.lines) if predicate(line)]
+            if found:
+                return found[-1]
+            time.sleep(0.05)
+        raise AssertionError(f"no such line within {timeout} s in {self.lines[-10:]}")
