@@ -17,7 +17,6 @@ from pathlib import Path
 
 import h5py
 
-from blissdata.file_backing import open_h5
 
 from .files import status_flags
 
@@ -45,7 +44,7 @@ def scans_being_written(path) -> list[ScanBeingWritten]:
     one of its scans is written (docs/files.md): its links say which."""
     path = Path(path)
     try:
-        with open_h5(path) as f:
+        with h5py.File(path, "r", swmr=True, locking=False) as f:
             links = [(name, f.get(name, getlink=True)) for name in f]
     except OSError:
         return _entries_of(path) if status_flags(path) else []
@@ -66,7 +65,7 @@ def scans_being_written(path) -> list[ScanBeingWritten]:
 
 def _entries_of(path: Path, only: str | None = None) -> list[ScanBeingWritten]:
     try:
-        with open_h5(path) as f:
+        with h5py.File(path, "r", swmr=True, locking=False) as f:
             names = [only] if only else list(f)
             found = [ScanBeingWritten(str(path), name, _state(f, name)) for name in names
                      if isinstance(f.get(name), h5py.Group)]

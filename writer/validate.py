@@ -40,7 +40,6 @@ from pathlib import Path
 import h5py
 
 from blissdata import lost_points
-from blissdata.file_backing import open_h5
 
 from .being_written import EXIT_BEING_WRITTEN, scans_being_written
 
@@ -138,7 +137,7 @@ def _nexusformat_validate(path: str):
 
     validator = FileValidator(path)
     log_header(validator, filename=path, path="/")
-    root = nxload(path, "r")  # never `with root`: that opens it read-write
+    root = nxload(path, "r", **_how_to_open(path))  # never `with root`: that opens it read-write
     try:
         get_validator(root.nxclass, definitions=validator.definitions).validate(
             root, parent=validator)
@@ -148,10 +147,30 @@ def _nexusformat_validate(path: str):
     return log_summary()
 
 
+def _open(path) -> h5py.File:
+    return h5py.File(path, "r", **_how_to_open(path))
+
+
+def _how_to_open(path) -> dict:
+    """How to open `path` read-only with its external links followable. HDF5 opens the files
+    behind the links with the locking setting of this open, and refuses one this process
+    already has open with the other setting (a writer or a reader in this process)."""
+    for how in (dict(locking=False), {}):
+        try:
+            with h5py.File(path, "r", **how) as f:
+                for name in f:
+                    f[name]  # noqa: B018  (follows a link: h5py's get() would hide the error)
+            return how
+        except (KeyError, OSError) as exc:
+            if "don't match" not in str(exc):
+                return how  # not a locking matter: the checks report what they cannot read
+    return {}
+
+
 def _check_lost_points(report: Report) -> None:
     """Points lost in Redis before the writer stored them: the entry is complete otherwise
     (fill values stand in for them), so a warning naming them, not an error."""
-    with open_h5(report.path) as f:
+    with _open(report.path) as f:
         for name, group in f.items():
             if not isinstance(group, h5py.Group):
                 continue
@@ -171,7 +190,7 @@ def _text(value) -> str | None:
 def _check_default_plots(report: Report) -> None:
     """A viewer opening the file must find something to plot: root @default -> an NXentry,
     each NXentry's @default -> an NXdata with an existing @signal field."""
-    with open_h5(report.path) as f:
+    with _open(report.path) as f:
         entries = [name for name, link in f.items()
                    if isinstance(link, h5py.Group)
                    and _text(link.attrs.get("NX_class")) == "NXentry"]
@@ -215,7 +234,7 @@ def _recheck_axis_sizes(report: Report) -> None:
         if not found:
             continue
         group_path, axis = found.groups()
-        with open_h5(report.path) as f:
+        with _open(report.path) as f:
             group = f.get(group_path)
             axes = [a.decode() if isinstance(a, bytes) else a
                     for a in group.attrs.get("axes", [])] if group is not None else []
@@ -243,7 +262,7 @@ def _check_virtual_sources(report: Report) -> None:
                 virtual.append(name)
 
     checked: dict[tuple[str, str], str | None] = {}  # (file, dataset) -> problem or None
-    with open_h5(report.path) as f:
+    with _open(report.path) as f:
         f.visititems_links(visit)
         for name in virtual:
             vds = f[name]
@@ -269,7 +288,7 @@ def _source_problem(path: Path, dataset: str) -> str | None:
     if not path.exists():
         return f"is missing (no file {path})"
     try:
-        with open_h5(path) as src:
+        with _open(path) as src:
             if not isinstance(src.get(dataset), h5py.Dataset):
                 return f"is missing (no dataset {dataset} in {path})"
     except OSError as exc:
