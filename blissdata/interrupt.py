@@ -25,6 +25,11 @@ class Interrupted(KeyboardInterrupt):
         self.exit_status = 128 + signal.Signals[signal_name].value
         self.ended: list[str] = []
 
+    def message(self, program: str) -> str:
+        """The one line a command prints when it stops so."""
+        ended = "; ".join(self.ended) or "no scan was open"
+        return f"{program}: stopped by {self.signal_name}: ended with USER_ABORT: {ended}"
+
 
 def _raise(signum, _frame):
     for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the ending

@@ -205,9 +205,7 @@ def main(argv=None) -> int:
                               progress=progress)
         except Interrupted as exc:
             progress.close()
-            ended = "; ".join(exc.ended) or "no scan was open"
-            print(f"blissdata-replay: stopped by {exc.signal_name}: ended with USER_ABORT: "
-                  f"{ended}", file=sys.stderr)
+            print(exc.message("blissdata-replay"), file=sys.stderr)
             return exc.exit_status
         except IndexNoMoreThereError as exc:  # points lost: nothing published
             progress.close()

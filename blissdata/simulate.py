@@ -73,9 +73,7 @@ def main(argv=None) -> int:
                             number=args.number)
     except Interrupted as exc:
         progress.close()
-        ended = "; ".join(exc.ended) or "no scan was open"
-        print(f"blissdata-simulate: stopped by {exc.signal_name}: ended with USER_ABORT: "
-              f"{ended}", file=sys.stderr)
+        print(exc.message("blissdata-simulate"), file=sys.stderr)
         return exc.exit_status
     progress.close()
     for scan in scans:

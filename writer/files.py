@@ -611,8 +611,8 @@ def _master_flags_wanted(version: Path, folder: Path) -> int:
     """SWMR_WRITING_FLAGS if a scan file that `version` (a shared file, or its new version
     before the rename) links to is being written, else 0."""
     with h5py.File(version, "r", locking=False, swmr=True) as f:
-        files = {f.get(name, getlink=True).filename for name in f
-                 if isinstance(f.get(name, getlink=True), h5py.ExternalLink)}
+        links = [f.get(name, getlink=True) for name in f]
+    files = {link.filename for link in links if isinstance(link, h5py.ExternalLink)}
     return SWMR_WRITING_FLAGS if any(status_flags(folder / name) for name in files) else 0
 
 
