@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     ensure_venv()
     os.chdir(ROOT)
     if argv[0] == "demo":
-        command = [str(PYTHON), "-m", "writer.demo", *argv[1:]]
+        command = [str(PYTHON), "-m", "writer.commands.demo", *argv[1:]]
     else:
         command = [str(PYTHON), "-m", "pytest", *argv[1:]]
     return subprocess.call(command)

@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-bliss2-"))
     gzip_config = tmp / "gzip.toml"
     gzip_config.write_text('[compression]\ndefault = "gzip"\nlevel = 4\n')
-    ours = [sys.executable, "-m", "writer.cli", "run", "--protocol", "blissdata2",
+    ours = [sys.executable, "-m", "writer.commands.cli", "run", "--protocol", "blissdata2",
             "--data-root", str(tmp)]
     writers = []
     try:

@@ -43,7 +43,7 @@ def start_writer(url: str, root: Path, log) -> subprocess.Popen:
     # is due 0.5 s after the first data: later than most kills, so little to check)
     config = root / "writer.toml"
     config.write_text(f'data_roots = ["{root}"]\nmax_lag_s = 0.2\n')
-    return subprocess.Popen([sys.executable, "-m", "writer.cli", "run", "--redis", url,
+    return subprocess.Popen([sys.executable, "-m", "writer.commands.cli", "run", "--redis", url,
                              "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
 
 

@@ -34,7 +34,7 @@ from common import detector_frames, print_table, write_json  # noqa: E402
 
 from blissdata import DataStore, keys  # noqa: E402
 from blissdata.redis_server import EmbeddedRedis  # noqa: E402
-from writer.pool import read_writers  # noqa: E402
+from writer.state.pool import read_writers  # noqa: E402
 
 
 class Writers:
@@ -51,7 +51,7 @@ class Writers:
         for _ in range(n):
             log = open(self.log_dir / f"writer-{len(self.procs)}.log", "ab")
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "writer.cli", "run", "--config", str(self.config),
+                [sys.executable, "-m", "writer.commands.cli", "run", "--config", str(self.config),
                  "--redis", self.url, "--data-root", str(self.root)],
                 stdout=log, stderr=subprocess.STDOUT))
         alive = lambda: {w["pid"] for w in read_writers(store.redis) if w["alive"]}  # noqa

@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from blissdata import bslz4  # noqa: E402
-from writer.chunking import chunk_shape  # noqa: E402
-from writer.dataset_writer import DatasetAppender  # noqa: E402
+from writer.hdf5.chunking import chunk_shape  # noqa: E402
+from writer.hdf5.dataset_writer import DatasetAppender  # noqa: E402
 
 SHAPE = (512, 512)
 BATCH = 10

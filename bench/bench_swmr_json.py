@@ -1,6 +1,6 @@
 """json points read by SWMR readers while a writer appends them: variable-length strings (the
 layout before, and blisswriter 3's) against the writer's texts beside their rows
-(writer/json_appender.py, docs/files.md item 4).
+(writer/hdf5/json_appender.py, docs/files.md item 4).
 
     python bench/bench_swmr_json.py [--seconds 8] [--readers 3] [--json bench/results/swmr_json.json]
 
@@ -39,8 +39,8 @@ def point(i: int):
 def write(path: str, layout: str, seconds: float, pause: float) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from blissdata.json_points import text_dataset  # noqa: F401  (the project importable)
-    from writer.json_appender import JsonAppender
-    from writer.text_appender import TextAppender
+    from writer.hdf5.json_appender import JsonAppender
+    from writer.hdf5.text_appender import TextAppender
 
     with h5py.File(path, "w", libver="latest") as f:
         if layout == "strings":

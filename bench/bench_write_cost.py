@@ -68,7 +68,7 @@ from common import print_table, write_json  # noqa: E402
 
 from blissdata import DataStore, keys  # noqa: E402
 from blissdata.redis_server import EmbeddedRedis  # noqa: E402
-from writer.file_space import file_space  # noqa: E402
+from writer.hdf5.file_space import file_space  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -100,7 +100,7 @@ class Writer:
 
     def __init__(self, url: str, root: Path, name: str):
         self.log = open(root / f"writer-{name}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "writer.cli", "run", "--redis",
+        self.proc = subprocess.Popen([sys.executable, "-m", "writer.commands.cli", "run", "--redis",
                                       url, "--data-root", str(root)], stdout=self.log,
                                      stderr=subprocess.STDOUT, **writer_code())
         time.sleep(1.5)
@@ -159,7 +159,7 @@ def new_scan(store, root, number, name, info=None):
 
 
 def file_overhead(path: str, tmp: Path) -> dict:
-    """Bytes outside the datasets' stored data and HDF5's metadata (writer.file_space)."""
+    """Bytes outside the datasets' stored data and HDF5's metadata (writer.hdf5.file_space)."""
     space = file_space(path, tmp)
     return {"file MB": space.size / 1e6, "data MB": space.stored / 1e6,
             "metadata MB": space.metadata / 1e6, "overhead %": 100 * space.outside_share}
@@ -280,7 +280,7 @@ def bliss2_scalars(env, root: Path, writer: str, number: int, points: int, chann
         folder = root / f"bliss2-{number}"
         folder.mkdir()
         command = ([env.blisswriter, "run", server.url] if writer == "blisswriter 3.0.0" else
-                   [sys.executable, "-m", "writer.cli", "run", "--protocol", "blissdata2",
+                   [sys.executable, "-m", "writer.commands.cli", "run", "--protocol", "blissdata2",
                     "--redis", server.url, "--data-root", str(root)])
         with open(folder / "writer.log", "wb") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,

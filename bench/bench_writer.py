@@ -221,8 +221,8 @@ def big_mapping(groups=2000):
 
 def skeleton_times(root) -> tuple[float, float]:
     """(bare h5py creating the same nodes, parse_mapping + write_entry), best of 3."""
-    from writer.mapping import parse_mapping
-    from writer.nexus_skeleton import write_entry
+    from writer.scan.mapping import parse_mapping
+    from writer.scan.nexus_skeleton import write_entry
     mapping = big_mapping()
 
     def bare():
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
         t_h5s = bare_h5py_scalars(root / "bare_scalars.h5", args.scalar_points)
         t_skel_bare, t_skel = skeleton_times(root)
         log = open(root / "writer.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "writer.cli", "run", "--redis",
+        proc = subprocess.Popen([sys.executable, "-m", "writer.commands.cli", "run", "--redis",
                                  server.url, "--data-root", str(root)], stdout=log,
                                 stderr=subprocess.STDOUT)
         try:

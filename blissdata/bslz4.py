@@ -34,7 +34,7 @@ uint16 frames of Poisson counts on a smooth pattern, best of 5):
   compressing on the caller's thread with the wheel's OpenMP 0.305-0.428 s, a pool of 2
   single-OpenMP-thread workers 0.328-0.396 s, a pool of 1 0.425-0.515 s: a tie on 2 cores.
 
-So ``writer.dataset_writer.DatasetAppender`` compresses on the caller's thread when bitshuffle
+So ``writer.hdf5.dataset_writer.DatasetAppender`` compresses on the caller's thread when bitshuffle
 has OpenMP (:func:`openmp_available`), and in a thread pool whose workers run bitshuffle with
 one OpenMP thread each when it has not, or when given an executor or ``workers > 0`` (HDF5
 runs its own filters on one thread, under h5py's global lock, and hdf5plugin's build has no

@@ -13,8 +13,8 @@ from blissdata import DataStore, ScanState
 from blissdata.archive import ArchiveError, open_scan
 from blissdata.fixtures import list_fixtures, load_fixture, publish
 from blissdata.replay import main as replay_main, replay
-from writer.cli import main as writer_cli
-from writer.validate import validate_file
+from writer.commands.cli import main as writer_cli
+from writer.commands.validate import validate_file
 from writer_helpers import start_writer, wait_status
 
 

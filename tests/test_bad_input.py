@@ -25,7 +25,7 @@ def writer_process(store, data_root, tmp_path):
     def start():
         log = open(tmp_path / f"writer{len(procs)}.log", "ab")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "writer.cli", "run", "--redis", store.url,
+            [sys.executable, "-m", "writer.commands.cli", "run", "--redis", store.url,
              "--data-root", str(data_root)], stdout=log, stderr=subprocess.STDOUT))
         return procs[-1]
 
@@ -218,7 +218,7 @@ def test_reader_decodes_with_the_prepared_definition(store, data_root):
 
 def test_derived_names_are_valid_nexus_unique_and_keep_the_stream_name(store, writer_process,
                                                                        data_root):
-    from writer.validate import validate_file
+    from writer.commands.validate import validate_file
 
     writer_process()
     path = data_root / "names.h5"
@@ -272,7 +272,7 @@ def test_explicit_names_are_kept_with_a_warning(store, writer_process, data_root
 
 def test_every_file_written_has_a_default_plot(store, writer_process, data_root):
     from blissdata.fixtures import publish
-    from writer.validate import validate_file
+    from writer.commands.validate import validate_file
 
     writer_process()
     path = data_root / "frames" / "external.h5"
@@ -289,7 +289,7 @@ def test_every_file_written_has_a_default_plot(store, writer_process, data_root)
 
 
 def test_validate_reports_a_missing_default_plot(tmp_path):
-    from writer.validate import validate_file
+    from writer.commands.validate import validate_file
 
     path = tmp_path / "f.h5"
     with h5py.File(path, "w") as f:
@@ -315,8 +315,8 @@ def test_validate_reports_a_missing_default_plot(tmp_path):
 
 
 def test_grid_axes_named_after_streams_are_valid_and_distinct(tmp_path):
-    from writer.grid_plot import write_grid_plot
-    from writer.names import NEXUS_NAME
+    from writer.scan.grid_plot import write_grid_plot
+    from writer.scan.names import NEXUS_NAME
 
     with h5py.File(tmp_path / "g.h5", "w") as f:
         entry = f.create_group("1.1")

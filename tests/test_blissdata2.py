@@ -26,8 +26,10 @@ import redis
 
 from bliss2_env import Bliss2EnvUnavailable, reference_env
 from blissdata.redis_server import EmbeddedRedis
-from writer import status as writer_status
-from writer.blissdata2 import Bliss2Error, _definition, parse_node, plan
+from writer.state import status as writer_status
+from writer.protocols.blissdata2.h5maps import parse_node, plan
+from writer.protocols.blissdata2.protocol import Bliss2Error
+from writer.protocols.blissdata2.scan import _definition
 
 pytestmark = pytest.mark.bliss2
 
@@ -63,7 +65,7 @@ class Side:
 
     def start_ours(self, *extra):
         self.writer = subprocess.Popen(
-            [sys.executable, "-m", "writer.cli", "run", "--protocol", "blissdata2",
+            [sys.executable, "-m", "writer.commands.cli", "run", "--protocol", "blissdata2",
              "--redis", self.url, "--data-root", str(self.folder), *extra],
             stderr=subprocess.PIPE, text=True)
         return self.writer
@@ -479,7 +481,7 @@ def test_both_protocols_in_one_process(env, tmp_path):
         config = tmp_path / "writer.toml"
         config.write_text('protocols = ["native", "blissdata2"]\n')
         side.writer = subprocess.Popen(
-            [sys.executable, "-m", "writer.cli", "run", "--config", str(config),
+            [sys.executable, "-m", "writer.commands.cli", "run", "--config", str(config),
              "--redis", side.url, "--data-root", str(side.folder)],
             stderr=subprocess.PIPE, text=True)
         time.sleep(1.0)
@@ -509,10 +511,10 @@ def test_both_protocols_in_one_process(env, tmp_path):
 def test_unknown_protocol_is_refused_naming_it(tmp_path):
     config = tmp_path / "writer.toml"
     config.write_text('protocols = ["blissdata3"]\n')
-    done = subprocess.run([sys.executable, "-m", "writer.cli", "run", "--config", str(config)],
+    done = subprocess.run([sys.executable, "-m", "writer.commands.cli", "run", "--config", str(config)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "protocols" in done.stderr, done.stderr
-    done = subprocess.run([sys.executable, "-m", "writer.cli", "run", "--protocol", "bliss",
+    done = subprocess.run([sys.executable, "-m", "writer.commands.cli", "run", "--protocol", "bliss",
                            "--redis", "redis://127.0.0.1:1", "--data-root", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "protocols" in done.stderr and "'bliss'" in done.stderr, \
@@ -574,7 +576,7 @@ def test_gzip_chunks_compressed_in_the_pool_are_what_hdf5_reads(tmp_path):
     as HDF5's shuffle + deflate would: h5py reads the same values back."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from writer.dataset_writer import DatasetAppender, deflate_level
+    from writer.hdf5.dataset_writer import DatasetAppender, deflate_level
 
     rng = np.random.default_rng(1)
     with ThreadPoolExecutor(2) as pool, h5py.File(tmp_path / "g.h5", "w") as f:
@@ -596,7 +598,7 @@ def test_blissdata2_on_a_redis_without_its_modules_says_what_is_missing(tmp_path
     rather than waiting silently for scans that cannot come; native alone still runs."""
     with EmbeddedRedis() as server:
         for protocols in ("blissdata2", "native,blissdata2"):
-            done = subprocess.run([sys.executable, "-m", "writer.cli", "run", "--protocol",
+            done = subprocess.run([sys.executable, "-m", "writer.commands.cli", "run", "--protocol",
                                    protocols, "--redis", server.url, "--data-root",
                                    str(tmp_path)], capture_output=True, text=True, timeout=60)
             assert done.returncode == 2, done.stderr

@@ -42,7 +42,7 @@ def test_help_redis_server(flag):
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_demo_and_dev(flag):
-    demo = subprocess.run([sys.executable, "-m", "writer.demo", flag], capture_output=True,
+    demo = subprocess.run([sys.executable, "-m", "writer.commands.demo", flag], capture_output=True,
                           text=True, timeout=60, cwd=ROOT)
     assert demo.returncode == 0 and demo.stdout.startswith("usage: python3 dev.py demo")
     dev = subprocess.run([sys.executable, str(ROOT / "dev.py"), flag], capture_output=True,

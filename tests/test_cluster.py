@@ -100,7 +100,7 @@ def test_tracker_refuses_a_hard_limit_below_an_idle_node(store):
 
 
 def test_writer_status_on_cluster(store, redis_url, tmp_path, capsys):
-    from writer.cli import main as cli_main
+    from writer.commands.cli import main as cli_main
 
     root = tmp_path / "data"
     root.mkdir()

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from writer.cli import main as cli_main
-from writer.config import WriterConfig, load_config
+from writer.commands.cli import main as cli_main
+from writer.service.config import WriterConfig, load_config
 from writer_helpers import seed_scan, wait_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,7 +21,7 @@ CONFIG = ROOT / "config" / "writer.toml"
 
 def test_default_config_lists_every_setting_with_its_default():
     listed = tomllib.loads(CONFIG.read_text())
-    schema = json.loads((ROOT / "writer" / "config_schema.json").read_text())
+    schema = json.loads((ROOT / "writer" / "service" / "config_schema.json").read_text())
     assert set(listed) == set(schema["properties"])
     assert set(listed["metrics"]) == set(schema["properties"]["metrics"]["properties"])
     defaults = {f.name: getattr(WriterConfig(), f.name) for f in dataclasses.fields(WriterConfig)

@@ -225,7 +225,7 @@ def test_a_failing_example_fails_with_its_place_and_output(redis_url, redis_clie
 
 def test_the_demo_runs(tmp_path):
     """README's first block (skipped in the page: its second line is this very suite)."""
-    done = subprocess.run([sys.executable, "-m", "writer.demo", "--output", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "writer.commands.demo", "--output", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "All good" in done.stdout

@@ -11,8 +11,8 @@ import pytest
 from blissdata.fixtures import (FixtureError, external_frame, generate, list_fixtures,
                                 load_fixture, publish)
 from blissdata.simulate import main as simulate
-from writer.mapping import parse_mapping
-from writer.validate import validate_file
+from writer.scan.mapping import parse_mapping
+from writer.commands.validate import validate_file
 from writer_helpers import start_writer, wait_status
 
 

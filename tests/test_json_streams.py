@@ -18,9 +18,9 @@ from blissdata import EndReason
 from blissdata.archive import open_scan
 from blissdata.h5api import File
 from blissdata.json_points import text_dataset
-from writer import scan_writer
-from writer.rewrite import rewrite
-from writer.text_appender import TextAppender
+from writer.scan import scan_writer
+from writer.commands.rewrite import rewrite
+from writer.hdf5.text_appender import TextAppender
 from writer_helpers import durable_points, start_writer, stop_process, wait_status
 
 
@@ -120,7 +120,7 @@ def test_json_points_read_back_by_every_reader(store, writer, data_root, tmp_pat
         assert archived.streams["log"][:] == points
     # valid NeXus (another process: the writer and readers of this one share the file)
     check = subprocess.run(
-        [sys.executable, "-c", "import sys; from writer.validate import validate_file; "
+        [sys.executable, "-c", "import sys; from writer.commands.validate import validate_file; "
          "print(validate_file(sys.argv[1]).errors)", str(out)],
         capture_output=True, text=True, timeout=120)
     assert check.stdout.strip() == "[]", check.stdout + check.stderr
@@ -169,7 +169,7 @@ def test_files_of_older_writers_json_as_strings_still_read(store, writer, data_r
 
 def _writer_process(store, data_root, log_path):
     return subprocess.Popen(
-        [sys.executable, "-m", "writer.cli", "run", "--redis", store.url,
+        [sys.executable, "-m", "writer.commands.cli", "run", "--redis", store.url,
          "--data-root", str(data_root), "--log-level", "DEBUG"],
         stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
 

@@ -23,8 +23,8 @@ from blissdata.h5api import File
 from blissdata.replay import main as replay_main
 from blissdata.memory_tracker import MemoryTracker
 from blissdata.redis_server import EmbeddedRedis
-from writer import status as writer_status
-from writer.validate import validate_file
+from writer.state import status as writer_status
+from writer.commands.validate import validate_file
 from writer_helpers import durable_points, stop_process, wait_status
 
 MB = 2**20
@@ -37,7 +37,7 @@ def free_port():
 
 
 def start_writer_process(redis_url, data_root, log_path, metrics_port=None, settings=""):
-    command = [sys.executable, "-m", "writer.cli", "run", "--redis", redis_url,
+    command = [sys.executable, "-m", "writer.commands.cli", "run", "--redis", redis_url,
                "--data-root", str(data_root), "--log-level", "INFO"]
     if metrics_port is not None:
         settings += f"\n[metrics]\nenabled = true\nport = {metrics_port}\n"

@@ -6,9 +6,9 @@ import time
 import h5py
 import pytest
 
-from writer.mapping import MappingError, parse_mapping
-from writer.nexus_skeleton import EntryExistsError, finalize_entry, write_entry
-from writer.paths import PathRefused, check_link_target, resolve_scan_file
+from writer.scan.mapping import MappingError, parse_mapping
+from writer.scan.nexus_skeleton import EntryExistsError, finalize_entry, write_entry
+from writer.hdf5.paths import PathRefused, check_link_target, resolve_scan_file
 from writer_helpers import SEED_MAPPING, SEED_STREAMS
 
 ENTRY = {"NX_class": "NXentry"}

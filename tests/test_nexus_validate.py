@@ -3,8 +3,8 @@
 import h5py
 import numpy as np
 
-from writer.cli import main as cli_main
-from writer.validate import validate_file
+from writer.commands.cli import main as cli_main
+from writer.commands.validate import validate_file
 
 
 def good_file(path):

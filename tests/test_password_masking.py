@@ -18,7 +18,7 @@ import pytest
 from blissdata import DataStore
 from blissdata.redis_server import EmbeddedRedis
 from blissdata.redis_url import masked
-from writer.config import ConfigError, load_config
+from writer.service.config import ConfigError, load_config
 from writer_helpers import stop_process, wait_status
 
 REQUIREPASS = "Pw0rdRequire7xQ"
@@ -89,7 +89,7 @@ def test_no_password_in_any_output_log_metric_or_file(tmp_path, userinfo):
         # the writer first: it waits for Redis, saying where
         writer_log = logs / "writer.log"
         daemons.append(subprocess.Popen(
-            [sys.executable, "-m", "writer.cli", "run", "--config", str(config),
+            [sys.executable, "-m", "writer.commands.cli", "run", "--config", str(config),
              "--log-level", "DEBUG"], stdout=writer_log.open("w"), stderr=subprocess.STDOUT,
             env=env))
         wait_in_file(writer_log, f"Redis at {url_shown} unreachable while connecting")

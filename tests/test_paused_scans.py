@@ -20,7 +20,7 @@ def test_writer_restarted_while_a_scan_is_idle_resumes_it(store, tmp_path):
     log = open(tmp_path / "writer.log", "ab")
 
     def start():
-        return subprocess.Popen([sys.executable, "-m", "writer.cli", "run", "--config",
+        return subprocess.Popen([sys.executable, "-m", "writer.commands.cli", "run", "--config",
                                  str(config), "--redis", store.url, "--data-root", str(root)],
                                 stdout=log, stderr=subprocess.STDOUT)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from blissdata import IndexNoMoreThereError
-from writer.read_ahead import ReadAhead
+from writer.scan.read_ahead import ReadAhead
 
 
 def collect(ahead):

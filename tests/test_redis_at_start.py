@@ -25,7 +25,7 @@ def free_port() -> int:
 
 
 def writer_command(url, data_root, *options):
-    return [sys.executable, "-m", "writer.cli", "run", "--redis", url, "--data-root",
+    return [sys.executable, "-m", "writer.commands.cli", "run", "--redis", url, "--data-root",
             str(data_root), *options]
 
 
@@ -69,7 +69,7 @@ def test_writer_no_wait_for_redis_exits_at_once(data_root):
 def test_status_watch_started_before_redis_waits_for_it():
     port = free_port()
     url = f"redis://127.0.0.1:{port}"
-    watcher = subprocess.Popen([sys.executable, "-m", "writer.cli", "status", "--watch",
+    watcher = subprocess.Popen([sys.executable, "-m", "writer.commands.cli", "status", "--watch",
                                 "--json", "--interval", "0.2", "--redis", url],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     server = None
@@ -93,7 +93,7 @@ def test_status_watch_started_before_redis_waits_for_it():
 
 def test_status_watch_no_wait_for_redis_exits_at_once():
     url = f"redis://127.0.0.1:{free_port()}"
-    done = subprocess.run([sys.executable, "-m", "writer.cli", "status", "--watch",
+    done = subprocess.run([sys.executable, "-m", "writer.commands.cli", "status", "--watch",
                            "--no-wait-for-redis", "--redis", url],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from writer.cli import main as cli_main
+from writer.commands.cli import main as cli_main
 from writer_helpers import seed_scan, start_writer, stop_process, wait_status
 
 
@@ -98,7 +98,7 @@ def test_metrics_port_in_use_is_a_clear_error(redis_url, data_root, tmp_path):
     config = tmp_path / "w.toml"
     config.write_text(f'[metrics]\nenabled = true\nport = {port}\nhost = "127.0.0.1"\n')
     try:
-        proc = subprocess.run([sys.executable, "-m", "writer.cli", "run", "--config",
+        proc = subprocess.run([sys.executable, "-m", "writer.commands.cli", "run", "--config",
                                str(config), "--redis", redis_url, "--data-root",
                                str(data_root)], capture_output=True, text=True, timeout=60)
     finally:
@@ -110,7 +110,7 @@ def test_metrics_port_in_use_is_a_clear_error(redis_url, data_root, tmp_path):
 def test_json_logs_name_the_scan(redis_url, store, data_root, tmp_path):
     log_path = tmp_path / "w.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "writer.cli", "run", "--redis",
+        proc = subprocess.Popen([sys.executable, "-m", "writer.commands.cli", "run", "--redis",
                                  redis_url, "--data-root", str(data_root), "--log-json"],
                                 stderr=log, stdout=log)
     try:
@@ -154,7 +154,7 @@ def test_writer_refuses_to_start_without_its_data_roots(tmp_path, capsys, redis_
 def test_status_shows_running_and_latest_finished(redis_client, redis_url, capsys):
     """Thousands of scans: running ones and the latest finished by default; filters by
     session, state and count."""
-    from writer import status as writer_status
+    from writer.state import status as writer_status
 
     for i in range(40):
         st = writer_status.ScanStatus(f"blissdata:scan:{{many{i}}}", session=f"many{i % 2}",

@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blissdata import bslz4
-from writer.chunking import chunk_shape
-from writer.compression import (compression_kwargs, dataset_is_bslz4, is_bslz4,
+from writer.hdf5.chunking import chunk_shape
+from writer.hdf5.compression import (compression_kwargs, dataset_is_bslz4, is_bslz4,
                                 parse_compression)
-from writer.dataset_writer import DatasetAppender
+from writer.hdf5.dataset_writer import DatasetAppender
 
 
 # ---------------------------------------------------------------------------- chunking
@@ -352,7 +352,7 @@ def test_any_sequence_reads_back_exactly(tmp_path, config, ops, seed):
 CRASH_SCRIPT = """
 import os, sys
 import h5py, hdf5plugin, numpy as np
-from writer.dataset_writer import DatasetAppender
+from writer.hdf5.dataset_writer import DatasetAppender
 path, compression, more = sys.argv[1], sys.argv[2], int(sys.argv[3])
 frames = np.random.default_rng(0).poisson(20, (200, 64, 64)).astype("uint16")
 f = h5py.File(path, "w")
@@ -444,7 +444,7 @@ def test_resume_refuses_a_damaged_last_chunk(tmp_path):
         torn = bslz4.compress(full)[:20000]  # the header and a few blocks: the rest is lost
         f["d"].id.write_direct_chunk((0, 0, 0), torn)
     check = ("import h5py, hdf5plugin\n"
-             "from writer.dataset_writer import DatasetAppender\n"
+             "from writer.hdf5.dataset_writer import DatasetAppender\n"
              f"f = h5py.File({str(path)!r}, 'a')\n"
              "try:\n"
              "    DatasetAppender.open(f['d'], workers=0)\n"

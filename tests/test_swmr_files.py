@@ -12,8 +12,8 @@ import hdf5plugin  # noqa: F401
 import numpy as np
 import pytest
 
-from writer.dataset_writer import DatasetAppender
-from writer.files import clear_write_flags, link_entry, lookup3, scan_file_in
+from writer.hdf5.dataset_writer import DatasetAppender
+from writer.hdf5.files import clear_write_flags, link_entry, lookup3, scan_file_in
 
 KILLED_WRITER = """
 import sys, time, h5py
@@ -189,7 +189,7 @@ def test_shared_file_of_an_older_writer_gets_links_in_place(tmp_path):
 
 
 def test_rewrite_of_a_shared_file_rewrites_its_scans(tmp_path):
-    from writer.rewrite import rewrite
+    from writer.commands.rewrite import rewrite
 
     master = tmp_path / "sample.h5"
     scan_file = scan_file_in(master, "1.1")
@@ -208,7 +208,7 @@ def test_rewrite_of_a_shared_file_rewrites_its_scans(tmp_path):
 OUR_WRITER = """
 import sys, time
 from pathlib import Path
-from writer.files import OpenFiles
+from writer.hdf5.files import OpenFiles
 handle = OpenFiles().acquire(Path(sys.argv[1]))
 handle.h5.create_dataset("1.1/x", data=[1.0, 2.0, 3.0], maxshape=(None,), chunks=(4,))
 handle.start_swmr()
@@ -240,7 +240,7 @@ def test_a_second_writer_is_kept_out_but_readers_are_not(tmp_path):
     resuming, is refused; another HDF5 program appending (HDF5's locking on or off) is
     refused by the file's "open for writing" flags; SWMR readers with HDF5's default
     locking read. Killed -9, the writer's lock goes with it: a resume clears the flags."""
-    from writer.files import FileLockedError, OpenFiles, lock_file_of
+    from writer.hdf5.files import FileLockedError, OpenFiles, lock_file_of
 
     path = tmp_path / "scan.h5"
     writer = _started(OUR_WRITER, path)
@@ -273,7 +273,7 @@ def test_shared_file_says_being_written_while_a_scan_it_links_is(tmp_path):
     so the plain open fails and silx opens it with swmr=True, which reaches the scan."""
     import silx.io
 
-    from writer.files import status_flags, sync_master_flags
+    from writer.hdf5.files import status_flags, sync_master_flags
 
     master = tmp_path / "sample.h5"
     scan_file = scan_file_in(master, "1.1")

@@ -45,7 +45,7 @@ def services(store, tmp_path):
     config = tmp_path / "writer.toml"
     config.write_text(f'data_roots = ["{data_root}"]\nmax_lag_s = 0.1\n'
                       'inactivity_timeout_s = 60\n')
-    procs = [_start(["-m", "writer.cli", "run", "--config", str(config), "--redis", store.url],
+    procs = [_start(["-m", "writer.commands.cli", "run", "--config", str(config), "--redis", store.url],
                     tmp_path / "writer.log"),
              _start(["-m", "blissdata.memory_tracker", "--redis", store.url, "--budget", "0.001",
                      "--hard-limit", "100000", "--interval", "0.05"], tmp_path / "tracker.log")]
@@ -291,7 +291,7 @@ def test_blissdata_and_the_field_tools_in_one_process(store, services, tmp_path)
     from nexusformat.nexus import nxload
 
     from blissdata.archive import open_scan
-    from writer.files import scan_file_in
+    from writer.hdf5.files import scan_file_in
 
     shared = services / "nb" / "nb.h5"
     own = scan_file_in(shared, "1.1")

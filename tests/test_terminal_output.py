@@ -87,7 +87,7 @@ def test_status_watch_survives_a_redis_restart(tmp_path):
 
 
 def test_demo_piped_writes_plain_lines(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "writer.demo", "--fixtures", "ascan", "mca",
+    done = subprocess.run([sys.executable, "-m", "writer.commands.demo", "--fixtures", "ascan", "mca",
                            "--points", "4", "--output", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=180, cwd=tmp_path,
                           env={**os.environ, "TERM": "xterm-256color"})

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
-from writer import status as writer_status
+from writer.state import status as writer_status
 from writer_helpers import stop_process, wait_status
 
 BIN = Path(sys.executable).parent

@@ -13,7 +13,7 @@ from blissdata import EndReason
 from blissdata.archive import open_scan
 from blissdata.memory_tracker import MemoryTracker
 from blissdata.replay import main as replay_main
-from writer.cli import main as writer_cli
+from writer.commands.cli import main as writer_cli
 from writer_helpers import durable_points, start_writer, wait_status
 
 LENGTHS = [3, 10, 6, 13, 9, 5]

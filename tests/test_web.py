@@ -244,7 +244,7 @@ def test_default_port_taken_next_one(tmp_path):
 def test_bad_options(tmp_path):
     for extra, words in ([["--data-root", str(tmp_path / "missing")], "not an existing folder"],
                          [["--data-root", str(tmp_path), "--base-path", "/a/../b"], "'..'"]):
-        done = subprocess.run([sys.executable, "-m", "writer.cli", "serve", "--no-redis",
+        done = subprocess.run([sys.executable, "-m", "writer.commands.cli", "serve", "--no-redis",
                                "--port", "0", *extra], capture_output=True, text=True,
                               timeout=60)
         assert done.returncode == 2 and words in done.stderr, done.stderr

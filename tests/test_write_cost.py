@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from blissdata import keys
-from writer.file_space import file_space
+from writer.hdf5.file_space import file_space
 from writer_helpers import durable_points, start_writer, wait_status
 
 MB = 2**20
@@ -139,7 +139,7 @@ def test_thousand_channels_within_memory_budget(store, tmp_path):
     config.write_text(f'data_roots = ["{data_root}"]\nmemory_budget_mb = {budget_mb}\n'
                       'max_lag_s = 0.5\n')
     log_path = tmp_path / "writer.log"
-    proc = subprocess.Popen([sys.executable, "-m", "writer.cli", "run", "--config", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "writer.commands.cli", "run", "--config", str(config),
                              "--redis", store.url], stdout=open(log_path, "wb"),
                             stderr=subprocess.STDOUT)
     try:

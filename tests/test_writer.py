@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from blissdata import EndReason, bslz4
-from writer.validate import validate_file
+from writer.commands.validate import validate_file
 from writer_helpers import (SEED_STREAMS, durable_points, expected_seed_data, seed_scan,
                             start_writer, wait_status)
 
@@ -150,7 +150,7 @@ def test_session_filter_and_per_scan_files(store, writer, data_root):
     assert wait_status(store, mine.key).state == "done"
     assert (data_root / "x_0007.h5").exists()
     time.sleep(0.3)
-    from writer import status as writer_status
+    from writer.state import status as writer_status
 
     assert writer_status.read(store.redis, other.key) is None
     assert not (data_root / "x_0001.h5").exists()

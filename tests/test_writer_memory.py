@@ -31,7 +31,7 @@ def test_backlog_much_larger_than_budget(store, tmp_path):
     config = tmp_path / "writer.toml"
     config.write_text(f'data_roots = ["{data_root}"]\nmemory_budget_mb = {budget_mb}\n')
     log_path = tmp_path / "writer.log"
-    proc = subprocess.Popen([sys.executable, "-m", "writer.cli", "run", "--config", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "writer.commands.cli", "run", "--config", str(config),
                              "--redis", store.url], stdout=open(log_path, "wb"),
                             stderr=subprocess.STDOUT)
     try:

@@ -1,4 +1,4 @@
-"""Several real writer processes on one session (writer/pool.py, writer/lease.py): every scan
+"""Several real writer processes on one session (writer/state/pool.py, writer/state/lease.py): every scan
 written once, a writer killed -9 or paused (SIGSTOP) past its lease replaced by another, and
 a paused writer that comes back (SIGCONT) fenced off its file."""
 
@@ -15,10 +15,10 @@ import redis
 
 from blissdata import EndReason, keys
 from blissdata.exceptions import LeaseLostError
-from writer import status as writer_status
-from writer.cli import main as cli_main
-from writer.pool import read_writers
-from writer.validate import validate_file
+from writer.state import status as writer_status
+from writer.commands.cli import main as cli_main
+from writer.state.pool import read_writers
+from writer.commands.validate import validate_file
 from writer_helpers import durable_points, wait_status
 
 LEASE_TTL_S = 1.5
@@ -36,7 +36,7 @@ def writers(store, data_root, tmp_path):
         for _ in range(n):
             log = tmp_path / f"writer-{len(procs)}.log"
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "writer.cli", "run", "--config", str(config),
+                [sys.executable, "-m", "writer.commands.cli", "run", "--config", str(config),
                  "--redis", store.url, "--data-root", str(data_root), "--session", "s",
                  "--log-level", "DEBUG"],
                 stdout=open(log, "ab"), stderr=subprocess.STDOUT))
@@ -257,7 +257,7 @@ def test_paused_writer_replaced_then_fenced(store, writers, data_root, tmp_path)
 # ---- the lease primitives on a real server (no mock) -----------------------------------------
 
 def test_lease_taken_once_renewed_and_fenced(store, new_scan):
-    from writer.lease import FileLease
+    from writer.state.lease import FileLease
 
     mine = FileLease(store.redis, "/data/a.h5", "w1/aaaa", ttl_s=0.5)
     other = FileLease(store.redis, "/data/a.h5", "w2/bbbb", ttl_s=0.5)
@@ -298,7 +298,7 @@ def test_writer_cut_off_from_redis_stops_trusting_its_lease(tmp_path):
     """Redis unreachable: the lease counts until its local deadline, then not (another
     writer may have it by then)."""
     from blissdata.redis_server import EmbeddedRedis
-    from writer.lease import FileLease
+    from writer.state.lease import FileLease
 
     with EmbeddedRedis() as server:
         client = redis.Redis.from_url(server.url, socket_timeout=0.5,
@@ -316,7 +316,7 @@ def test_writer_cut_off_from_redis_stops_trusting_its_lease(tmp_path):
 
 
 def test_bad_lease_settings_are_refused(tmp_path):
-    from writer.config import ConfigError, load_config
+    from writer.service.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="lease_ttl_s"):
         load_config(None, lease_ttl_s=0)
@@ -329,7 +329,7 @@ def test_bad_lease_settings_are_refused(tmp_path):
 
 
 def test_unreadable_scan_in_the_unfinished_list(store, data_root):
-    from writer.pool import UNFINISHED
+    from writer.state.pool import UNFINISHED
     from writer_helpers import seed_scan, start_writer
 
     store.redis.hset("blissdata:scan:{bad}", "identity", "not JSON")
@@ -409,7 +409,7 @@ def test_writer_cut_off_from_redis_is_replaced(store, data_root, tmp_path):
 
     def start(url, n):
         return subprocess.Popen(
-            [sys.executable, "-m", "writer.cli", "run", "--config", str(config), "--redis", url,
+            [sys.executable, "-m", "writer.commands.cli", "run", "--config", str(config), "--redis", url,
              "--data-root", str(data_root), "--session", "s", "--log-level", "DEBUG"],
             stdout=open(tmp_path / f"writer-{n}.log", "ab"), stderr=subprocess.STDOUT)
 

@@ -15,7 +15,7 @@ from writer_helpers import durable_points, stop_process, wait_status
 def start_writer_process(redis_url, data_root, log_path):
     log = open(log_path, "ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "writer.cli", "run", "--redis", redis_url,
+        [sys.executable, "-m", "writer.commands.cli", "run", "--redis", redis_url,
          "--data-root", str(data_root), "--log-level", "DEBUG"],
         stdout=log, stderr=subprocess.STDOUT)
 
@@ -121,7 +121,7 @@ def test_killed_again_and_again_while_points_arrive(store, tmp_path):
 def test_references_stream_resumes_from_its_own_file_after_kill_9(store, tmp_path):
     """A references stream's virtual dataset lives in a file of its own (docs/files.md):
     after kill -9 the writer resumes from it; every frame once, the file valid NeXus."""
-    from writer.validate import validate_file
+    from writer.commands.validate import validate_file
 
     data_root = tmp_path / "data"
     data_root.mkdir()

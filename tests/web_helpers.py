@@ -16,7 +16,7 @@ import urllib.request
 def start_serve(data_roots, redis_url=None, *extra, log_path=None, port=0):
     """`blisswriter serve` on a free port (None: its default); returns (process, base URL)
     once it listens."""
-    args = [sys.executable, "-m", "writer.cli", "serve"]
+    args = [sys.executable, "-m", "writer.commands.cli", "serve"]
     args += ["--port", str(port)] if port is not None else []
     for root in data_roots:
         args += ["--data-root", str(root)]
@@ -45,7 +45,7 @@ def start_writer_process(redis_url, data_root, tmp_path, max_lag_s=0.2):
     config = tmp_path / "writer.toml"
     config.write_text(f'data_roots = ["{data_root}"]\nmax_lag_s = {max_lag_s}\n'
                       'inactivity_timeout_s = 60\n')
-    proc = subprocess.Popen([sys.executable, "-m", "writer.cli", "run", "--config", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "writer.commands.cli", "run", "--config", str(config),
                              "--redis", redis_url],
                             stdout=open(tmp_path / "writer.log", "ab"), stderr=subprocess.STDOUT)
     time.sleep(1.0)  # the writer subscribes before the first scan is created

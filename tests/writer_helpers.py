@@ -9,9 +9,9 @@ import time
 import numpy as np
 
 from blissdata import keys
-from writer import status as writer_status
-from writer.config import load_config
-from writer.service import WriterService
+from writer.state import status as writer_status
+from writer.service.config import load_config
+from writer.service.service import WriterService
 
 # The seed's example mapping (tuples became lists in JSON).
 SEED_MAPPING = [

@@ -4,4 +4,6 @@ scans; files only from the data roots, opened without ever locking against the w
 
 `access` (what may be read, how files are opened), `content` (h5grove's answers),
 `listing` (scans, folders), `server` (the HTTP transport).
+
+May import: ``state``, ``blissdata``.
 """

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import redis
 
-from .. import status as writer_status
-from ..status_command import done_points, select
+from ..state import status as writer_status
+from ..state.status import done_points, select
 from .access import HDF5_SUFFIXES, AccessError, DataRoots
 
 MAX_LISTED = 2000  # entries of one folder: a folder of 100k files is not a page

@@ -111,9 +111,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from blissdata.fixtures import load_fixture
-    from writer import status as writer_status
-    from writer.status_command import status_table
-    from writer.validate import validate_file
+    from writer.state import status as writer_status
+    from writer.commands.status_command import status_table
+    from writer.commands.validate import validate_file
 
     out = Path(args.output or "demo-output").resolve()
     if out.exists():
@@ -123,12 +123,12 @@ def main(argv=None) -> int:
     console = Console(highlight=False)
     with EmbeddedRedis() as server:
         print(f"1. embedded Redis-compatible server: {server.url}")
-        writer = _start(["writer.cli", "run", "--redis", server.url, "--data-root", str(out),
+        writer = _start(["writer.commands.cli", "run", "--redis", server.url, "--data-root", str(out),
                          "--session", "demo"], logs / "writer.log")
         tracker = _start(["blissdata.memory_tracker", "--redis", server.url],
                          logs / "tracker.log")
         port = _viewer_port()
-        viewer = _start(["writer.cli", "serve", "--redis", server.url, "--data-root", str(out),
+        viewer = _start(["writer.commands.cli", "serve", "--redis", server.url, "--data-root", str(out),
                          "--port", str(port)], logs / "serve.log")
         url = f"http://127.0.0.1:{port}/"
         print(f"2. writer (pid {writer.pid}), memory tracker (pid {tracker.pid}) and web viewer "

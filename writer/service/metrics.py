@@ -40,7 +40,7 @@ class WriterMetrics:
                                   "Redis restarted without its data)", registry=r)
         self.redis_memory = Gauge("blisswriter_redis_used_memory_bytes",
                                   "Redis used_memory as last seen by the writer", registry=r)
-        # the writer pool (several writers on the same sessions, writer/pool.py)
+        # the writer pool (several writers on the same sessions, writer/state/pool.py)
         self.writers_alive = Gauge("blisswriter_pool_writers_alive",
                                    "Writers whose heartbeat is within their lease ttl",
                                    registry=r)

@@ -14,13 +14,13 @@ import tenacity
 from blissdata import DataStore, NoScanAvailable, RedisUnreachableError, keys
 from blissdata.redis_url import masked
 
-from . import status as writer_status
+from ..state import status as writer_status
 from .config import WriterConfig
-from .files import OpenFiles
+from ..hdf5.files import OpenFiles
 from .metrics import WriterMetrics
-from .paths import PathRefused, scan_file_path
-from .pool import WriterPool, read_writers
-from .scan_writer import ScanWriter
+from ..hdf5.paths import PathRefused, scan_file_path
+from ..state.pool import WriterPool, read_writers
+from ..scan.scan_writer import ScanWriter
 
 log = logging.getLogger("blisswriter")
 
@@ -40,10 +40,10 @@ class WriterService:
         self.store = self._connect()
         self.redis = self.store.redis
         if "blissdata2" in self.protocols:  # else it would wait, silent, for scans never to come
-            from .blissdata2 import check_modules
+            from ..protocols.blissdata2.protocol import check_modules
 
             check_modules(self.redis, self.store.masked_url)
-        # leases shared with the other writers of these sessions (writer/pool.py)
+        # leases shared with the other writers of these sessions (writer/state/pool.py)
         self.writer_pool = WriterPool(self.redis, config.lease_ttl_s, config.sessions,
                                       allow_oom=self.store.script_flags())
         self.identity = self.writer_pool.id  # host:pid
@@ -219,7 +219,7 @@ class WriterService:
                     if resumed:
                         log.info("resuming %d unfinished scan(s)", resumed)
         if "blissdata2" in self.protocols:
-            from .blissdata2 import Bliss2Follower
+            from ..protocols.blissdata2.follower import Bliss2Follower
 
             Bliss2Follower(self, self._stop).start()
         if "native" not in self.protocols:

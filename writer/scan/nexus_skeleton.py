@@ -1,6 +1,6 @@
 """Writes the static part of a NeXus entry from a Layout: groups, attributes, RAW datasets,
 links, title, start/end times, the default plot and the @default chain. Streamed datasets are
-created by the appenders (writer/dataset_writer.py) under the groups made here."""
+created by the appenders (writer/hdf5/dataset_writer.py) under the groups made here."""
 
 from __future__ import annotations
 

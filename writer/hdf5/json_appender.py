@@ -3,7 +3,7 @@ one after the other in a uint8 dataset, and one [start, stop) row per point besi
 (layout and reading: :mod:`blissdata.json_points`). Both datasets are created together,
 when the stream's dataset is (HDF5 SWMR allows no new object once writing has started).
 
-Variable-length strings (what :class:`writer.text_appender.TextAppender` writes, as
+Variable-length strings (what :class:`writer.hdf5.text_appender.TextAppender` writes, as
 blisswriter 3 does) are not readable by SWMR readers while they are appended: measured,
 "actual len exceeds EOA" on almost every read (docs/files.md)."""
 

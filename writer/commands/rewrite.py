@@ -5,7 +5,7 @@ Groups, attributes, soft and external links, hard links (one dataset, several na
 virtual datasets are kept; every chunked dataset of numbers is written again with the new
 compression, block by block through DatasetAppender (bslz4: compressed in parallel), its
 chunk shape chosen anew as the writer chooses it for a scan of that many points
-(writer/chunking.py: from dtype, point shape and length), not copied from INPUT; other
+(writer/hdf5/chunking.py: from dtype, point shape and length), not copied from INPUT; other
 datasets are copied as they are.
 
 It only reads INPUT. A file with a scan still being written is refused (exit 3): rewrite it
@@ -28,10 +28,10 @@ import hdf5plugin  # noqa: F401  (filters for reading)
 import numpy as np
 
 
-from .being_written import EXIT_BEING_WRITTEN, scans_being_written
-from .compression import ACCEPTED_NAMES, parse_compression
-from .dataset_writer import DatasetAppender
-from .references import OWN_FILE_ATTR
+from ..hdf5.being_written import EXIT_BEING_WRITTEN, scans_being_written
+from ..hdf5.compression import ACCEPTED_NAMES, parse_compression
+from ..hdf5.dataset_writer import DatasetAppender
+from ..hdf5.references import OWN_FILE_ATTR
 
 
 class RewriteError(ValueError):
@@ -162,7 +162,7 @@ def _copy_group(src, dst, setting, counts, copied: dict, chunk_points: int, sour
 
 def _references_own_file(group, name: str) -> bool:
     """Whether `group[name]` is the link to the virtual dataset of a `references` stream in
-    a file of its own (writer/references.py): rewritten as a virtual dataset in the output."""
+    a file of its own (writer/hdf5/references.py): rewritten as a virtual dataset in the output."""
     try:
         target = group.get(name)
     except (OSError, KeyError):

@@ -185,3 +185,22 @@ def write_header_note(entry, scan, dataset_paths: dict) -> None:
               "datasets": dataset_paths}
     write_json_note(entry, "scan_header", json.dumps(header),
                     "the scan header as published (blissdata protocol 1)")
+
+
+def done_points(st: ScanStatus) -> int:
+    return min(st.points.values()) if st.points else 0
+
+
+def select(statuses: list, session: str | None = None, state: str | None = None,
+           last: int | None = 10) -> tuple[list, int]:
+    """The scans to show: those of ``session`` and in ``state`` (None: any); of them, every
+    scan not finished and the ``last`` finished most recently (None: all). Returns (the
+    scans, oldest first, and how many finished ones were left out)."""
+    chosen = [st for st in statuses if (session is None or st.session == session)
+              and (state is None or st.state == state)]
+    finished = sorted((st for st in chosen if st.finished), key=lambda st: st.updated)
+    if last is None or len(finished) <= last:
+        return chosen, 0
+    kept = {id(st) for st in finished[len(finished) - last:]} if last else set()
+    shown = [st for st in chosen if not st.finished or id(st) in kept]
+    return shown, len(finished) - last

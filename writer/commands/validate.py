@@ -41,7 +41,7 @@ import h5py
 
 from blissdata import lost_points
 
-from .being_written import EXIT_BEING_WRITTEN, scans_being_written
+from ..hdf5.being_written import EXIT_BEING_WRITTEN, scans_being_written
 
 NXDL_NAME = re.compile(r"^[a-zA-Z0-9_]([a-zA-Z0-9_.]*[a-zA-Z0-9_])?$")
 _CONTEXT = re.compile(r"^\s*(?:NX\w+|Field|Group|Attribute): (/\S*)")

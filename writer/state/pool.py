@@ -8,7 +8,7 @@
   (killed, paused, cut off) loses them after ``lease_ttl_s``; the next sweep of another
   writer takes its scans over and resumes them from the file and the durable watermarks.
 - Scans of blissdata 2.x are listed apart (``blissdata:writer:unfinished:bliss2``) and swept
-  by the blissdata 2 follower (writer/blissdata2.py), with the same leases.
+  by the blissdata 2 follower (writer/protocols/blissdata2/), with the same leases.
 - A registry of the writers alive: ``blissdata:writers`` (sorted set: writer id -> last
   heartbeat) and ``blissdata:writers:<id>`` (hash: host, pid, heartbeat, scans, files).
 """
@@ -32,7 +32,7 @@ from .lease import ALLOW_OOM, FileLease, ScanLease, holder
 log = logging.getLogger("blisswriter")
 
 UNFINISHED = "blissdata:writer:unfinished"  # ZSET scan key -> creation time
-# the same for scans of blissdata 2.x (writer/blissdata2.py): a list apart, so that writers
+# the same for scans of blissdata 2.x (writer/protocols/blissdata2/): a list apart, so that writers
 # following only native scans (older versions too) never meet a key they cannot read
 UNFINISHED_BLISS2 = "blissdata:writer:unfinished:bliss2"
 LISTINGS = (UNFINISHED, UNFINISHED_BLISS2)
@@ -289,7 +289,7 @@ def wait_for_file(acquire, lease: ScanLease, patience_s: float, stop: threading.
     """``acquire()`` (open a file for writing) for a scan taken over from another writer:
     while that one (paused, or not yet noticed it lost its lease) still has the file locked,
     wait, keeping our lease, for up to ``patience_s``; it lets go before its next write."""
-    from .files import FileLockedError
+    from ..hdf5.files import FileLockedError
 
     deadline = time.monotonic() + patience_s
     told = False

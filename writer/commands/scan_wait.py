@@ -19,7 +19,7 @@ import redis
 
 from blissdata.store import DataStore
 
-from . import status as writer_status
+from ..state import status as writer_status
 
 EXIT_CODES = {"done": 0, "failed": 1, "skipped": 4}
 EXIT_BAD_ARGUMENT, EXIT_TIMEOUT, EXIT_NO_REDIS = 2, 3, 5

@@ -68,7 +68,7 @@ class WriterConfig:
 
 
 def _schema() -> dict:
-    return json.loads(resources.files("writer").joinpath("config_schema.json").read_text())
+    return json.loads(resources.files("writer.service").joinpath("config_schema.json").read_text())
 
 
 def load_config(path: str | Path | None = None, **overrides) -> WriterConfig:
@@ -91,7 +91,7 @@ def load_config(path: str | Path | None = None, **overrides) -> WriterConfig:
         raise ConfigError(f"configuration {source}: {json_path(e.absolute_path)}: "
                           f"{masked(e.message)}")  # a bad redis_url is quoted in it
     config = WriterConfig(**values, source=source)
-    from .compression import parse_compression
+    from ..hdf5.compression import parse_compression
 
     for pattern in ["*", *(config.compression.get("streams") or {})]:
         try:

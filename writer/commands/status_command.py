@@ -7,7 +7,7 @@ refresh then). `--json` prints the statuses as JSON (one line per refresh with `
 scripts. `--watch` survives a Redis restart: it says so and reconnects. On a terminal
 narrower than WIDE_COLUMNS the table keeps the columns that say which scan and how far
 (session, scan, name, state, progress, points, age) and drops the byte counts.
-`--wait SCAN` (writer/scan_wait.py) waits for one scan to be done or failed.
+`--wait SCAN` (writer/commands/scan_wait.py) waits for one scan to be done or failed.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from rich.text import Text
 from blissdata.redis_url import masked
 from blissdata.store import client_from_url
 
-from . import status as writer_status
-from .pool import read_writers
+from ..state import status as writer_status
+from ..state.status import done_points, select
+from ..state.pool import read_writers
 
 MIN_INTERVAL_S = 0.1  # below this a watch would only load Redis and the terminal
 BAR = 20
@@ -60,25 +61,6 @@ def check_count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
-
-
-def done_points(st: writer_status.ScanStatus) -> int:
-    return min(st.points.values()) if st.points else 0
-
-
-def select(statuses: list, session: str | None = None, state: str | None = None,
-           last: int | None = 10) -> tuple[list, int]:
-    """The scans to show: those of ``session`` and in ``state`` (None: any); of them, every
-    scan not finished and the ``last`` finished most recently (None: all). Returns (the
-    scans, oldest first, and how many finished ones were left out)."""
-    chosen = [st for st in statuses if (session is None or st.session == session)
-              and (state is None or st.state == state)]
-    finished = sorted((st for st in chosen if st.finished), key=lambda st: st.updated)
-    if last is None or len(finished) <= last:
-        return chosen, 0
-    kept = {id(st) for st in finished[len(finished) - last:]} if last else set()
-    shown = [st for st in chosen if not st.finished or id(st) in kept]
-    return shown, len(finished) - last
 
 
 def nothing_found(session: str | None = None, state: str | None = None) -> str:
@@ -145,7 +127,7 @@ def status_table(statuses: list, now: float | None = None, wide: bool = True,
 
 
 def writers_table(writers: list, now: float | None = None):
-    """The writers of the pool (writer/pool.py): id (host:pid), last heartbeat, scans held."""
+    """The writers of the pool (writer/state/pool.py): id (host:pid), last heartbeat, scans held."""
     now = now or time.time()
     if not writers:
         return Text("no writer registered")

@@ -28,25 +28,25 @@ from blissdata.encoding import StreamDefinition
 from blissdata.memory_tracker import trim_durable
 from blissdata.stream import Stream
 
-from . import status as writer_status
-from .dataset_writer import DatasetAppender, last_chunks
-from .varying_points import VaryingPointsAppender
+from ..state import status as writer_status
+from ..hdf5.dataset_writer import DatasetAppender, last_chunks
+from ..hdf5.varying_points import VaryingPointsAppender
 from .default_mapping import default_mapping
-from .file_space import stored_bytes
-from .files import (entry_in, is_file_error, link_entry, os_reason, scan_file_in,
+from ..hdf5.file_space import stored_bytes
+from ..hdf5.files import (entry_in, is_file_error, link_entry, os_reason, scan_file_in,
                     swmr_capable, sync_master_flags)
 from .grid_plot import write_grid_plot
-from .json_appender import JsonAppender
+from ..hdf5.json_appender import JsonAppender
 from .mapping import MappingError, parse_mapping
 from .names import invalid_names, nexus_name
 from .nexus_skeleton import (END_FIELDS, EntryExistsError, finalize_entry, is_finalized,
                              prepare_end_fields, set_text_field, stream_dataset_parent,
                              write_entry)
-from .paths import PathRefused, check_link_target, scan_file_path
-from .pool import wait_for_file
+from ..hdf5.paths import PathRefused, check_link_target, scan_file_path
+from ..state.pool import wait_for_file
 from .read_ahead import ReadAhead
-from .references import ReferencesAppender
-from .text_appender import TextAppender
+from ..hdf5.references import ReferencesAppender
+from ..hdf5.text_appender import TextAppender
 
 log = logging.getLogger("blisswriter")
 READ_BYTES = 16 * 2**20  # target size of one read per stream
@@ -103,7 +103,7 @@ class ScanWriter(threading.Thread):
         self.scan_key = scan_key
         self.scan = None
         # fencing: check() before writing; the status and watermarks are published only
-        # while the lease holds our token (writer/lease.py)
+        # while the lease holds our token (writer/state/lease.py)
         self.lease = service.writer_pool.lease(scan_key)
         self.status = writer_status.ScanStatus(scan_key, writer=service.identity,
                                                lease=self.lease.token)
@@ -205,7 +205,7 @@ class ScanWriter(threading.Thread):
         self._stream_data()
         self._finalize()
 
-    # ---- what another protocol (writer/blissdata2.py) does its own way ------------------
+    # ---- what another protocol (writer/protocols/blissdata2/) does its own way ------------------
     def _load_scan(self):
         return self.service.store.load_scan(self.scan_key)
 
@@ -483,7 +483,7 @@ class ScanWriter(threading.Thread):
 
     def _references_in_own_file(self, group, name: str, node, definition, durable):
         """A `references` stream of a scan written in SWMR mode: its virtual dataset in a
-        file of its own, replaced whole at each flush (writer/references.py), e.g.
+        file of its own, replaced whole at each flush (writer/hdf5/references.py), e.g.
         ``sample_3.1_eiger_image.h5`` beside ``sample_3.1.h5``."""
         stem = f"{self.file_path.stem}_{nexus_name(node.stream)}"
         own_file = self.file_path.with_name(stem + ".h5")

@@ -10,16 +10,16 @@ import sys
 
 from blissdata.store import url_from
 
-from .config import ConfigError, load_config
-from .logs import setup_logging
-from .metrics import MetricsError
+from ..service.config import ConfigError, load_config
+from ..service.logs import setup_logging
+from ..service.metrics import MetricsError
 from . import status_command
 from .status_command import MIN_INTERVAL_S, check_count, check_interval
 
 
 def _run(args) -> int:
-    from .blissdata2 import ModulesMissing
-    from .service import WriterService
+    from ..protocols.blissdata2.protocol import ModulesMissing
+    from ..service.service import WriterService
 
     protocols = ([p.strip() for arg in args.protocol for p in arg.split(",")]
                  if args.protocol else None)  # checked with the configuration
@@ -87,7 +87,7 @@ def _validate(args) -> int:
 
 
 def _serve(args) -> int:
-    from .web.server import serve
+    from ..web.server import serve
 
     roots = args.data_root
     if not roots:

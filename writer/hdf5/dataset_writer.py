@@ -1,8 +1,8 @@
 """Appending streamed points into one chunked, compressed HDF5 dataset: :class:`DatasetAppender`.
 
 A dataset has shape ``(npoints, *point_shape)``; its chunk shape is decided in one place,
-:func:`writer.chunking.chunk_shape` (from dtype and point shape alone), and the compression
-by :mod:`writer.compression`.
+:func:`writer.hdf5.chunking.chunk_shape` (from dtype and point shape alone), and the compression
+by :mod:`writer.hdf5.compression`.
 
 How points travel (all HDF5 calls happen on the caller's thread):
 
@@ -20,7 +20,7 @@ How points travel (all HDF5 calls happen on the caller's thread):
 * ``flush()`` waits for the chunks in flight, then writes the partial tail; the tail stays in
   memory and its chunk is rewritten whole when it fills. A partial chunk is stored padded,
   so that HDF5 rewrites it in place: points already in the file are never put at risk by
-  the next rewrite (see :mod:`writer.partial_chunks`). When a chunk stored that way fills
+  the next rewrite (see :mod:`writer.hdf5.partial_chunks`). When a chunk stored that way fills
   up, the file is flushed at once after its final write.
 * ``flush()`` flushes no metadata itself (``H5Dflush`` would write the chunk index without
   the superblock's end of file); the caller flushes the file.
@@ -148,7 +148,7 @@ class DatasetAppender:
     ``DatasetAppender.open(dataset)`` resumes on an existing one (its length = the points
     already stored).
 
-    ``compression``: a setting for :func:`writer.compression.parse_compression` (default
+    ``compression``: a setting for :func:`writer.hdf5.compression.parse_compression` (default
     bitshuffle-lz4). ``executor``: a ThreadPoolExecutor to compress bslz4 chunks in (not shut
     down by :meth:`close`; its threads are set to run bitshuffle with one OpenMP thread); if
     None, a pool of ``workers`` threads is created when first needed; ``workers=0``
@@ -167,7 +167,7 @@ class DatasetAppender:
         setting = parse_compression(compression)
         if fill_value is None:
             fill_value = default_fill_value(dtype)
-        # the chunk shape is decided here, by writer.chunking.chunk_shape (dtype, point shape,
+        # the chunk shape is decided here, by writer.hdf5.chunking.chunk_shape (dtype, point shape,
         # and the scan header's npoints and count_time)
         chunks = chunk_shape(dtype, point_shape, npoints, count_time)
         shape = (0, *(0 if d == -1 else d for d in point_shape))
@@ -598,7 +598,7 @@ class DatasetAppender:
     def flush(self, final: bool = False) -> int:
         """Write every appended point into the HDF5 dataset and return the number of points
         stored (== npoints). The partial tail is stored padded, so that its rewrites happen
-        in place (:mod:`writer.partial_chunks`); ``final=True`` (no more points will come:
+        in place (:mod:`writer.hdf5.partial_chunks`); ``final=True`` (no more points will come:
         the end of a scan) stores it at its exact size. The caller flushes the file.
         After a failed write, the points stored before it (nothing more is written)."""
         if self._failed_at is not None:
@@ -630,7 +630,7 @@ class DatasetAppender:
         padded or at their exact size, over the padded versions the file may hold, and make
         the dataset ``length`` points long. A version that must grow is first written again
         at the new size, and the file flushed (with the old length), before the new bytes go
-        in (see :mod:`writer.partial_chunks`)."""
+        in (see :mod:`writer.hdf5.partial_chunks`)."""
         write = self._dset.id.write_direct_chunk
         pieces, grown = [], False
         # points of the row in the file; after them, fill values (flush() sets them)

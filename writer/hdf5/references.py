@@ -176,7 +176,7 @@ class ReferencesAppender:
         os.close(fd)
         try:
             with h5py.File(tmp, "w", locking=False) as f:
-                f.attrs[OWN_FILE_ATTR] = self._scan_file.name  # (writer/rewrite.py)
+                f.attrs[OWN_FILE_ATTR] = self._scan_file.name  # (writer/commands/rewrite.py)
                 ds = f.create_virtual_dataset(self._name, layout, fillvalue=0)
                 ds.attrs.update(self._attrs)
             os.replace(tmp, self._own_file)
