@@ -105,7 +105,7 @@ def _open(mode: str, scan):
     if which == "own":
         from pathlib import Path
 
-        from writer.hdf5.files import scan_file_in
+        from writer.hdf5.shared_file import scan_file_in
         path = str(scan_file_in(Path(scan.path), f"{scan.number}.1"))
     return OPENERS[opener](path)
 

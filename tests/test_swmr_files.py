@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from writer.hdf5.dataset_writer import DatasetAppender
-from writer.hdf5.files import clear_write_flags, link_entry, lookup3, scan_file_in
+from writer.hdf5.shared_file import link_entry, scan_file_in
+from writer.hdf5.superblock import clear_write_flags, lookup3
 
 KILLED_WRITER = """
 import sys, time, h5py
@@ -240,7 +241,8 @@ def test_a_second_writer_is_kept_out_but_readers_are_not(tmp_path):
     resuming, is refused; another HDF5 program appending (HDF5's locking on or off) is
     refused by the file's "open for writing" flags; SWMR readers with HDF5's default
     locking read. Killed -9, the writer's lock goes with it: a resume clears the flags."""
-    from writer.hdf5.files import FileLockedError, OpenFiles, lock_file_of
+    from writer.hdf5.files import OpenFiles
+    from writer.hdf5.locks import FileLockedError, lock_file_of
 
     path = tmp_path / "scan.h5"
     writer = _started(OUR_WRITER, path)
@@ -273,7 +275,9 @@ def test_shared_file_says_being_written_while_a_scan_it_links_is(tmp_path):
     so the plain open fails and silx opens it with swmr=True, which reaches the scan."""
     import silx.io
 
-    from writer.hdf5.files import status_flags, sync_master_flags
+    from writer.hdf5.shared_file import sync_master_flags
+
+    from writer.hdf5.superblock import status_flags
 
     master = tmp_path / "sample.h5"
     scan_file = scan_file_in(master, "1.1")

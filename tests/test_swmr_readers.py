@@ -291,7 +291,7 @@ def test_blissdata_and_the_field_tools_in_one_process(store, services, tmp_path)
     from nexusformat.nexus import nxload
 
     from blissdata.archive import open_scan
-    from writer.hdf5.files import scan_file_in
+    from writer.hdf5.shared_file import scan_file_in
 
     shared = services / "nb" / "nb.h5"
     own = scan_file_in(shared, "1.1")

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from writer.hdf5.files import is_file_error, os_reason
+from writer.hdf5.os_errors import is_file_error, os_reason
 from writer_helpers import durable_points, seed_scan, start_writer, wait_status
 
 

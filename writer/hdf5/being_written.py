@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 
 
-from .files import status_flags
+from .superblock import status_flags
 
 #: exit status of `validate` and `rewrite` for a file with a scan still being written
 EXIT_BEING_WRITTEN = 3

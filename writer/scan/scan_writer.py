@@ -33,8 +33,9 @@ from ..hdf5.dataset_writer import DatasetAppender, last_chunks
 from ..hdf5.varying_points import VaryingPointsAppender
 from .default_mapping import default_mapping
 from ..hdf5.file_space import stored_bytes
-from ..hdf5.files import (entry_in, is_file_error, link_entry, os_reason, scan_file_in,
-                    swmr_capable, sync_master_flags)
+from ..hdf5.os_errors import is_file_error, os_reason
+from ..hdf5.shared_file import entry_in, link_entry, scan_file_in, sync_master_flags
+from ..hdf5.superblock import swmr_capable
 from .grid_plot import write_grid_plot
 from ..hdf5.json_appender import JsonAppender
 from .mapping import MappingError, parse_mapping

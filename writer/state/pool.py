@@ -289,7 +289,7 @@ def wait_for_file(acquire, lease: ScanLease, patience_s: float, stop: threading.
     """``acquire()`` (open a file for writing) for a scan taken over from another writer:
     while that one (paused, or not yet noticed it lost its lease) still has the file locked,
     wait, keeping our lease, for up to ``patience_s``; it lets go before its next write."""
-    from ..hdf5.files import FileLockedError
+    from ..hdf5.locks import FileLockedError
 
     deadline = time.monotonic() + patience_s
     told = False
