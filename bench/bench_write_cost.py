@@ -83,6 +83,13 @@ def writer_code() -> dict:
     return {"cwd": WRITER_CODE, "env": {**os.environ, "PYTHONPATH": WRITER_CODE}}
 
 
+def writer_cli() -> str:
+    """The module of `blisswriter` in the code run: writer.cli before writer/ had rooms."""
+    if WRITER_CODE is not None and not (Path(WRITER_CODE) / "writer" / "commands").is_dir():
+        return "writer.cli"
+    return "writer.commands.cli"
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
@@ -100,7 +107,7 @@ class Writer:
 
     def __init__(self, url: str, root: Path, name: str):
         self.log = open(root / f"writer-{name}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "writer.commands.cli", "run", "--redis",
+        self.proc = subprocess.Popen([sys.executable, "-m", writer_cli(), "run", "--redis",
                                       url, "--data-root", str(root)], stdout=self.log,
                                      stderr=subprocess.STDOUT, **writer_code())
         time.sleep(1.5)
@@ -280,7 +287,7 @@ def bliss2_scalars(env, root: Path, writer: str, number: int, points: int, chann
         folder = root / f"bliss2-{number}"
         folder.mkdir()
         command = ([env.blisswriter, "run", server.url] if writer == "blisswriter 3.0.0" else
-                   [sys.executable, "-m", "writer.commands.cli", "run", "--protocol", "blissdata2",
+                   [sys.executable, "-m", writer_cli(), "run", "--protocol", "blissdata2",
                     "--redis", server.url, "--data-root", str(root)])
         with open(folder / "writer.log", "wb") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
