@@ -30,7 +30,7 @@ from .file_backing import open_h5
 from . import lost_points
 from .exceptions import BlissdataError, EndOfStream, IndexWontBeThereError, PointsGoneError
 from .scan import ScanState
-from .stream import StreamView
+from .cursor import StreamView
 
 
 class ArchiveError(BlissdataError, ValueError):

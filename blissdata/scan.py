@@ -13,7 +13,8 @@ from .encoding import StreamDefinition, make_definition
 from .exceptions import ScanNotFoundError, ScanStateError, StreamError
 from .mapping import json_compatible
 from .schemas import validate_scan_info
-from .stream import CursorGroup, Stream
+from .cursor import CursorGroup
+from .stream import Stream
 from .waiting import Deadline, wait_for
 
 
