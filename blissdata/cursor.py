@@ -131,7 +131,8 @@ class CursorGroup:
         """An id just below the entry holding point `start`, for XREAD to begin there."""
         first = start
         if start > 0:
-            got = stream._redis.xrevrange(stream.key, keys.entry_id(start), "-", count=1)
+            got = stream.scan.store.redis.xrevrange(stream.key, keys.entry_id(start), "-",
+                                                    count=1)
             if got and b"end" not in got[0][1]:
                 first = min(start, keys.first_index(got[0][0]))
         return f"{first}-0"
@@ -224,7 +225,7 @@ class CursorGroup:
             fields = entry_fields(fields)
             largest = max(largest, len(fields.get(b"d", b"")))
             if first > self._next[name]:  # trimmed from Redis before this reader got it
-                gap = stream._read(self._next[name], first)
+                gap = stream.read_points(self._next[name], first)
                 if raw:
                     from . import bslz4
                     gap = [bslz4.compress(point) for point in gap]

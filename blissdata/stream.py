@@ -111,7 +111,7 @@ class Stream(FileBackedMarks):
     # ---- producer --------------------------------------------------------------------
     def send(self, data) -> None:
         """Publish one point or a batch (first axis = points). Nothing is written on error."""
-        self._send_pipelined({self: data})
+        self.send_all({self: data})
 
     def send_chunks(self, chunks) -> None:
         """Publish frames already compressed in the HDF5 bslz4 chunk format (bslz4 streams)."""
@@ -160,11 +160,12 @@ class Stream(FileBackedMarks):
                     f"{self.shape})")
         return chunks
 
-    def _send_pipelined(self, batches: dict) -> None:
-        """One MULTI/EXEC for every entry: all land or none (the scan's keys share a hash
-        slot). When Redis is full (maxmemory, the memory tracker waiting for the writer), wait
-        and retry up to the store's `full_timeout_s`: the producer slows down, nothing is
-        lost or written twice."""
+    @staticmethod
+    def send_all(batches: dict) -> None:
+        """`send` to streams of one scan ({stream: data}) in one MULTI/EXEC for every entry:
+        all land or none (the scan's keys share a hash slot). When Redis is full (maxmemory,
+        the memory tracker waiting for the writer), wait and retry up to the store's
+        `full_timeout_s`: the producer slows down, nothing is lost or written twice."""
         prepared = [(s, s._prepare_send(d)) for s, d in batches.items()]
         entries = [(stream.key, entry_id, fields) for stream, stream_entries in prepared
                    for entry_id, fields in stream_entries]
@@ -174,18 +175,19 @@ class Stream(FileBackedMarks):
         stream_keys = ([s.key for s, e in prepared if e and not s._created]
                        + [s.key for s, e in prepared if e and s._created])
         new = sum(1 for s, e in prepared if e and not s._created)
+        first = next(iter(batches))
         try:
-            written = self._store.while_full(
-                lambda: guarded_xadds(self._redis, self._scan.key, stream_keys, new, entries),
+            written = first._store.while_full(
+                lambda: guarded_xadds(first._redis, first._scan.key, stream_keys, new, entries),
                 f"nothing of this batch of {names} was written")
         except redis.ResponseError as exc:
             if "equal or smaller" in str(exc):
                 raise StreamSealedError(
-                    f"scan {self._scan.key}: another producer wrote or sealed one of "
+                    f"scan {first._scan.key}: another producer wrote or sealed one of "
                     f"{names}: {exc}") from exc
             raise
         if not written:
-            raise ScanNotFoundError(f"scan {self._scan.key} no longer exists (deleted, or "
+            raise ScanNotFoundError(f"scan {first._scan.key} no longer exists (deleted, or "
                                     f"expired by the memory tracker): nothing of this batch "
                                     f"of {names} was written")
         for stream, entries in prepared:
@@ -212,6 +214,11 @@ class Stream(FileBackedMarks):
                                     f"was not sealed")
         self._sealed_here = True
         return self._next_index
+
+    def seal_if_open(self) -> None:
+        """Seal the stream unless it is sealed already (here or by another producer)."""
+        if not self._sealed_here and not self.sealed:
+            self.seal()
 
     def seal_after_last_point(self) -> int:
         """Seal a stream whose producer is gone (``Scan.end_abandoned``), after the points
@@ -266,7 +273,7 @@ class Stream(FileBackedMarks):
                                  f"as in h5py")
             if start >= stop:
                 return self._empty()
-            data = self._read(start, stop)
+            data = self.read_points(start, stop)
             return data if step == 1 else data[::step]
         index = int(item)
         length, sealed = self._length_and_sealed()
@@ -283,14 +290,14 @@ class Stream(FileBackedMarks):
             raise IndexNotYetThereError(
                 f"stream {self.name!r}: index {index} is not published yet "
                 f"({length} points so far)")
-        return self._read(index, index + 1)[0]
+        return self.read_points(index, index + 1)[0]
 
     def _empty(self):
         if self.definition.is_array and not self.definition.varying:
             return np.empty((0, *self.shape), self.dtype)
         return []
 
-    def _read(self, start: int, stop: int):
+    def read_points(self, start: int, stop: int):
         """Points [start, stop) from Redis, and from the file for what Redis no longer has."""
         # MULTI/EXEC: one snapshot, so a trim between the commands cannot leave a hole
         # (the scan's keys share a hash slot, so this holds on a cluster too).
