@@ -6,7 +6,8 @@ from .exceptions import (EndOfStream, IndexNoMoreThereError, IndexNotYetThereErr
 from .mapping import EXTERNAL_LINK, RAW, SOFT_LINK, STREAM
 from .scan import EndReason, Scan, ScanState
 from .store import DataStore
-from .stream import CursorGroup, Stream, StreamView
+from .cursor import CursorGroup, StreamView
+from .stream import Stream
 
 __all__ = ["DataStore", "Scan", "ScanState", "EndReason", "Stream", "StreamView",
            "CursorGroup", "EndOfStream", "IndexNoMoreThereError", "IndexNotYetThereError",

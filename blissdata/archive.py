@@ -30,7 +30,7 @@ from .file_backing import open_h5
 from . import lost_points
 from .exceptions import BlissdataError, EndOfStream, IndexWontBeThereError, PointsGoneError
 from .scan import ScanState
-from .stream import StreamView
+from .cursor import StreamView
 
 
 class ArchiveError(BlissdataError, ValueError):
@@ -79,7 +79,8 @@ class ArchivedStream:
     def __repr__(self):
         return f"<ArchivedStream {self.name!r} {len(self)} points in {self.dataset.name}>"
 
-    def _read(self, start: int, stop: int):
+    def read_points(self, start: int, stop: int):
+        """Points [start, stop) from the file (PointsGoneError where some were lost)."""
         gone = lost_points.overlapping(self.lost, start, stop)
         if gone:
             raise PointsGoneError(f"stream {self.name!r} of {self._scan.path}::"
@@ -99,7 +100,7 @@ class ArchivedStream:
             if step < 1:
                 raise ValueError(f"stream {self.name!r}: step must be >= 1 (got {step}), "
                                  f"as in h5py")
-            return self._read(start, max(start, stop))[::step]
+            return self.read_points(start, max(start, stop))[::step]
         index = int(item)
         n = len(self)
         if index < 0:
@@ -107,11 +108,11 @@ class ArchivedStream:
         if not 0 <= index < n:
             raise IndexWontBeThereError(f"stream {self.name!r}: index {item} out of the "
                                         f"{n} points archived in {self._scan.path}")
-        return self._read(index, index + 1)[0]
+        return self.read_points(index, index + 1)[0]
 
     def __iter__(self):
         for start in range(0, len(self), 1024):
-            yield from self._read(start, min(start + 1024, len(self)))
+            yield from self.read_points(start, min(start + 1024, len(self)))
 
     @functools.cached_property
     def stored_as_frames(self) -> bool:
@@ -152,7 +153,8 @@ class ArchivedCursor:
             stream, start = self.streams[name], self._next[name]
             stop = min(len(stream), start + self.batch)
             if stop > start:
-                views[name] = StreamView(stream, start, [stream._read(start, stop)])
+                views[name] = StreamView(stream, start,
+                                         [stream.read_points(start, stop)])
                 self._next[name] = stop
             if self._next[name] >= len(stream):
                 self.ended.add(name)

@@ -179,7 +179,7 @@ class File(Group):
 
     def _entry(self, name: str) -> Group:
         scan = self._entries[name]
-        scan._reload()
+        scan.reload()
         mapping = scan.info.get("mapping") or [{"NX_class": "NXentry"}, {
             "measurement": [{"NX_class": "NXcollection"},
                             {n.replace(":", "_"): [{}, "STREAM", n] for n in scan.streams}]}]

@@ -13,7 +13,8 @@ from .encoding import StreamDefinition, make_definition
 from .exceptions import ScanNotFoundError, ScanStateError, StreamError
 from .mapping import json_compatible
 from .schemas import validate_scan_info
-from .stream import CursorGroup, Stream
+from .cursor import CursorGroup
+from .stream import Stream
 from .waiting import Deadline, wait_for
 
 
@@ -112,7 +113,8 @@ class Scan:
                 return json.loads(fields[b"streams"])
         return None
 
-    def _reload(self) -> None:
+    def reload(self) -> None:
+        """Read the scan's info, state and stream declarations from Redis again."""
         fields = self._store.redis.hgetall(self.key)
         if not fields:
             raise ScanNotFoundError(f"scan {self.key} no longer exists (deleted or expired)")
@@ -169,7 +171,7 @@ class Scan:
                                          block=block_ms)
         if not reply:
             return False
-        self._reload()
+        self.reload()
         self._state_id = reply[0][1][-1][0]  # after the reload: a retry reads it again
         return True
 
@@ -232,8 +234,7 @@ class Scan:
         if self.state == ScanState.CLOSED:
             raise ScanStateError(f"scan {self.key} is already CLOSED")
         for stream in self._streams.values():
-            if not stream._sealed_here and not stream.sealed:
-                stream.seal()
+            stream.seal_if_open()
         self.info.setdefault("end_time", now_iso())
         self.info["end_reason"] = end_reason.value
         self._transition(ScanState.CLOSED, info=json.dumps(self.info))
@@ -244,7 +245,7 @@ class Scan:
         seal each stream after the points it holds, then CLOSED with `end_reason` and
         `message` (info ``end_message``), so the writer finishes the file. Only for a scan
         whose producer no longer sends: a point sent after this is refused."""
-        self._reload()
+        self.reload()
         if self.state == ScanState.CLOSED:
             raise ScanStateError(f"scan {self.key} is already CLOSED (end_reason "
                                  f"{self.info.get('end_reason')})")
@@ -256,13 +257,19 @@ class Scan:
             self.info["end_message"] = message
         self._transition(ScanState.CLOSED, info=json.dumps(self.info))
 
+    def close_deleted(self) -> None:
+        """Go to CLOSED with end_reason DELETION, streams left as they are: the scan is
+        being deleted (`DataStore.delete_scan`). ScanStateError if it is CLOSED already."""
+        self.info["end_reason"] = EndReason.DELETION.value
+        self._transition(ScanState.CLOSED, info=json.dumps(self.info))
+
     def send_many(self, batches: dict) -> None:
         """Send to several streams in one round trip: {stream or name: data}."""
         if not batches:
             return
         resolved = {(s if isinstance(s, Stream) else self._streams[s]): d
                     for s, d in batches.items()}
-        next(iter(resolved))._send_pipelined(resolved)
+        Stream.send_all(resolved)
 
     def check_can_send(self, stream: Stream) -> None:
         """Raise unless `stream` (one of this scan's) may send now: after prepare, before close."""

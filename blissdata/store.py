@@ -18,7 +18,7 @@ from .mapping import json_compatible
 from .redis_url import masked
 from .exceptions import (NoScanAvailable, ProtocolVersionError, RedisFullError,
                          RedisUnreachableError, ScanNotFoundError, ScanStateError)
-from .scan import EndReason, Scan, ScanState
+from .scan import Scan, ScanState
 from .waiting import Deadline, call_retrying, longest_block_s, wait_for
 
 DEFAULT_MAX_EVENT_BYTES = 64 * 2**20
@@ -323,8 +323,7 @@ class DataStore:
         scan = self.load_scan(key)
         if scan.state != ScanState.CLOSED:
             try:
-                scan.info["end_reason"] = EndReason.DELETION.value
-                scan._transition(ScanState.CLOSED, info=json.dumps(scan.info))
+                scan.close_deleted()
             except ScanStateError:
                 pass  # closed meanwhile by its producer
         doomed = [key, keys.state_key(key), keys.durable_key(key), keys.lost_key(key),

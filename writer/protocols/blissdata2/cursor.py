@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from blissdata.stream import entry_fields, unparsed_xread_client, xread_streams
+from blissdata.cursor import entry_fields, unparsed_xread_client, xread_streams
 
 from .lima import LimaSavingOff
 from .protocol import Bliss2Error, SEAL_BYTES, SEAL_ENTRY
