@@ -83,8 +83,9 @@ class ScanEntry:
         if not is_finalized(self.entry):
             finalize_entry(self.entry, self.scan.info, end_reason)
 
-
+    # ---- the file and the entry ----------------------------------------------------------
     def plan(self):
+        """What the entry holds (the mapping's layout) and the scan's own file."""
         info = self.scan.info
         mapping = info.get("mapping")
         if mapping is None:
@@ -129,6 +130,8 @@ class ScanEntry:
         return self.scan.info.get("entry_name") or f"{self.scan.number}.1"
 
     def open(self, layout, previous) -> None:
+        """The file and entry, new or resumed (`previous`: the status a writer before
+        published), with a dataset per stream; the status says "writing"."""
         self.layout = layout
         self.lease.check()
         self.status.file = str(self.master_path or self.file_path)
@@ -241,11 +244,10 @@ class ScanEntry:
             raise ScanFailed(f"entry {self.entry_name} in {self.where} belongs to another "
                              f"scan; not touched")
 
-
     def _check_source(self, path: str) -> None:
         check_link_target(path, str(self.file_path), self.config.data_roots)
 
-
+    # ---- the end ----------------------------------------------------------------------
     def reopen(self) -> None:
         """The entry of a scan that vanished from Redis while this writer had let go of its
         file (Redis unreachable for a while, then back without the scan): opened again to
@@ -264,8 +266,8 @@ class ScanEntry:
                       self.where, exc)
             self.release()
 
-
     def release(self) -> None:
+        """Let go of the file (its datasets' appenders with it)."""
         if self.file is not None:
             self.service.files.release(self.file)
             self.file, self.entry = None, None

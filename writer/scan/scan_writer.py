@@ -42,15 +42,38 @@ __all__ = ["SCAN_GONE", "ScanFailed", "ScanWriter", "WriterStopping"]
 log = logging.getLogger("blisswriter")
 
 
+def _redis_retrying(scan_key: str, stop_requested: threading.Event):
+    """Retry the whole scan body on lost Redis connections, with backoff; the body resumes
+    from the file and the durable watermarks, so nothing is written twice."""
+
+    def before_sleep(state):
+        log.warning("scan %s: Redis connection lost (%s), retrying in %.1f s",
+                    scan_key, state.outcome.exception(), state.next_action.sleep)
+
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
+        wait=tenacity.wait_exponential(multiplier=0.2, max=5),
+        stop=tenacity.stop_when_event_set(stop_requested),
+        before_sleep=before_sleep, reraise=True)
+
+
+def _lost_reason(lost: dict) -> str:
+    return (f"{lost_points.count(lost)} points lost in Redis before the writer stored "
+            f"them: {lost_points.describe(lost)}; every other point is in the file "
+            f"(the lost ones hold the fill value; readers raise IndexNoMoreThereError)")
+
+
 class ScanWriter(threading.Thread):
+    """One scan's life, in a thread of its own; its stages: `entry_class`, `pump_class`."""
+
     # flush when the producer pauses, at most this often (None: never just for a pause, only
     # once the oldest point has waited half the lag: a 10 Hz scan pauses after every point)
     idle_flush_after_s = None
     # ... but a pause after this much data since the last flush flushes at once: the flush
     # then costs in proportion to what it stores (frames, bursts), and readers get it sooner
     idle_flush_bytes = 1 << 20
-    # after a read that brought less than GATHER_BYTES, wait this long (at most a tenth of
-    # half the lag) before the next: points trickling in (64 counters at 1 kHz) come in
+    # after a read that brought less than pump.GATHER_BYTES, wait this long (at most a tenth
+    # of half the lag) before the next: points trickling in (64 counters at 1 kHz) come in
     # fewer reads, and a read costs per stream whatever it brings
     read_gather_s = 0.02
     # points of varying shape: padded, and their shapes in a dataset beside them
@@ -93,7 +116,7 @@ class ScanWriter(threading.Thread):
     # ---- thread body -----------------------------------------------------------------
     def run(self) -> None:
         try:
-            for attempt in self._redis_retrying():
+            for attempt in _redis_retrying(self.scan_key, self._stop_requested):
                 with attempt:
                     self._write_scan()
         except LeaseLostError as exc:  # another writer has it now: write nothing more
@@ -130,20 +153,6 @@ class ScanWriter(threading.Thread):
 
     def stop(self) -> None:
         self._stop_requested.set()
-
-    def _redis_retrying(self):
-        """Retry the whole scan body on lost Redis connections, with backoff; the body resumes
-        from the file and the durable watermarks, so nothing is written twice."""
-
-        def before_sleep(state):
-            log.warning("scan %s: Redis connection lost (%s), retrying in %.1f s",
-                        self.scan_key, state.outcome.exception(), state.next_action.sleep)
-
-        return tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
-            wait=tenacity.wait_exponential(multiplier=0.2, max=5),
-            stop=tenacity.stop_when_event_set(self._stop_requested),
-            before_sleep=before_sleep, reraise=True)
 
     # ---- the steps -------------------------------------------------------------------
     def _write_scan(self) -> None:
@@ -183,6 +192,7 @@ class ScanWriter(threading.Thread):
             return '"save": false in its info'
         return None
 
+    # ---- data, waits and signs of life --------------------------------------------------
     def _stream_data(self) -> None:
         if not self.datasets.appenders:
             self._wait_for(ScanState.CLOSED)
@@ -218,12 +228,6 @@ class ScanWriter(threading.Thread):
             self.status.state = "writing"
             log.info("scan %s: events again after a pause, writing", self.scan_key)
             writer_status.publish(self.service.redis, self.status)
-
-    def _lost_reason(self) -> str:
-        lost = self.status.lost_points
-        return (f"{lost_points.count(lost)} points lost in Redis before the writer stored "
-                f"them: {lost_points.describe(lost)}; every other point is in the file "
-                f"(the lost ones hold the fill value; readers raise IndexNoMoreThereError)")
 
     def _gone_from_redis(self) -> bool | None:
         """Whether the scan's keys are gone from Redis; None if Redis does not answer."""
@@ -275,7 +279,7 @@ class ScanWriter(threading.Thread):
             self.scan_entry.end(end_reason)
             self.status.state = "failed" if lost else "done"
             if lost:
-                self.status.error = self._lost_reason()
+                self.status.error = _lost_reason(self.status.lost_points)
             file.h5.flush()  # the size the file has
             self.status.stored_bytes = stored_bytes(file.h5)
             self.status.file_bytes = file.h5.id.get_filesize()
@@ -318,7 +322,7 @@ class ScanWriter(threading.Thread):
                         self.scan_key, reason)
             return
         if self.status.lost_points:
-            reason = f"{reason}; {self._lost_reason()}"
+            reason = f"{reason}; {_lost_reason(self.status.lost_points)}"
         self.status.state = "failed"
         self.status.error = reason
         log.error("scan %s: failed: %s", self.scan_key, reason)
