@@ -82,7 +82,6 @@ class StreamDatasets:
             self.appenders[node.stream] = appender
             self.dataset_paths[node.stream] = f"{group.name}/{name}"
 
-
     def _reopen(self, dataset, definition: StreamDefinition, durable: int):
         """Resume on a dataset written before a crash: keep only the points published as
         durable (what came after may be half-written); Redis still has the rest."""
@@ -143,14 +142,12 @@ class StreamDatasets:
         return {name: (s.file_backing or {}).get("points", 0)
                 for name, s in self.scan.streams.items()}
 
-
     def soft_links_to_own_files(self, entry) -> None:
         """Soft links to a `references` stream in its own file (the default plot, a second
         place, a mapping SOFT_LINK) become external links to that file: nexusformat loops
         forever on a soft link to an external link inside a file it reached through an
         external link (the shared file)."""
-        targets = {self.dataset_paths[n]: entry.file.get(self.dataset_paths[n],
-                                                                getlink=True)
+        targets = {self.dataset_paths[n]: entry.file.get(self.dataset_paths[n], getlink=True)
                    for n, a in self.appenders.items() if getattr(a, "own_file", None)}
         if not targets:
             return
