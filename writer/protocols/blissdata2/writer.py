@@ -1,4 +1,6 @@
-"""The scan writer on a blissdata 2 scan: the file and tree come from h5maps."""
+"""The scan writer on a blissdata 2 scan: the file and tree come from h5maps
+(`Bliss2Entry`), the watermarks go where blissdata 2 readers look (`Bliss2Pump`), and the
+scan ends as blisswriter 3 ends it (`Bliss2ScanWriter`)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,13 @@ from blissdata import ScanState
 from blissdata.exceptions import LeaseLostError
 
 from ...state import status as writer_status
+from ...scan.entry import ScanEntry
+from ...scan.errors import ScanFailed
 from ...scan.nexus_skeleton import stream_dataset_parent
+from ...scan.pump import Pump
 from ...hdf5.dataset_writer import DatasetAppender
 from ...hdf5.paths import check_link_target, resolve_scan_file
-from ...scan.scan_writer import ScanFailed, ScanWriter
+from ...scan.scan_writer import ScanWriter
 from ...hdf5.text_appender import TextAppender
 from .h5maps import apply_final, iter_nodes, plan, stamp_root, write_missing, write_static
 from .protocol import Bliss2Error, DURABLE_TTL_S, durable_key
@@ -33,27 +38,8 @@ return 1
 """
 
 
-class Bliss2ScanWriter(ScanWriter):
-    """The scan writer on a blissdata 2 scan: the file and tree come from h5maps."""
-
-    protocol = "blissdata2"
-    # blissdata 2 sends a point per stream per entry (no batching across streams): at 50 Hz
-    # the producer "pauses" between every point; flushing each time costs more than it gains
-    idle_flush_after_s = 0.2
-    # varying shapes padded as blisswriter 3.0.0 does, with no dataset of shapes beside
-    varying_appender = DatasetAppender
-    # json points as variable-length strings, as blisswriter 3.0.0 writes them
-    json_appender = TextAppender
-    # objects made at CLOSED, as blisswriter 3 does: not SWMR (docs/files.md)
-    writes_swmr = False
-
-    def run(self) -> None:
-        # this thread compresses only small pieces (partial chunks; full ones go to the pool):
-        # an OpenMP team per call costs more than it gains, above all on a busy machine
-        from blissdata import bslz4
-
-        bslz4.set_openmp_threads(1)
-        super().run()
+class Bliss2Pump(Pump):
+    """The pump of a blissdata 2 scan: its watermarks in the hash blissdata 2 readers read."""
 
     def _published(self, names: list) -> int:
         """Points published in these streams, the last entries read in one round trip."""
@@ -65,7 +51,7 @@ class Bliss2ScanWriter(ScanWriter):
         return (sum(Bliss2Stream.length_from(last) for last in pipe.execute())
                 + sum(len(s) for s in streams if s.lima is not None))
 
-    def _mark_durable(self, durable: dict) -> None:
+    def mark_durable(self, durable: dict) -> None:
         """All watermarks in one round trip (64 counters are 64 streams), only while this
         writer holds the scan's lease (fencing, as for native scans)."""
         lease_key, token = self.lease.fence
@@ -88,32 +74,12 @@ class Bliss2ScanWriter(ScanWriter):
         the newest one."""
         return {n: p for n, p in durable.items() if self.scan.streams[n].lima is None}
 
-    def _link_lima2(self, h5: h5py.File) -> None:
-        """Lima2 streams with frames: an external link to the master file, its path relative
-        to the scan file's folder when below it (blisswriter 3.0.0's Lima2StreamWriter)."""
-        for path, stream in self.lima2_links:
-            parent_path, name = path.rsplit("/", 1)
-            parent = h5[parent_path or "/"]
-            if name in parent or not stream.lima2_frames():
-                continue
-            file, dataset = stream.lima2_master
-            try:
-                file = str(PurePosixPath(file).relative_to(PurePosixPath(self.layout.file).parent))
-            except ValueError:
-                pass
-            parent[name] = h5py.ExternalLink(file, dataset)
 
-    def _load_scan(self):
-        return Bliss2Scan(self.service.redis, self.scan_key)
 
-    def _skip_reason(self) -> str | None:
-        if not self.scan.path:
-            return "no path in the scan identity: not to be saved (as blisswriter 3.0.0)"
-        if not self.scan.info.get("h5maps"):
-            return "no h5maps in the scan info: nothing to write (as blisswriter 3.0.0)"
-        return None
+class Bliss2Entry(ScanEntry):
+    """The entry of a blissdata 2 scan: its file and tree come from h5maps."""
 
-    def _plan(self):
+    def plan(self):
         layout = plan(self.scan.info, set(self.scan.streams), self.scan.path)
         self.lima2_links: list = []  # (HDF5 path, lima2 stream)
         for node in list(layout.streams):
@@ -183,36 +149,91 @@ class Bliss2ScanWriter(ScanWriter):
     def _dataset_parent(self, path: str):
         return stream_dataset_parent(self.file.h5, path)
 
-    def _info_updated(self) -> None:
-        pass  # blissdata 2 info changes only at CLOSED: _finalize applies it
+    def info_updated(self) -> None:
+        pass  # blissdata 2 info changes only at CLOSED: Bliss2ScanWriter._finalize applies it
 
-    def _end_failed_entry(self, end_reason: str) -> None:
+    def end_failed(self, end_reason: str) -> None:
         pass  # blisswriter writes no end_reason: the writer_status note says why
+
+    def write_final(self) -> None:
+        """At CLOSED (the file's lock held): the final h5maps applied, the lima2 links."""
+        h5 = self.file.h5
+        try:
+            final = plan(self.scan.info, set(self.scan.streams), self.scan.path)
+        except Bliss2Error as exc:
+            self.status.warn(f"final h5maps not applied: {exc}")
+        else:
+            if final.file != self.layout.file:
+                self.status.warn(f"final h5maps names another file ({final.file}); "
+                                 "not written")
+            else:
+                apply_final(h5, self.layout.root, final.root, self._check_source,
+                            self.status.warn)
+                stamp_root(h5)
+                self._write_others(final.others, before=self.layout.others)
+        self._link_lima2(h5)
+        self.entry = h5[self.entry_name]
+
+    def _link_lima2(self, h5: h5py.File) -> None:
+        """Lima2 streams with frames: an external link to the master file, its path relative
+        to the scan file's folder when below it (blisswriter 3.0.0's Lima2StreamWriter)."""
+        for path, stream in self.lima2_links:
+            parent_path, name = path.rsplit("/", 1)
+            parent = h5[parent_path or "/"]
+            if name in parent or not stream.lima2_frames():
+                continue
+            file, dataset = stream.lima2_master
+            try:
+                file = str(PurePosixPath(file).relative_to(PurePosixPath(self.layout.file).parent))
+            except ValueError:
+                pass
+            parent[name] = h5py.ExternalLink(file, dataset)
+
+
+class Bliss2ScanWriter(ScanWriter):
+    """The scan writer on a blissdata 2 scan: the file and tree come from h5maps."""
+
+    protocol = "blissdata2"
+    # blissdata 2 sends a point per stream per entry (no batching across streams): at 50 Hz
+    # the producer "pauses" between every point; flushing each time costs more than it gains
+    idle_flush_after_s = 0.2
+    # varying shapes padded as blisswriter 3.0.0 does, with no dataset of shapes beside
+    varying_appender = DatasetAppender
+    # json points as variable-length strings, as blisswriter 3.0.0 writes them
+    json_appender = TextAppender
+    # objects made at CLOSED, as blisswriter 3 does: not SWMR (docs/files.md)
+    writes_swmr = False
+    entry_class = Bliss2Entry
+    pump_class = Bliss2Pump
+
+    def run(self) -> None:
+        # this thread compresses only small pieces (partial chunks; full ones go to the pool):
+        # an OpenMP team per call costs more than it gains, above all on a busy machine
+        from blissdata import bslz4
+
+        bslz4.set_openmp_threads(1)
+        super().run()
+
+    def _load_scan(self):
+        return Bliss2Scan(self.service.redis, self.scan_key)
+
+    def _skip_reason(self) -> str | None:
+        if not self.scan.path:
+            return "no path in the scan identity: not to be saved (as blisswriter 3.0.0)"
+        if not self.scan.info.get("h5maps"):
+            return "no h5maps in the scan info: nothing to write (as blisswriter 3.0.0)"
+        return None
 
     def _finalize(self) -> None:
         self._wait_for(ScanState.CLOSED)
-        with self.file.lock:
-            h5 = self.file.h5
-            try:
-                final = plan(self.scan.info, set(self.scan.streams), self.scan.path)
-            except Bliss2Error as exc:
-                self.status.warn(f"final h5maps not applied: {exc}")
-            else:
-                if final.file != self.layout.file:
-                    self.status.warn(f"final h5maps names another file ({final.file}); "
-                                     "not written")
-                else:
-                    apply_final(h5, self.layout.root, final.root, self._check_source,
-                                self.status.warn)
-                    stamp_root(h5)
-                    self._write_others(final.others, before=self.layout.others)
-            self._link_lima2(h5)
+        entry = self.scan_entry
+        with entry.file.lock:
+            entry.write_final()
             self.status.state = "done"
-            self.entry = h5[self.entry_name]
-            writer_status.write_note(self.entry, self.status)
-            h5.flush()
+            writer_status.write_note(entry.entry, self.status)
+            entry.file.h5.flush()
         self._publish_final_status()
         log.info("scan %s %s:%s done: %s in each of %d streams -> %s::/%s (%s)",
                  self.scan_key, self.scan.session, self.scan.number,
-                 self.status.points_text(), len(self.appenders), self.file_path,
-                 self.entry_name, self.scan.info.get("end_reason"))
+                 self.status.points_text(), len(self.datasets.appenders), entry.file_path,
+                 entry.entry_name, self.scan.info.get("end_reason"))
