@@ -5,6 +5,7 @@ class grows past the size a reader takes in at once. Read from the source, not b
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,3 +178,17 @@ def test_the_checks_catch_a_wrong_import_and_a_cycle():
     graph["writer.hdf5.files"] = GRAPH["writer.hdf5.files"] | {"writer.hdf5.bad"}
     graph["writer.hdf5.bad"] = {"writer.hdf5.files"}
     assert import_cycles(graph) != []
+
+
+def test_the_docs_name_modules_that_exist():
+    """docs/architecture.md walks the code by module paths (so do comments): a move must
+    update them."""
+    missing = []
+    sources = [path for folder in ("writer", "blissdata", "tests", "bench")
+               for path in sorted((ROOT / folder).rglob("*.py"))]
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sources]:
+        for path in re.findall(r"(?<![\w/.])((?:writer|blissdata)/[\w/]+\.(?:py|json))",
+                               doc.read_text()):
+            if not (ROOT / path).exists():
+                missing.append(f"{doc.name}: {path}")
+    assert not missing, "docs name modules that do not exist:\n" + "\n".join(missing)

@@ -25,7 +25,7 @@ The protocol (blissdata 2.4.5, ``_PROTOCOL_VERSION_`` = 1; needs RedisJSON + Red
 
 Lima streams (plugin ``lima``, read from blissdata/streams/lima and lima/client.py; written
 as blisswriter's stream_writers.LimaStreamWriter): a virtual dataset onto the detector's
-HDF5 files (writer/references.py); lima2 streams (blissdata_lima2 2.0.2, Lima2StreamWriter):
+HDF5 files (writer/hdf5/references.py); lima2 streams (blissdata_lima2 2.0.2, Lima2StreamWriter):
 an external link to the detector's master file, at the end. A scan without ``path`` or
 ``h5maps`` is skipped (as blisswriter 3.0.0 does). What this version cannot write (another
 encoding, a plugin other than lima, lima2 and hdf5_fallback, lima files other than HDF5, a

@@ -35,7 +35,7 @@ class Bliss2Follower(threading.Thread):
 
     def _offer(self, key: str) -> None:
         """Write the scan if it is of a wanted session and no other writer of the pool has
-        it (the same scan and file leases as native scans; writer/pool.py). The scan is
+        it (the same scan and file leases as native scans; writer/state/pool.py). The scan is
         listed as unfinished (UNFINISHED_BLISS2) until its writer is done: if another writer
         holds it and dies, its leases expire and the sweep (`sweep`) of any writer of the
         pool takes the scan over, resuming it from the file and the durable watermarks."""
