@@ -76,6 +76,71 @@ def _immutable(arr: np.ndarray) -> bool:
     return isinstance(base, bytes)
 
 
+def _create(group: h5py.Group, name: str, dtype, point_shape, compression, fill_value, attrs,
+            npoints, count_time) -> tuple[h5py.Dataset, tuple, bool]:
+    """The dataset a new DatasetAppender appends to: (dataset, point shape, is bslz4)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biufc":
+        raise ValueError(f"dataset {name!r} in {group.file.filename}: dtype {dtype} is not "
+                         "numeric")
+    point_shape = tuple(int(d) for d in point_shape)
+    setting = parse_compression(compression)
+    if fill_value is None:
+        fill_value = default_fill_value(dtype)
+    # the chunk shape is decided here, by writer.hdf5.chunking.chunk_shape (dtype, point shape,
+    # and the scan header's npoints and count_time)
+    chunks = chunk_shape(dtype, point_shape, npoints, count_time)
+    shape = (0, *(0 if d == -1 else d for d in point_shape))
+    maxshape = (None, *(None if d == -1 else d for d in point_shape))
+    dset = group.create_dataset(name, shape=shape, maxshape=maxshape, dtype=dtype,
+                                chunks=chunks, fillvalue=fill_value,
+                                **setting.h5py_kwargs())
+    if attrs:
+        dset.attrs.update(attrs)
+    return dset, point_shape, setting.is_bslz4
+
+def _as_points(points, dtype, point_shape, where, what="points") -> tuple[np.ndarray, bool]:
+    """Return (points as an array of ``dtype``, whether we own its memory); ``where()``: the
+    dataset, for the errors."""
+    arr = points if isinstance(points, np.ndarray) else np.asarray(points)
+    def expected():  # formatting a dtype costs: on error only
+        return f"dtype {dtype} (or one that casts safely) and shape " \
+               f"(n, *{point_shape})"
+    if arr.ndim != len(point_shape) + 1:
+        raise ValueError(f"{where()}: {what} of dtype {arr.dtype} shape {arr.shape} "
+                         f"given, expected {expected()}")
+    for d, e in zip(arr.shape[1:], point_shape):
+        if e != -1 and d != e:
+            raise ValueError(f"{where()}: {what} of shape {arr.shape} given, "
+                             f"expected {expected()}")
+    owned = False
+    if arr.dtype != dtype:
+        if not np.can_cast(arr.dtype, dtype, "safe"):
+            raise ValueError(f"{where()}: {what} of dtype {arr.dtype} given, "
+                             f"expected {expected()}")
+        arr = arr.astype(dtype)
+        owned = True
+    return arr, owned
+
+def _check_frames(chunks, nbytes, dtype, point_shape, validate, where) -> None:
+    """Raise ValueError unless each bslz4 chunk holds one point of ``nbytes`` (``validate``:
+    and its block structure is sound); ``where()``: the dataset, for the errors."""
+    for i, c in enumerate(chunks):
+        try:
+            found = bslz4.uncompressed_nbytes(c)
+        except ValueError as exc:
+            raise ValueError(f"{where()}: compressed frame {i}: {exc}") from None
+        if found != nbytes:
+            raise ValueError(f"{where()}: compressed frame {i} holds {found} bytes, "
+                             f"expected {nbytes} (dtype {dtype} shape "
+                             f"{point_shape})")
+        if validate:
+            try:
+                bslz4.check_chunk(c, dtype, point_shape)
+            except ValueError as exc:
+                raise ValueError(f"{where()}: compressed frame {i}: {exc}") from None
+
+
 class DatasetAppender:
     """Append points to a chunked dataset of shape ``(npoints, *point_shape)``.
 
@@ -95,25 +160,9 @@ class DatasetAppender:
     def __init__(self, group: h5py.Group, name: str, dtype, point_shape=(), compression=None,
                  fill_value=None, attrs=None, *, executor=None, workers=None, npoints=None,
                  count_time=None):
-        dtype = np.dtype(dtype)
-        if dtype.kind not in "biufc":
-            raise ValueError(f"dataset {name!r} in {group.file.filename}: dtype {dtype} is not "
-                             "numeric")
-        point_shape = tuple(int(d) for d in point_shape)
-        setting = parse_compression(compression)
-        if fill_value is None:
-            fill_value = default_fill_value(dtype)
-        # the chunk shape is decided here, by writer.hdf5.chunking.chunk_shape (dtype, point shape,
-        # and the scan header's npoints and count_time)
-        chunks = chunk_shape(dtype, point_shape, npoints, count_time)
-        shape = (0, *(0 if d == -1 else d for d in point_shape))
-        maxshape = (None, *(None if d == -1 else d for d in point_shape))
-        dset = group.create_dataset(name, shape=shape, maxshape=maxshape, dtype=dtype,
-                                    chunks=chunks, fillvalue=fill_value,
-                                    **setting.h5py_kwargs())
-        if attrs:
-            dset.attrs.update(attrs)
-        self._setup(dset, point_shape, setting.is_bslz4, executor, workers)
+        dset, point_shape, is_bslz4 = _create(group, name, dtype, point_shape, compression,
+                                              fill_value, attrs, npoints, count_time)
+        self._setup(dset, point_shape, is_bslz4, executor, workers)
 
     @classmethod
     def open(cls, dataset: h5py.Dataset, *, executor=None, workers=None) -> "DatasetAppender":
@@ -197,32 +246,10 @@ class DatasetAppender:
     def _where(self) -> str:
         return f"dataset {self._dset.name!r} in {self._dset.file.filename}"
 
-    def _check(self, points, what="points") -> tuple[np.ndarray, bool]:
-        """Return (points as an array of our dtype, whether we own its memory)."""
-        arr = points if isinstance(points, np.ndarray) else np.asarray(points)
-        def expected():  # formatting a dtype costs: on error only
-            return f"dtype {self.dtype} (or one that casts safely) and shape " \
-                   f"(n, *{self.point_shape})"
-        if arr.ndim != len(self.point_shape) + 1:
-            raise ValueError(f"{self._where()}: {what} of dtype {arr.dtype} shape {arr.shape} "
-                             f"given, expected {expected()}")
-        for d, e in zip(arr.shape[1:], self.point_shape):
-            if e != -1 and d != e:
-                raise ValueError(f"{self._where()}: {what} of shape {arr.shape} given, "
-                                 f"expected {expected()}")
-        owned = False
-        if arr.dtype != self.dtype:
-            if not np.can_cast(arr.dtype, self.dtype, "safe"):
-                raise ValueError(f"{self._where()}: {what} of dtype {arr.dtype} given, "
-                                 f"expected {expected()}")
-            arr = arr.astype(self.dtype)
-            owned = True
-        return arr, owned
-
     def append(self, points) -> None:
         """Append points (first axis = points; shape ``(n, *point_shape)``). For -1 dims
         the points may be smaller (padded) or bigger (the dataset grows)."""
-        arr, owned = self._check(points)
+        arr, owned = _as_points(points, self.dtype, self.point_shape, self._where)
         if self._varying and arr.shape[1:] != self._cur:
             arr = self._fit(arr, [arr.shape[1:]])
             owned = True
@@ -235,7 +262,8 @@ class DatasetAppender:
         arrays = []
         for i, p in enumerate(points):
             a = np.asarray(p)
-            arr, _ = self._check(a[np.newaxis], what=f"point {i}")
+            arr, _ = _as_points(a[np.newaxis], self.dtype, self.point_shape, self._where,
+                                what=f"point {i}")
             arrays.append(arr[0])
         if not arrays:
             return
@@ -267,21 +295,8 @@ class DatasetAppender:
                 arrays = [self._decompress_one(c) for c in chunks]
             self._append(np.stack(arrays), True)
             return
-        nbytes = self._point_nbytes
-        for i, c in enumerate(chunks):
-            try:
-                found = bslz4.uncompressed_nbytes(c)
-            except ValueError as exc:
-                raise ValueError(f"{self._where()}: compressed frame {i}: {exc}") from None
-            if found != nbytes:
-                raise ValueError(f"{self._where()}: compressed frame {i} holds {found} bytes, "
-                                 f"expected {nbytes} (dtype {self.dtype} shape "
-                                 f"{self.point_shape})")
-            if validate:
-                try:
-                    bslz4.check_chunk(c, self.dtype, self.point_shape)
-                except ValueError as exc:
-                    raise ValueError(f"{self._where()}: compressed frame {i}: {exc}") from None
+        _check_frames(chunks, self._point_nbytes, self.dtype, self.point_shape, validate,
+                      self._where)
         if self._store.idle:  # nothing in flight: one resize, then the chunks as they are
             self._store.write_frames(self._tail_start, chunks)
             self._tail_start += len(chunks)
