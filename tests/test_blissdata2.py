@@ -576,7 +576,8 @@ def test_gzip_chunks_compressed_in_the_pool_are_what_hdf5_reads(tmp_path):
     as HDF5's shuffle + deflate would: h5py reads the same values back."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from writer.hdf5.dataset_writer import DatasetAppender, deflate_level
+    from writer.hdf5.chunk_store import deflate_level
+    from writer.hdf5.dataset_writer import DatasetAppender
 
     rng = np.random.default_rng(1)
     with ThreadPoolExecutor(2) as pool, h5py.File(tmp_path / "g.h5", "w") as f:

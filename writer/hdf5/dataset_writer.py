@@ -50,12 +50,9 @@ import numpy as np
 
 from blissdata import bslz4
 
-from .chunk_store import ChunkStore, deflate_level
+from .chunk_store import ChunkStore
 from .chunking import chunk_shape
 from .compression import dataset_is_bslz4, parse_compression
-from .last_row import last_chunks
-
-__all__ = ["DatasetAppender", "default_fill_value", "deflate_level", "last_chunks"]
 
 #: memory first given to the points of a chunk being filled (then doubled as needed)
 TAIL_FIRST_BYTES = 16 * 1024

@@ -17,7 +17,8 @@ import numpy as np
 from blissdata.json_points import NOT_WRITTEN, TEXT_ATTR, text_dataset, text_name
 
 from .compression import parse_compression
-from .dataset_writer import DatasetAppender, last_chunks
+from .dataset_writer import DatasetAppender
+from .last_row import last_chunks
 
 #: bytes per chunk of the texts: what a flush rewrites at most when the chunk is stored
 #: compressed (SWMR: a partial chunk is stored raw and rewritten in place), and what the

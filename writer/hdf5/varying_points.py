@@ -9,7 +9,8 @@ import numpy as np
 
 from blissdata.point_shapes import SHAPES_ATTR, shapes_dataset, shapes_name
 
-from .dataset_writer import DatasetAppender, last_chunks
+from .dataset_writer import DatasetAppender
+from .last_row import last_chunks
 
 
 class VaryingPointsAppender:
