@@ -37,8 +37,6 @@ from .mapping import MappingError
 from .nexus_skeleton import EntryExistsError
 from .pump import Pump
 
-__all__ = ["SCAN_GONE", "ScanFailed", "ScanWriter", "WriterStopping"]
-
 log = logging.getLogger("blisswriter")
 
 

@@ -7,7 +7,7 @@ import struct
 
 import redis
 
-from ...scan.scan_writer import ScanFailed
+from ...scan.errors import ScanFailed
 
 
 BLISSDATA_VERSION = "2.4.5"  # the version this module was read from
