@@ -30,8 +30,8 @@ from blissdata.redis_url import masked
 from blissdata.store import client_from_url
 
 from ..state import status as writer_status
-from ..state.status import done_points, select
 from ..state.pool import read_writers
+from ..state.status import done_points, select
 
 MIN_INTERVAL_S = 0.1  # below this a watch would only load Redis and the terminal
 BAR = 20

@@ -15,8 +15,8 @@ import numpy as np
 from blissdata.encoding import StreamDefinition
 
 from ..hdf5.dataset_writer import DatasetAppender
-from ..hdf5.last_row import last_chunks
 from ..hdf5.json_appender import JsonAppender
+from ..hdf5.last_row import last_chunks
 from ..hdf5.references import ReferencesAppender
 from ..hdf5.text_appender import TextAppender
 from .errors import ScanFailed

@@ -15,11 +15,11 @@ import threading
 import time
 from pathlib import Path
 
-from ..state import status as writer_status
-from ..state.pool import wait_for_file
+from ..hdf5.paths import check_link_target, scan_file_path
 from ..hdf5.shared_file import entry_in, link_entry, scan_file_in, sync_master_flags
 from ..hdf5.superblock import swmr_capable
-from ..hdf5.paths import check_link_target, scan_file_path
+from ..state import status as writer_status
+from ..state.pool import wait_for_file
 from .datasets import StreamDatasets
 from .default_mapping import default_mapping
 from .errors import ScanFailed

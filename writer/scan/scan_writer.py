@@ -25,12 +25,12 @@ from blissdata import ScanNotFoundError, ScanState, lost_points
 from blissdata.exceptions import IndexNoMoreThereError, LeaseLostError, MalformedEntryError
 from blissdata.file_backing import DataFileError
 
-from ..state import status as writer_status
-from ..hdf5.varying_points import VaryingPointsAppender
 from ..hdf5.file_space import stored_bytes
-from ..hdf5.os_errors import is_file_error, os_reason
 from ..hdf5.json_appender import JsonAppender
+from ..hdf5.os_errors import is_file_error, os_reason
 from ..hdf5.paths import PathRefused
+from ..hdf5.varying_points import VaryingPointsAppender
+from ..state import status as writer_status
 from .entry import ScanEntry
 from .errors import SCAN_GONE, ScanFailed, WriterStopping
 from .mapping import MappingError

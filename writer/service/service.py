@@ -14,13 +14,13 @@ import tenacity
 from blissdata import DataStore, NoScanAvailable, RedisUnreachableError, keys
 from blissdata.redis_url import masked
 
-from ..state import status as writer_status
-from .config import WriterConfig
 from ..hdf5.files import OpenFiles
-from .metrics import WriterMetrics
 from ..hdf5.paths import PathRefused, scan_file_path
-from ..state.pool import WriterPool, read_writers
 from ..scan.scan_writer import ScanWriter
+from ..state import status as writer_status
+from ..state.pool import WriterPool, read_writers
+from .config import WriterConfig
+from .metrics import WriterMetrics
 
 log = logging.getLogger("blisswriter")
 

@@ -14,15 +14,15 @@ import redis
 from blissdata import ScanState
 from blissdata.exceptions import LeaseLostError
 
-from ...state import status as writer_status
+from ...hdf5.dataset_writer import DatasetAppender
+from ...hdf5.paths import check_link_target, resolve_scan_file
+from ...hdf5.text_appender import TextAppender
 from ...scan.entry import ScanEntry
 from ...scan.errors import ScanFailed
 from ...scan.nexus_skeleton import stream_dataset_parent
 from ...scan.pump import Pump
-from ...hdf5.dataset_writer import DatasetAppender
-from ...hdf5.paths import check_link_target, resolve_scan_file
 from ...scan.scan_writer import ScanWriter
-from ...hdf5.text_appender import TextAppender
+from ...state import status as writer_status
 from .h5maps import apply_final, iter_nodes, plan, stamp_root, write_missing, write_static
 from .protocol import Bliss2Error, DURABLE_TTL_S, durable_key
 from .scan import Bliss2Scan, Bliss2Stream
@@ -73,7 +73,6 @@ class Bliss2Pump(Pump):
         """Not a lima stream's entries: they are statuses, not frames, and its readers need
         the newest one."""
         return {n: p for n, p in durable.items() if self.scan.streams[n].lima is None}
-
 
 
 class Bliss2Entry(ScanEntry):
