@@ -82,9 +82,9 @@ GRAPH = {name: imports_of(name, path.read_text(), path.name == "__init__.py")
 
 
 def room(name: str) -> str | None:
+    """The room of writer/ that module `name` is in (None: not in one)."""
     parts = name.split(".")
-    return parts[1] if parts[0] == "writer" and len(parts) > 2 or (
-        parts[0] == "writer" and len(parts) == 2 and parts[1] in ALLOWED) else None
+    return parts[1] if parts[0] == "writer" and len(parts) > 1 and parts[1] in ALLOWED else None
 
 
 def test_every_module_of_writer_is_in_a_room():

@@ -83,10 +83,6 @@ class Pump:
         self.status = status
         self.scan = None  # the scan being written (the writer sets it at each attempt)
         self.scan_entry = scan_entry
-        # the datasets' own dicts (filled when the entry opens, emptied when it is released)
-        self.appenders = scan_entry.datasets.appenders
-        self.definitions = scan_entry.datasets.definitions
-        self.dataset_paths = scan_entry.datasets.dataset_paths
         self.name = name  # the writer's thread (its reader is "read-" + name)
         self._check_scan = check_scan
         self._event = event
@@ -95,6 +91,19 @@ class Pump:
         self.read_gather_s = read_gather_s
         self._largest_entry = 0  # bytes of the largest Redis entry read (sizes the reads)
         self._redefined_at = None  # stream name -> points published when seen redefined
+
+    # the datasets of the entry: filled when it opens, emptied when it is released
+    @property
+    def appenders(self) -> dict:
+        return self.scan_entry.datasets.appenders
+
+    @property
+    def definitions(self) -> dict:
+        return self.scan_entry.datasets.definitions
+
+    @property
+    def dataset_paths(self) -> dict:
+        return self.scan_entry.datasets.dataset_paths
 
     @property
     def file(self):
